@@ -1,0 +1,155 @@
+"""The model zoo: teachers and students by registry name.
+
+Every model is a Flax Linen module called as
+``model.apply(variables, x, train=False, return_features=False)`` and returns float32 logits
+``[B, num_classes]``, or ``(logits, features)`` with ``features`` a dict of named
+intermediates (``hidden1..``/``conv1..``/``stage1..`` and ``embedding``, the vector that feeds
+the classifier ``head``). BatchNorm statistics live in collection ``batch_stats`` and are
+updated only when ``train=True``; dropout draws from rng stream ``'dropout'``, only in train.
+
+Registry names and their kwargs besides ``num_classes``:
+
+- ``mlp``: ReLU MLP (Hinton et al. 2015); widths, dropout_rate, input_dropout_rate.
+- ``cnn1d``: the MNIST-1D CNN (Greydanus 2020); channels, kernel_size.
+- ``lenet5``: LeNet-5 (LeCun et al. 1998); padding.
+- ``resnet8``, ``resnet14``, ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``,
+  ``resnet110``: CIFAR ResNets (He et al. 2016); none.
+- ``resnet8x4``, ``resnet32x4``: RepDistiller's wide-stem ResNets (Tian et al. 2020); none.
+- ``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``: Wide ResNets (Zagoruyko &
+  Komodakis 2016); dropout_rate.
+- ``wrn``: WRN-depth-widen_factor, default WRN-28-10; depth, widen_factor, dropout_rate.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from jaxkd.models.cnn1d import CNN1D
+from jaxkd.models.lenet import LeNet5
+from jaxkd.models.mlp import MLP
+from jaxkd.models.resnet import (
+    BasicBlock,
+    CifarResNet,
+    resnet8,
+    resnet8x4,
+    resnet14,
+    resnet20,
+    resnet32,
+    resnet32x4,
+    resnet44,
+    resnet56,
+    resnet110,
+)
+from jaxkd.models.wrn import (
+    WideBasicBlock,
+    WideResNet,
+    wide_resnet,
+    wrn_16_1,
+    wrn_16_2,
+    wrn_40_1,
+    wrn_40_2,
+)
+
+
+def build_mlp(
+    *,
+    num_classes: int,
+    widths: Sequence[int] = (1200, 1200),
+    dropout_rate: float = 0.0,
+    input_dropout_rate: float = 0.0,
+) -> MLP:
+    """ReLU MLP; Hinton et al.'s MNIST teacher is ``widths=(1200, 1200), dropout_rate=0.5,
+    input_dropout_rate=0.2``, the student ``widths=(800, 800)``."""
+    return MLP(
+        num_classes=num_classes,
+        widths=tuple(int(w) for w in widths),
+        dropout_rate=float(dropout_rate),
+        input_dropout_rate=float(input_dropout_rate),
+    )
+
+
+def build_cnn1d(*, num_classes: int, channels: int = 25, kernel_size: int = 5) -> CNN1D:
+    """The MNIST-1D paper's CNN (5,210 parameters for 10 classes)."""
+    return CNN1D(num_classes=num_classes, channels=int(channels), kernel_size=int(kernel_size))
+
+
+def build_lenet5(*, num_classes: int, padding: str | None = None) -> LeNet5:
+    """LeNet-5 with ReLU and max pooling; ``padding`` None picks VALID for inputs >= 16x16."""
+    return LeNet5(num_classes=num_classes, padding=padding.upper() if padding else None)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": build_mlp,
+    "cnn1d": build_cnn1d,
+    "lenet5": build_lenet5,
+    "resnet8": resnet8,
+    "resnet14": resnet14,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet8x4": resnet8x4,
+    "resnet32x4": resnet32x4,
+    "wrn": wide_resnet,
+    "wrn_16_1": wrn_16_1,
+    "wrn_16_2": wrn_16_2,
+    "wrn_40_1": wrn_40_1,
+    "wrn_40_2": wrn_40_2,
+}
+
+
+def model_kwargs(name: str) -> list[str]:
+    """The keyword arguments, besides ``num_classes``, that model ``name`` accepts (sorted)."""
+    params = inspect.signature(MODELS[name]).parameters
+    return sorted(p for p in params if p != "num_classes")
+
+
+def get_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
+    """The model registered as ``name`` (``config.model.name``), with ``num_classes`` logits.
+
+    Raises:
+      ValueError: in one line, for an unknown name, an unknown kwarg (naming the allowed
+        ones) or a ``num_classes`` that is not a positive integer.
+    """
+    if name not in MODELS:
+        raise ValueError(
+            f"config.model.name={name!r} is not a model; choose one of: {', '.join(sorted(MODELS))}"
+        )
+    allowed = model_kwargs(name)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} got unknown kwarg(s) {', '.join(unknown)}; "
+            f"allowed for {name!r}: {', '.join(allowed) or '(none)'}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter pytree (pass ``variables['params']``, not the
+    batch statistics). Works on arrays and on ``jax.eval_shape`` results alike."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+
+__all__ = [
+    "MODELS",
+    "MLP",
+    "CNN1D",
+    "LeNet5",
+    "BasicBlock",
+    "CifarResNet",
+    "WideBasicBlock",
+    "WideResNet",
+    "count_params",
+    "get_model",
+    "model_kwargs",
+]

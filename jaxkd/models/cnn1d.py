@@ -1,0 +1,63 @@
+"""The small 1-D CNN of the MNIST-1D benchmark (Greydanus, "Scaling down deep learning", 2020).
+
+Architecture (``ConvBase`` in github.com/greydanus/mnist1d), for a length-40 signal::
+
+    [B, 40] -> [B, 40, 1]
+    conv1: Conv1d(channels, kernel_size, stride 2, pad 1) -> ReLU   [B, 19, 25]
+    conv2: Conv1d(channels, 3,           stride 2, pad 1) -> ReLU   [B, 10, 25]
+    conv3: Conv1d(channels, 3,           stride 2, pad 1) -> ReLU   [B,  5, 25]
+    flatten                                                         [B, 125]
+    head:  Dense(num_classes)
+
+5,210 parameters for 10 classes; about 94% test accuracy on MNIST-1D in the paper. As in the
+reference only the first convolution has kernel 5 (``kernel_size``); the other two have kernel 3.
+Convolutions have biases and no normalisation. The flatten is position-major (``[L, C]``,
+JAX's layout) where PyTorch's is channel-major; this permutes the head's rows only.
+
+Named layers: ``conv1``, ``conv2``, ``conv3``, ``head``.
+Features: ``conv1``, ``conv2``, ``conv3`` (``[B, L_i, channels]`` after the ReLU) and
+``embedding`` (the flattened ``conv3`` output that feeds the head).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class CNN1D(nn.Module):
+    """Three strided 1-D convolutions and a linear classifier.
+
+    Attributes:
+      num_classes: number of logits.
+      channels: channels of every convolution.
+      kernel_size: kernel of the first convolution (the later two use 3, as in the reference).
+    """
+
+    num_classes: int
+    channels: int = 25
+    kernel_size: int = 5
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, return_features: bool = False
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits ``[B, num_classes]`` for signals ``[B, L]`` or ``[B, L, C]``."""
+        del train  # no dropout or normalisation
+        x = jnp.asarray(x, jnp.float32)
+        if x.ndim == 2:
+            x = x[..., None]
+        if x.ndim != 3:
+            raise ValueError(f"cnn1d expects signals [B, L] or [B, L, C], got shape {x.shape}")
+        features: dict[str, jax.Array] = {}
+        for i, kernel in enumerate((self.kernel_size, 3, 3), start=1):
+            conv = nn.Conv(
+                self.channels, (kernel,), strides=(2,), padding=[(1, 1)], name=f"conv{i}"
+            )
+            x = nn.relu(conv(x))
+            features[f"conv{i}"] = x
+        embedding = x.reshape(x.shape[0], -1)
+        features["embedding"] = embedding
+        logits = nn.Dense(self.num_classes, name="head")(embedding)
+        return (logits, features) if return_features else logits
