@@ -1,0 +1,29 @@
+r"""MNIST-1D student: the paper's MLP 40-100-100-10 distilled from a trained teacher.
+
+    python launch.py --config=configs/mnist1d_teacher.py --workdir=runs/mnist1d_teacher
+    python launch.py --config=configs/mnist1d_student.py --workdir=runs/mnist1d_student \
+        [--config.distill.teacher.workdir=runs/mnist1d_teacher]
+
+Hinton KD (T=4, alpha=0.9) on the 4000 labelled inputs plus the 20,000-input unlabelled
+transfer set. Adam 1e-2, batch 100, 6000 steps. Expected: about 84 % test accuracy against
+about 69 % for the same MLP trained on the labels alone. Smoke test: ``:smoke``.
+"""
+
+from jaxkd.config import hinton_losses, parse_arg, run_config, smoke
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    c = run_config("mnist1d", "mlp", widths=(100, 100))
+    c.batch_size = 100
+    c.num_steps = 6000
+    c.optimizer.learning_rate = 1e-2
+    c.data.transfer_split = "unlabelled"
+    c.distill.teacher.workdir = "runs/mnist1d_teacher"
+    c.distill.losses = hinton_losses(alpha=0.9, temperature=4.0)
+    c.log_every_steps = 500
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 2000
+    if "smoke" in args:
+        smoke(c)
+    return c

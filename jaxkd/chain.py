@@ -1,0 +1,79 @@
+"""Multi-stage runs: teacher -> (assistant ->) student, each stage feeding the next.
+
+A chain config (:func:`jaxkd.config.chain_config`) lists stages in ``stage_order``; stage
+``NAME`` runs in ``workdir/NAME`` and a later stage names it as its teacher with
+``distill.teacher.workdir='stage:NAME'`` (teacher-assistant KD, Mirzadeh et al. 2020).
+A finished stage (its ``summary.json`` is written) is not run again, and an unfinished one
+resumes from its newest checkpoint, so relaunching a killed chain continues where it
+stopped. The chain ends with a table of every stage: parameters, bytes, accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from jaxkd import metrics, train
+
+STAGE_PREFIX = "stage:"
+
+
+def is_chain(config: ml_collections.ConfigDict) -> bool:
+    return "stages" in config
+
+
+def resolve_teacher(run: ml_collections.ConfigDict, workdir: str, done: list[str], name: str
+                    ) -> ml_collections.ConfigDict:
+    """Replaces ``stage:NAME`` by that stage's workdir; it must be an earlier stage."""
+    teacher = run.distill.teacher.workdir
+    if teacher.startswith(STAGE_PREFIX):
+        ref = teacher[len(STAGE_PREFIX):]
+        if ref not in done:
+            raise ValueError(
+                f"config.stages.{name}.distill.teacher.workdir={teacher!r} must name an earlier "
+                f"stage; earlier stages: {', '.join(done) or 'none'}"
+            )
+        run = ml_collections.ConfigDict(run.to_dict())
+        run.distill.teacher.workdir = os.path.join(workdir, ref)
+    return run
+
+
+def run_chain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) every stage in order; returns and writes the per-stage table."""
+    unknown = [n for n in config.stage_order if n not in config.stages]
+    if unknown:
+        raise ValueError(f"config.stage_order names unknown stages {unknown}; "
+                         f"config.stages has: {', '.join(config.stages)}")
+    done: list[str] = []
+    rows = {}
+    for name in config.stage_order:
+        run = resolve_teacher(config.stages[name], workdir, done, name)
+        stage_dir = os.path.join(workdir, name)
+        summary = metrics.read_summary(stage_dir)
+        if summary is None:
+            print(f"=== stage {name} -> {stage_dir}", flush=True)
+            summary = train.train_and_evaluate(run, stage_dir)
+        else:
+            print(f"=== stage {name}: finished earlier ({stage_dir})", flush=True)
+        rows[name] = {k: summary.get(k) for k in
+                      ("model", "accuracy", "num_params", "params_bytes", "train_steps_per_sec")}
+        done.append(name)
+    table = format_table(rows)
+    print(table, flush=True)
+    chain_summary = {"stages": rows, "stage_order": list(config.stage_order)}
+    metrics.write_summary(workdir, chain_summary)
+    return chain_summary
+
+
+def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table: stage, model, accuracy, parameters, bytes, steps/s."""
+    lines = ["| stage | model | accuracy | params | bytes | train steps/s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        rate = r.get("train_steps_per_sec")
+        rate_text = f"{rate:.1f}" if rate else "n/a"
+        lines.append(f"| {name} | {r['model']} | {100 * r['accuracy']:.2f} % | "
+                     f"{r['num_params']:,} | {r['params_bytes']:,} | {rate_text} |")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""The fields of a run's config, with their defaults, for ``configs/*.py`` to start from.
+
+A *run* config trains one model (optionally distilling from a teacher); a *chain* config
+(:func:`chain_config`) lists several run configs as stages, run in order by
+:mod:`jaxkd.chain`. Configs are plain ``ml_collections.ConfigDict``s (big_vision style):
+every field that changes a result lives here and is echoed into ``summary.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import ml_collections
+
+from jaxkd.data import pipeline
+
+
+def supervised_losses() -> ml_collections.ConfigDict:
+    """The plain label loss: cross-entropy with the labels."""
+    return ml_collections.ConfigDict({"ce": {"name": "cross_entropy", "weight": 1.0}})
+
+
+def hinton_losses(alpha: float, temperature: float) -> ml_collections.ConfigDict:
+    """Hinton et al. 2015: ``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(labels)``."""
+    return ml_collections.ConfigDict({
+        "kd": {"name": "soft_target_kl", "weight": float(alpha),
+               "kwargs": {"temperature": float(temperature)}},
+        "ce": {"name": "cross_entropy", "weight": float(1.0 - alpha)},
+    })
+
+
+def run_config(dataset: str, model: str, **model_kwargs) -> ml_collections.ConfigDict:
+    """Every field of a single training run, with defaults; configs override what they need."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = pipeline.default_data_config(dataset)
+    c.model = ml_collections.ConfigDict({"name": model, "kwargs": dict(model_kwargs)})
+
+    c.batch_size = 128  # global, over every device and process
+    c.eval_batch_size = 1000
+    c.num_steps = 0  # > 0 wins over num_epochs
+    c.num_epochs = 10.0
+
+    c.optimizer = ml_collections.ConfigDict({
+        "name": "adam", "learning_rate": 1e-3, "momentum": 0.9, "nesterov": False,
+        "b1": 0.9, "b2": 0.999, "weight_decay": 0.0, "grad_clip_norm": 0.0,
+    })
+    c.schedule = ml_collections.ConfigDict({
+        "name": "constant", "warmup_steps": 0, "boundaries_epochs": (), "decay_factor": 0.1,
+    })
+
+    c.distill = ml_collections.ConfigDict()
+    # Workdir of a finished run whose model is the teacher; '' = no teacher. In a chain,
+    # 'stage:NAME' names an earlier stage of the same chain.
+    c.distill.teacher = ml_collections.ConfigDict({"workdir": ""})
+    c.distill.losses = supervised_losses()
+
+    c.log_every_steps = 100
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 1000
+    c.max_to_keep = 3
+    return c
+
+
+def chain_config(stages: Mapping[str, ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+    """Several runs, in order; a stage's teacher may be an earlier stage (``'stage:NAME'``)."""
+    c = ml_collections.ConfigDict()
+    c.stage_order = tuple(stages)
+    c.stages = ml_collections.ConfigDict(dict(stages))
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict, *, steps: int = 2, batch_size: int = 8
+          ) -> ml_collections.ConfigDict:
+    """Shrinks a run (or every stage of a chain) to a few tiny steps, for tests."""
+    runs = [c.stages[name] for name in c.stage_order] if "stages" in c else [c]
+    for run in runs:
+        run.num_steps = steps
+        run.batch_size = batch_size
+        run.eval_batch_size = batch_size
+        run.log_every_steps = 1
+        run.eval_every_steps = steps
+        run.checkpoint_every_steps = steps
+    return c
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """``'smoke,seed=3'`` -> ``{'smoke': '', 'seed': '3'}`` (the ``configs/x.py:ARG`` string)."""
+    out = {}
+    for token in (arg or "").split(","):
+        token = token.strip()
+        if token:
+            key, _, value = token.partition("=")
+            out[key.strip()] = value.strip()
+    return out

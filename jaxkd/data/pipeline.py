@@ -1,0 +1,377 @@
+"""Training and evaluation batches of every dataset, from tfds data sources through grain.
+
+Every dataset (the offline ``mnist1d`` and ``digits`` of this package, and the tfds
+``mnist``, ``cifar10``, ``cifar100``, ``imagenet2012``) goes the same way: ``tfds.builder``
+with ``file_format='array_record'``, prepared once into the data dir, then read by index
+with ``builder.as_data_source(split)``. TensorFlow is never imported (``tfds.load`` and
+``as_dataset`` would need it). Datasets are cached in ``config.data.data_dir``, else
+``$TFDS_DATA_DIR`` (read at each call, not when tfds is imported), else
+``~/tensorflow_datasets``; a prepared dataset is reused.
+
+**Training stream** (:func:`train_batches`): the examples of ``train_split`` followed by
+those of ``transfer_split`` (``label = -1``) form one index space of ``n`` examples. Epoch
+``e`` visits them in the order ``np.random.default_rng([0, seed, e]).permutation(n)``,
+epochs follow each other without a break, and global batch ``k`` is positions
+``[k * B, (k + 1) * B)`` of that stream (a batch may straddle two epochs; nothing is
+dropped). With ``P`` processes, process ``p`` yields and reads rows ``[p * B/P,
+(p + 1) * B/P)`` of each global batch. Augmentation of row ``r`` of batch ``k`` is drawn
+from ``np.random.default_rng([1, seed, k])`` (see :mod:`jaxkd.data.augment`). So batch
+``k`` is a pure function of ``(config.data, seed, k)``: ``start_step=s`` yields what
+skipping ``s`` batches would, and a resumed run sees the same data bit for bit.
+
+The stream is a ``grain.MapDataset`` over steps (random access, so starting at ``s`` costs
+nothing). Prefetching is built in: both :func:`train_batches` and :func:`eval_batches` are
+iterated by grain with :data:`NUM_THREADS` threads computing host batches up to
+:data:`PREFETCH_BATCHES` ahead in the background. The shuffle is a numpy permutation per
+epoch rather than ``MapDataset.shuffle``: grain's per-index shuffle costs about 10 us an
+example in Python, which would dominate the small datasets.
+
+``config.data.in_memory`` reads the training examples into host memory once (about 1 s for
+``mnist1d``) and then makes a batch with one fancy index, against one tfds decode per
+example per epoch otherwise (:mod:`jaxkd.data.sources`). Every process then holds all of
+them; turn it off for datasets larger than memory (``imagenet2012``), where each process
+reads only its own rows.
+
+**Evaluation** (:func:`eval_batches`): the whole split once, in order, in batches of
+``batch_size`` (process ``p`` gets its rows of each), the last one padded with zeros;
+``'mask'`` is 1 for real rows and 0 for padding.
+
+**Normalisation** is built in: ``(x - mean) / std`` per channel with the constants of
+:data:`DATASETS`, after augmentation (so augmentation fills with the raw background):
+
+- ``mnist1d``: 0 and 1 (the generator already standardises its signals);
+- ``digits``: 4.887 and 6.017 (pixels of the train split, in the raw 0..16 units);
+- ``mnist``: 0.1307 and 0.3081 times 255 (the usual MNIST train statistics);
+- ``cifar10`` / ``cifar100``: per-channel train statistics times 255;
+- ``imagenet2012``: the usual ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224,
+  0.225) times 255; images are first resized (shorter side to ``image_size / 0.875``,
+  bilinear) and centre-cropped to ``image_size`` (the usual 87.5 % central crop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from ml_collections import config_dict
+
+# Importing the builders registers `mnist1d` and `digits` with tfds.
+from jaxkd.data import augment, digits, mnist1d, sources  # noqa: F401
+
+NUM_THREADS = 2
+PREFETCH_BATCHES = 4
+_SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1  # fold into the seed so the two draws differ
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset.
+
+    Attributes:
+      name: ``config.data.name``.
+      num_classes: number of labels.
+      input_shape: shape of one example as the batches give it, e.g. ``(40,)``,
+        ``(8, 8, 1)``, ``(32, 32, 3)``.
+      num_examples: split name -> number of examples.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    num_examples: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Per-dataset constants: normalisation (raw units, per channel) and defaults."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    eval_split: str = "test"
+    in_memory: bool = True
+
+
+def _times_255(*values: float) -> tuple[float, ...]:
+    return tuple(255.0 * v for v in values)
+
+
+DATASETS: dict[str, Dataset] = {
+    "mnist1d": Dataset(mean=(0.0,), std=(1.0,)),
+    "digits": Dataset(mean=(4.887,), std=(6.017,)),
+    "mnist": Dataset(mean=_times_255(0.1307), std=_times_255(0.3081)),
+    "cifar10": Dataset(mean=_times_255(0.4914, 0.4822, 0.4465),
+                       std=_times_255(0.2470, 0.2435, 0.2616)),
+    "cifar100": Dataset(mean=_times_255(0.5071, 0.4865, 0.4409),
+                        std=_times_255(0.2673, 0.2564, 0.2762)),
+    "imagenet2012": Dataset(mean=_times_255(0.485, 0.456, 0.406),
+                            std=_times_255(0.229, 0.224, 0.225),
+                            eval_split="validation", in_memory=False),
+}
+
+
+def default_data_config(name: str) -> ml_collections.ConfigDict:
+    """Every ``config.data`` field, with the defaults for dataset ``name``."""
+    dataset = _dataset(name)
+    return ml_collections.ConfigDict({
+        "name": name,
+        "builder_config": "",  # tfds builder config, '' = the default one
+        "data_dir": config_dict.placeholder(str),  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+        "train_split": "train",
+        "eval_split": dataset.eval_split,
+        "transfer_split": "",  # unlabelled extra training inputs, '' = none
+        "augment": "none",  # one of augment.AUGMENTATIONS
+        "jitter_pixels": 2,
+        "image_size": 224,  # side of variable-size images (imagenet2012) after resize + crop
+        "in_memory": dataset.in_memory,  # hold the training examples in host memory
+    })
+
+
+def get_info(data: ml_collections.ConfigDict) -> DatasetInfo:
+    """Checks ``config.data`` (preparing the dataset if needed) and describes the dataset."""
+    builder = _prepared_builder(data)
+    splits = list(builder.info.splits)
+    for split in (data.train_split, data.eval_split, data.transfer_split):
+        if split and split not in splits:
+            splits.append(split)
+    return DatasetInfo(
+        name=data.name,
+        num_classes=builder.info.features["label"].num_classes,
+        input_shape=_input_shape(builder, data),
+        num_examples={s: len(builder.as_data_source(s)) for s in splits},
+    )
+
+
+def train_batches(data: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """The infinite training stream from global batch ``start_step`` on (module docstring).
+
+    Args:
+      data: ``config.data``.
+      batch_size: the global batch size, over all processes.
+      seed: seeds the shuffle and the augmentation (``>= 0``).
+      start_step: index of the first global batch to yield.
+      process_index, process_count: this process's rows are ``[process_index * b,
+        (process_index + 1) * b)`` of each global batch, ``b = batch_size / process_count``.
+
+    Yields:
+      ``{'image': float32 [b, *input_shape], 'label': int32 [b]}``; labels of the transfer
+      split are -1.
+    """
+    local_size = _local_batch_size(batch_size, process_index, process_count)
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be >= 0")
+    builder = _prepared_builder(data)
+    train = sources.Concatenated(tuple(
+        _split_source(builder, data, split, labelled=labelled)
+        for split, labelled in [(data.train_split, True), (data.transfer_split, False)]
+        if split
+    ))
+    if data.in_memory:
+        train = sources.load(train)
+    num_examples, offset = len(train), process_index * local_size
+    normalise = _normaliser(data)
+
+    @functools.lru_cache(maxsize=2)  # a batch needs at most two epochs' orders
+    def epoch_order(epoch: int) -> np.ndarray:
+        return np.random.default_rng([_SHUFFLE_STREAM, seed, epoch]).permutation(num_examples)
+
+    def batch(step: int) -> dict[str, np.ndarray]:
+        position = step * batch_size + offset + np.arange(local_size)
+        epoch, index = np.divmod(position, num_examples)
+        record = np.empty(local_size, np.int64)
+        for e in np.unique(epoch):
+            record[epoch == e] = epoch_order(int(e))[index[epoch == e]]
+        images, labels = train.read(record)
+        images = augment.random_augment(
+            data.augment, images, np.random.default_rng([_AUGMENT_STREAM, seed, step]),
+            offset=offset, global_batch_size=batch_size, jitter_pixels=data.jitter_pixels)
+        return {"image": normalise(images), "label": labels}
+
+    steps = grain.MapDataset.range(start_step, sys.maxsize).map(batch)
+    return _iterate(steps)
+
+
+def eval_batches(data: ml_collections.ConfigDict, *, split: str, batch_size: int,
+                 process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """The whole of ``split`` once, in order, with a ``'mask'`` for the padded last batch.
+
+    Args:
+      data: ``config.data``.
+      split: the split to read, e.g. ``config.data.eval_split``.
+      batch_size: the global batch size; the last global batch is padded up to it.
+      process_index, process_count: as in :func:`train_batches`.
+
+    Yields:
+      ``ceil(n / batch_size)`` dicts ``{'image': float32 [b, *input_shape], 'label': int32
+      [b], 'mask': float32 [b]}`` (``b = batch_size / process_count``); padding rows have
+      zero images, label 0 and mask 0.
+    """
+    local_size = _local_batch_size(batch_size, process_index, process_count)
+    builder = _prepared_builder(data)
+    _check_split(builder, split, "split")
+    source = _split_source(builder, data, split, labelled=True)
+    num_examples, offset = len(source), process_index * local_size
+    normalise = _normaliser(data)
+    example_shape = _input_shape(builder, data)
+
+    def batch(step: int) -> dict[str, np.ndarray]:
+        position = step * batch_size + offset + np.arange(local_size)
+        real = position < num_examples
+        images = np.zeros((local_size,) + example_shape, np.float32)
+        labels = np.zeros(local_size, np.int32)
+        if real.any():
+            real_images, labels[real] = source.read(position[real])
+            images[real] = normalise(real_images)
+        return {"image": images, "label": labels, "mask": real.astype(np.float32)}
+
+    num_batches = -(-num_examples // batch_size)
+    return _iterate(grain.MapDataset.range(num_batches).map(batch))
+
+
+def _iterate(batches: grain.MapDataset) -> Iterator[dict[str, np.ndarray]]:
+    """Iterates in order, computing batches ahead in grain's background threads."""
+    options = grain.ReadOptions(num_threads=NUM_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
+    return iter(batches.to_iter_dataset(options))
+
+
+def _dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise ValueError(f"config.data.name={name!r} is not a known dataset; allowed: "
+                         f"{', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} must be a positive multiple of the "
+                         f"process count ({process_count})")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    return batch_size // process_count
+
+
+def _data_dir(data: ml_collections.ConfigDict) -> str:
+    """``config.data.data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
+    path = data.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    return os.path.expanduser(path)
+
+
+def _check_config(data: ml_collections.ConfigDict) -> None:
+    _dataset(data.name)
+    if data.augment not in augment.AUGMENTATIONS:
+        raise ValueError(f"config.data.augment={data.augment!r} is not known; allowed: "
+                         f"{', '.join(augment.AUGMENTATIONS)}")
+    if data.augment == "jitter" and data.jitter_pixels < 0:
+        raise ValueError(f"config.data.jitter_pixels={data.jitter_pixels} must be >= 0")
+    if data.builder_config:
+        configs = tfds.builder_cls(data.name).builder_configs
+        if data.builder_config not in configs:
+            raise ValueError(f"config.data.builder_config={data.builder_config!r} is not a "
+                             f"config of {data.name}; available: "
+                             f"{', '.join(configs) or 'none'}")
+
+
+def _prepared_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The dataset's tfds builder, its array_record files prepared (once) in the data dir."""
+    _check_config(data)
+    builder = _open_builder(data)
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # tfds' own reasons: no network, needs TensorFlow, ...
+            builder = _open_builder(data)  # or another process prepared it meanwhile
+            if not builder.is_prepared():
+                raise FileNotFoundError(
+                    f"config.data.name={data.name!r} is not prepared in {_data_dir(data)} "
+                    f"and tfds could not prepare it here ({_first_line(e)}); prepare it "
+                    f"where TensorFlow and the download are available (pip install "
+                    f"'jaxkd[tf]'; tfds build {_tfds_name(data)} --file_format=array_record "
+                    f"--data_dir={_data_dir(data)}) or set config.data.data_dir"
+                ) from e
+    for field in ("train_split", "eval_split", "transfer_split"):
+        _check_split(builder, data[field], f"config.data.{field}")
+    return builder
+
+
+def _tfds_name(data: ml_collections.ConfigDict) -> str:
+    return f"{data.name}/{data.builder_config}" if data.builder_config else data.name
+
+
+def _open_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    try:
+        return tfds.builder(_tfds_name(data), data_dir=_data_dir(data), file_format="array_record")
+    except ValueError as e:  # e.g. prepared earlier as tfrecord
+        raise ValueError(
+            f"config.data.name={data.name!r}: tfds cannot open it as array_record in "
+            f"{_data_dir(data)} ({_first_line(e)}); convert a tfrecord copy with tfds "
+            f"convert_format --out_file_format=array_record, or set config.data.data_dir"
+        ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0]
+
+
+def _check_split(builder: tfds.core.DatasetBuilder, split: str, field: str) -> None:
+    """Fails in the user's words on a split the dataset does not have.
+
+    Without split metadata (``tfds.testing.mock_data`` with ``MockPolicy.USE_CODE``) any
+    name is accepted.
+    """
+    known = list(builder.info.splits)
+    if split and known and split not in known:
+        raise ValueError(f"{field}={split!r} is not a split of {builder.name}; available: "
+                         f"{', '.join(sorted(known))}")
+
+
+def _split_source(builder: tfds.core.DatasetBuilder, data: ml_collections.ConfigDict,
+                  split: str, *, labelled: bool) -> sources.TfdsSplit:
+    image_fn = None
+    if None in builder.info.features["image"].shape:  # images of varying size
+        image_fn = functools.partial(resize_and_centre_crop, size=data.image_size)
+    return sources.TfdsSplit(builder.as_data_source(split), labelled=labelled,
+                             image_fn=image_fn)
+
+
+def _input_shape(builder: tfds.core.DatasetBuilder,
+                 data: ml_collections.ConfigDict) -> tuple[int, ...]:
+    shape = tuple(builder.info.features["image"].shape)
+    if None in shape:
+        return (data.image_size, data.image_size) + shape[2:]
+    return shape
+
+
+def _normaliser(data: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
+    dataset = _dataset(data.name)
+    mean = np.asarray(dataset.mean, np.float32)
+    inv_std = 1.0 / np.asarray(dataset.std, np.float32)
+
+    def normalise(images: np.ndarray) -> np.ndarray:
+        return (images.astype(np.float32) - mean) * inv_std
+
+    return normalise
+
+
+def resize_and_centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Resizes the shorter side to ``size / 0.875`` (bilinear), keeps the central square.
+
+    ``image``: uint8 ``[H, W, C]``; returns uint8 ``[size, size, C]``.
+    """
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    scale = round(size / 0.875) / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    resized = np.asarray(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+                         .resize((new_w, new_h), Image.Resampling.BILINEAR))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized.reshape(new_h, new_w, -1)[top:top + size, left:left + size]

@@ -1,0 +1,41 @@
+"""Three KD train steps on however many devices this process has (for test_train)."""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxkd import models, objective, train
+from jaxkd.config import hinton_losses, run_config
+from jaxkd.data import pipeline
+
+
+def three_steps(data_dir: str, teacher_dir: str) -> dict[str, np.ndarray]:
+    c = run_config("mnist1d", "mlp", widths=(32, 32))
+    c.data.data_dir = data_dir
+    c.data.transfer_split = "unlabelled"
+    c.batch_size = 64
+    c.num_steps = 3
+    c.distill.teacher.workdir = teacher_dir
+    c.distill.losses = hinton_losses(alpha=0.7, temperature=3.0)
+    info = pipeline.get_info(c.data)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    model = models.get_model("mlp", num_classes=info.num_classes, widths=(32, 32))
+    teacher = train.load_teacher(teacher_dir, sharding=replicated)
+    _, tx = train.build_optimizer(c, info)
+    objective_fn = objective.build_objective(
+        objective.parse_terms(c.distill.losses, has_teacher=True))
+    state = jax.jit(lambda: train.init_state(model, tx, info.input_shape, c.seed),
+                    out_shardings=replicated)()
+    step = jax.jit(train.make_train_step(model, tx, objective_fn, teacher.model),
+                   donate_argnums=(0,), out_shardings=(replicated, replicated))
+    batches = pipeline.train_batches(c.data, batch_size=c.batch_size, seed=c.seed)
+    for _ in range(3):
+        batch = {k: jax.device_put(v, sharded) for k, v in next(batches).items()}
+        state, _ = step(state, batch, teacher.variables)
+        # Wait on every step: back-to-back steps over fake CPU devices can abort in an
+        # XLA rendezvous on this machine (never needed on real accelerators).
+        jax.block_until_ready(state)
+    flat = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}

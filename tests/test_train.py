@@ -1,0 +1,140 @@
+"""The trainer end to end: it learns, it resumes bit-identically, 8 devices match 1."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxkd import checkpoint, train
+from jaxkd.config import hinton_losses, run_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_run(data_dir, *, model="mlp", steps=30, **model_kwargs):
+    c = run_config("mnist1d", model, **model_kwargs)
+    c.data.data_dir = str(data_dir)
+    c.batch_size = 32
+    c.eval_batch_size = 200
+    c.num_steps = steps
+    c.optimizer.learning_rate = 3e-3
+    c.schedule.name = "cosine"
+    c.log_every_steps = 5
+    c.eval_every_steps = 10
+    c.checkpoint_every_steps = 10
+    return c
+
+
+def load_weights(workdir):
+    with np.load(os.path.join(workdir, checkpoint.WEIGHTS_FILE), allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("teacher"))
+    c = small_run(data_dir, model="cnn1d", steps=40)
+    train.train_and_evaluate(c, workdir)
+    return workdir
+
+
+def test_digits_model_learns_and_writes_its_outputs(data_dir, tmp_path):
+    c = run_config("digits", "mlp", widths=(64,))
+    c.data.data_dir = str(data_dir)
+    c.batch_size = 64
+    c.eval_batch_size = 360
+    c.num_steps = 300
+    c.log_every_steps = 100
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 1000
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    # Chance is 10 %; a 64-unit MLP gets well above 90 % on the 360 held-out digits.
+    assert summary["accuracy"] > 0.9
+    assert summary["eval"]["accuracy"] == summary["accuracy"]
+    n_params = 64 * 64 + 64 + 64 * 10 + 10
+    assert summary["num_params"] == n_params
+    # The weights file holds float32 params: at least 4 bytes each, plus a small npz header.
+    assert 4 * n_params < summary["params_bytes"] < 4 * n_params + 4096
+    assert summary["train_steps_per_sec"] > 0
+    on_disk = json.load(open(tmp_path / "summary.json"))
+    assert on_disk["config"]["model"]["kwargs"]["widths"] == [64]
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [x["step"] for x in lines if "train/loss" in x] == [100, 200, 300]
+    assert lines[0]["train/loss"] > lines[-2]["train/loss"]  # the loss went down
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+    assert checkpoint.latest_step(str(tmp_path)) == 300
+
+
+def test_resumed_run_is_bit_identical(data_dir, teacher_dir, tmp_path):
+    """Distillation with dropout: stop at step 20 of 30, resume, compare every bit."""
+    c = small_run(data_dir, widths=(32, 32), dropout_rate=0.3)
+    c.data.transfer_split = "unlabelled"
+    c.data.augment = "jitter"
+    c.distill.teacher.workdir = teacher_dir
+    c.distill.losses = hinton_losses(alpha=0.7, temperature=3.0)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.train_and_evaluate(c, straight)
+    train.train_and_evaluate(c, resumed)
+    # Lose the last checkpoint and the outputs, as if killed after step 20.
+    shutil.rmtree(os.path.join(resumed, checkpoint.CHECKPOINT_DIR, "30"))
+    os.remove(os.path.join(resumed, checkpoint.WEIGHTS_FILE))
+    summary = train.train_and_evaluate(c, resumed)
+    assert summary["resumed_from_step"] == 20
+    a, b = load_weights(straight), load_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # And the distilled student really moved away from its initialisation.
+    assert summary["teacher"]["eval"]["accuracy"] > 0.2
+
+
+def test_same_config_same_result_and_seed_matters(data_dir, tmp_path):
+    c = small_run(data_dir, steps=10)
+    a = load_weights_after(c, tmp_path / "a")
+    b = load_weights_after(c, tmp_path / "b")
+    c.seed = 1
+    d = load_weights_after(c, tmp_path / "d")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert any(not np.array_equal(a[k], d[k]) for k in a)
+
+
+def load_weights_after(c, workdir):
+    train.train_and_evaluate(c, str(workdir))
+    return load_weights(str(workdir))
+
+
+EIGHT_DEVICE_SCRIPT = r"""
+import sys
+import jax
+import numpy as np
+sys.path.insert(0, {root!r})
+from tests.multidevice import three_steps
+params = three_steps({data_dir!r}, {teacher_dir!r})
+np.savez({out!r}, **params)
+print(jax.device_count())
+"""
+
+
+def test_eight_devices_match_one(data_dir, teacher_dir, tmp_path):
+    from tests.multidevice import three_steps
+
+    one = three_steps(str(data_dir), teacher_dir)
+    assert jax.device_count() == 1
+    out = str(tmp_path / "eight.npz")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    script = EIGHT_DEVICE_SCRIPT.format(root=ROOT, data_dir=str(data_dir),
+                                        teacher_dir=teacher_dir, out=out)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "8"
+    with np.load(out) as eight:
+        assert set(eight.files) == set(one)
+        for k in one:
+            np.testing.assert_allclose(eight[k], one[k], rtol=2e-5, atol=2e-6, err_msg=k)
