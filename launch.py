@@ -22,6 +22,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Continue a workdir's checkpoints under a changed config.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -45,15 +47,16 @@ def main(argv: list[str]) -> int:
             coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
-    from jaxkd import chain, train
+    from jaxkd import chain, preemption, train
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
     try:
-        if chain.is_chain(config):
-            chain.run_chain(config, workdir)
-        else:
-            train.train_and_evaluate(config, workdir)
+        run = chain.run_chain if chain.is_chain(config) else train.train_and_evaluate
+        run(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    except preemption.Preempted as e:
+        print(f"jaxkd: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     except (ValueError, FileNotFoundError, KeyError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"jaxkd: error: {message}", file=sys.stderr)

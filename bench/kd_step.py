@@ -99,10 +99,12 @@ def main():
         def jaxkd_runner(losses, teacher_model, student=student, teacher_vars=teacher_vars,
                          data=data):
             terms = objective.parse_terms(losses, has_teacher=teacher_model is not None)
-            step = jax.jit(train.make_train_step(student, tx, objective.build_objective(terms),
-                                                 teacher_model), donate_argnums=(0,))
+            objective_fn = objective.build_objective(terms, num_steps=args.steps)
+            teacher_models = [teacher_model] if teacher_model is not None else []
+            step = jax.jit(train.make_train_step(student, tx, objective_fn, teacher_models),
+                           donate_argnums=(0,))
             box = {"s": train.init_state(student, tx, (784,), 0)}
-            tv = teacher_vars if teacher_model is not None else None
+            tv = [teacher_vars] if teacher_model is not None else []
 
             def run(box=box, step=step, tv=tv, data=data):
                 box["s"], m = step(box["s"], data, tv)

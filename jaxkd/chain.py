@@ -27,20 +27,29 @@ def is_chain(config: ml_collections.ConfigDict) -> bool:
 def resolve_teacher(run: ml_collections.ConfigDict, workdir: str, done: list[str], name: str
                     ) -> ml_collections.ConfigDict:
     """Replaces ``stage:NAME`` by that stage's workdir; it must be an earlier stage."""
-    teacher = run.distill.teacher.workdir
-    if teacher.startswith(STAGE_PREFIX):
-        ref = teacher[len(STAGE_PREFIX):]
+    run = ml_collections.ConfigDict(run.to_dict())
+
+    def resolve(value: str, field: str) -> str:
+        if not value.startswith(STAGE_PREFIX):
+            return value
+        ref = value[len(STAGE_PREFIX):]
         if ref not in done:
-            raise ValueError(
-                f"config.stages.{name}.distill.teacher.workdir={teacher!r} must name an earlier "
-                f"stage; earlier stages: {', '.join(done) or 'none'}"
-            )
-        run = ml_collections.ConfigDict(run.to_dict())
-        run.distill.teacher.workdir = os.path.join(workdir, ref)
+            raise ValueError(f"config.stages.{name}.{field}={value!r} must name an earlier "
+                             f"stage; earlier stages: {', '.join(done) or 'none'}")
+        return os.path.join(workdir, ref)
+
+    run.distill.teacher.workdir = resolve(run.distill.teacher.workdir,
+                                          "distill.teacher.workdir")
+    run.distill.teachers = tuple(
+        {**t, "workdir": resolve(t["workdir"], f"distill.teachers[{i}].workdir")}
+        for i, t in enumerate(run.distill.get("teachers", ())))
+    if "init" in run:
+        run.init.teacher_workdir = resolve(run.init.teacher_workdir, "init.teacher_workdir")
     return run
 
 
-def run_chain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run_chain(config: ml_collections.ConfigDict, workdir: str, *,
+              allow_config_change: bool = False) -> dict[str, Any]:
     """Runs (or resumes) every stage in order; returns and writes the per-stage table."""
     unknown = [n for n in config.stage_order if n not in config.stages]
     if unknown:
@@ -54,7 +63,8 @@ def run_chain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         summary = metrics.read_summary(stage_dir)
         if summary is None:
             print(f"=== stage {name} -> {stage_dir}", flush=True)
-            summary = train.train_and_evaluate(run, stage_dir)
+            summary = train.train_and_evaluate(run, stage_dir,
+                                               allow_config_change=allow_config_change)
         else:
             print(f"=== stage {name}: finished earlier ({stage_dir})", flush=True)
         rows[name] = {k: summary.get(k) for k in

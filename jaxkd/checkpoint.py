@@ -8,8 +8,12 @@ restored run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
 import jax
@@ -18,7 +22,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"
 CONFIG_FILE = "config.json"
+SEAL_FILE = "jaxkd_sha256.json"
 
 
 def make_manager(workdir: str, *, max_to_keep: int, asynchronous: bool = True
@@ -31,14 +37,104 @@ def make_manager(workdir: str, *, max_to_keep: int, asynchronous: bool = True
                                  options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> None:
-    """Starts an (asynchronous) save of ``state`` at ``step``."""
-    manager.save(step, args=ocp.args.StandardSave(state), force=force)
+def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+    """Starts an asynchronous save of ``state`` at ``step``, sealing the finished ones first.
+
+    Orbax finalises a checkpoint by an atomic rename, so a kill during the write leaves no
+    step that looks complete. Sealing adds a sha256 of every file of each finished step,
+    so that a later change to its bytes (truncation, garbage, a lost file) is detected.
+    """
+    finish(manager)
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Waits for the save in flight and seals every finished step."""
+    manager.wait_until_finished()
+    if jax.process_index() == 0:
+        for step in manager.all_steps():
+            step_dir = os.path.join(str(manager.directory), str(step))
+            if not os.path.exists(os.path.join(step_dir, SEAL_FILE)):
+                _write_json(os.path.join(step_dir, SEAL_FILE), _file_hashes(step_dir))
+
+
+def _file_hashes(step_dir: str) -> dict[str, str]:
+    hashes = {}
+    for root, _, files in os.walk(step_dir):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel != SEAL_FILE:
+                with open(path, "rb") as f:
+                    hashes[rel] = hashlib.file_digest(f, "sha256").hexdigest()
+    return hashes
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def check_sealed(step_dir: str) -> str | None:
+    """What is wrong with a sealed checkpoint's files, or None (also for unsealed ones)."""
+    seal = os.path.join(step_dir, SEAL_FILE)
+    if not os.path.exists(seal):
+        return None
+    try:
+        with open(seal) as f:
+            expected = json.load(f)
+    except (OSError, ValueError):
+        return f"{SEAL_FILE} is unreadable"
+    actual = _file_hashes(step_dir)
+    for rel, digest in sorted(expected.items()):
+        if rel not in actual:
+            return f"{rel} is missing"
+        if actual[rel] != digest:
+            return f"{rel} does not match its sha256"
+    extra = sorted(set(actual) - set(expected))
+    return f"{extra[0]} was added after the checkpoint was written" if extra else None
+
+
+def quarantine(workdir: str, step: int, reason: str) -> str:
+    """Moves an unusable checkpoint to ``workdir/corrupt_checkpoints/`` (never deletes it)."""
+    source = os.path.join(workdir, CHECKPOINT_DIR, str(step))
+    target = os.path.join(workdir, CORRUPT_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(source, target)
+    print(f"jaxkd: the checkpoint at step {step} in {workdir} is unusable ({reason}); "
+          f"moved it to {target} and trying the previous one", file=sys.stderr, flush=True)
+    return target
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
     """Restores the state saved at ``step`` with the structure/shardings of ``abstract_state``."""
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def restore_latest(manager: ocp.CheckpointManager, workdir: str, abstract_state: Any
+                   ) -> tuple[Any, int]:
+    """The newest usable checkpoint as ``(state, step)``, or ``(None, 0)`` if there is none.
+
+    A checkpoint whose files fail their seal or that Orbax cannot read is moved aside with a
+    message naming it, and the previous one is tried.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        step_dir = os.path.join(workdir, CHECKPOINT_DIR, str(step))
+        problem = check_sealed(step_dir)
+        if problem is None:
+            try:
+                return restore(manager, step, abstract_state), step
+            except Exception as e:  # noqa: BLE001 - any failure to read means unusable
+                problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if jax.process_index() == 0:
+            quarantine(workdir, step, problem)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxkd quarantine {step}")
+        manager.reload()
+    return None, 0
 
 
 def abstract_like(state: Any) -> Any:
@@ -91,3 +187,19 @@ def save_weights(workdir: str, variables: Any) -> int:
         os.replace(path + ".tmp", path)
         return os.path.getsize(path)
     return sum(v.nbytes for v in flat.values())
+
+
+def restore_variables(workdir: str, step: int, abstract_variables: Any, *, field: str) -> Any:
+    """Reads only the model variables (``params``, ``batch_stats``) of a run's checkpoint."""
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)))
+    try:
+        restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+            item=abstract_variables,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_variables),
+            partial_restore=True))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{field}={workdir!r}: its checkpoint at step {step} does not fit the "
+                         f"model in its config.json ({str(e).splitlines()[0][:200]})") from e
+    finally:
+        manager.close()
+    return restored

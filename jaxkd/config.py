@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from jaxkd.data import pipeline
+from jaxkd.student_init import default_init_config
 
 
 def supervised_losses() -> ml_collections.ConfigDict:
@@ -53,12 +54,23 @@ def run_config(dataset: str, model: str, **model_kwargs) -> ml_collections.Confi
     # Workdir of a finished run whose model is the teacher; '' = no teacher. In a chain,
     # 'stage:NAME' names an earlier stage of the same chain.
     c.distill.teacher = ml_collections.ConfigDict({"workdir": ""})
+    # Several teachers: a list of {workdir, weight}; when set it replaces teacher.workdir.
+    c.distill.teachers = ()
+    c.distill.ensemble = "sum_losses"  # or 'probabilities' (see jaxkd.objective)
+    # Precomputed teacher logits (python -m jaxkd.teacher_logits); '' = run a teacher.
+    c.distill.teacher_logits = ""
+    c.distill.allow_augment_with_precomputed = False
     c.distill.losses = supervised_losses()
+    # Student weights taken from a teacher ("parameter distillation"); method '' = random.
+    c.init = default_init_config()
 
     c.log_every_steps = 100
     c.eval_every_steps = 1000
     c.checkpoint_every_steps = 1000
     c.max_to_keep = 3
+    # Steps with a non-finite loss/gradient are never applied; more than this many stop the
+    # run with an error naming the first one.
+    c.skip_nonfinite_steps = 0
     return c
 
 

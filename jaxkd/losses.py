@@ -18,7 +18,7 @@ function                   value per position                          paper
 ``decoupled_kd``           ``alpha TCKD + beta NCKD``                  Zhao et al. 2022
 ``topk_soft_target_kl``    ``T^2 KL`` over the teacher's top-k         (offline teachers)
 ``hint_mse``               ``mean (F_s - F_t)^2`` per example          Romero et al. 2015
-``attention_transfer``     ``mean (a_s - a_t)^2`` per example          Zagoruyko et al. 2017
+``attention_transfer``     ``mean (a_s - a_t)^2`` per example          Zagoruyko & Komodakis 2017
 =========================  ==========================================  =====================
 
 Batch-level (relational) losses take ``[B, ...]`` and return a scalar; an optional
@@ -196,7 +196,11 @@ def masked_mean(values: ArrayLike, mask: ArrayLike | None = None) -> Array:
     if mask is None:
         return jnp.mean(values)
     mask = jnp.asarray(mask)
-    if jnp.broadcast_shapes(mask.shape, values.shape) != values.shape:
+    try:
+        broadcasts = jnp.broadcast_shapes(mask.shape, values.shape) == values.shape
+    except ValueError:
+        broadcasts = False
+    if not broadcasts:
         raise ValueError(
             f"masked_mean: mask shape {mask.shape} does not broadcast to values shape "
             f"{values.shape}."

@@ -94,6 +94,13 @@ class MetricWriter:
             self._tb.close()
 
 
+def append_jsonl(workdir: str, record: Mapping[str, Any]) -> None:
+    """Appends one record to ``metrics.jsonl`` (process 0 only)."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, METRICS_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
     """Writes ``summary.json`` atomically (process 0 only)."""
     if jax.process_index() != 0:

@@ -1,27 +1,43 @@
 """The training objective: a weighted sum of loss terms named in the config.
 
-A run's objective is ``config.distill.losses``, a list of terms (or a ConfigDict mapping
-a label to a term, so that ``--config.distill.losses.kd.weight=0.5`` works)::
+A run's objective is ``config.distill.losses``: a list of terms, or a ConfigDict mapping a
+label to a term (so that ``--config.distill.losses.kd.weight=0.5`` works)::
 
-    {name, weight, kwargs, student_feature, teacher_feature}
+    {name, weight, kwargs, student_feature, teacher_feature,
+     schedule, weight_end, temperature_end, adapter}
 
 ``name`` selects a function of :mod:`jaxkd.losses`; the plain label loss is the term
 ``cross_entropy``. Hinton et al. (2015) distillation with mixing weight alpha is::
 
-    [dict(name='soft_target_kl', weight=alpha, kwargs=dict(temperature=T)),
-     dict(name='cross_entropy', weight=1 - alpha)]
+    {'kd': dict(name='soft_target_kl', weight=alpha, kwargs=dict(temperature=T)),
+     'ce': dict(name='cross_entropy', weight=1 - alpha)}
 
 i.e. ``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(labels)``.
 
-Every term is reduced over the examples it applies to: label terms over labelled examples
-(a label of -1 marks a transfer-set input without a label), teacher terms over every real
-example. :func:`build_objective` checks the terms against the losses it knows before
-anything is compiled, so a typo fails in one line naming the field.
+* Label terms average over labelled examples (label -1 marks a transfer-set input);
+  teacher terms over every example.
+* Feature terms compare named features (``student_feature``/``teacher_feature``, see
+  :mod:`jaxkd.models`; ``'logits'`` names the logits). ``hint_mse`` passes the student's
+  feature through a trainable adapter (FitNets' regressor: a 1x1 convolution, i.e. a dense
+  map over the channel axis) that is trained with the student and not part of it.
+* ``schedule`` in {constant, linear, cosine} moves ``weight`` to ``weight_end`` and the
+  temperature to ``temperature_end`` over the run.
+* Several teachers (``config.distill.teachers``) are combined either in probability space
+  (``ensemble='probabilities'``: teacher logits ``log sum_i w_i softmax(t_i)``, normalised
+  weights) or as ``sum_i w_i * loss(teacher_i)`` (``ensemble='sum_losses'``); feature terms
+  always use the weighted sum.
+* Precomputed logits (``config.distill.teacher_logits``) arrive in the batch as
+  ``teacher_topk_logits``/``teacher_topk_indices``; with every class stored they stand for
+  the teacher's logits in any logit term, with fewer only ``topk_soft_target_kl`` applies.
+
+:func:`parse_terms` checks the terms before anything is compiled, so a typo fails in one
+line naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,25 +47,34 @@ import ml_collections
 
 from jaxkd import losses
 
-
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-    """How a loss of :mod:`jaxkd.losses` is called: which inputs it takes."""
-
-    fn: Callable[..., jax.Array]
-    inputs: str  # 'labels' | 'logits' | 'logits+labels'
-    needs_teacher: bool
-
-
-LOSSES: dict[str, LossSpec] = {
-    "cross_entropy": LossSpec(losses.cross_entropy, "labels", needs_teacher=False),
-    "soft_target_kl": LossSpec(losses.soft_target_kl, "logits", needs_teacher=True),
-    "reverse_kl": LossSpec(losses.reverse_kl, "logits", needs_teacher=True),
-    "generalized_jsd": LossSpec(losses.generalized_jsd, "logits", needs_teacher=True),
-    "total_variation": LossSpec(losses.total_variation, "logits", needs_teacher=True),
-    "logit_mse": LossSpec(losses.logit_mse, "logits", needs_teacher=True),
-    "decoupled_kd": LossSpec(losses.decoupled_kd, "logits+labels", needs_teacher=True),
+# kind: which inputs a loss takes.
+#   labels        fn(student_logits, labels)              per example, labelled only
+#   logits        fn(student_logits, teacher_logits)      per example
+#   logits_labels fn(student_logits, teacher_logits, y)   per example, labelled only
+#   topk          fn(student_logits, topk_values, topk_indices)
+#   features      fn(student_feature, teacher_feature)    per example
+#   batch         fn(student_feature, teacher_feature)    scalar over the batch
+LOSSES: dict[str, tuple[Callable[..., jax.Array], str]] = {
+    "cross_entropy": (losses.cross_entropy, "labels"),
+    "soft_target_kl": (losses.soft_target_kl, "logits"),
+    "reverse_kl": (losses.reverse_kl, "logits"),
+    "generalized_jsd": (losses.generalized_jsd, "logits"),
+    "total_variation": (losses.total_variation, "logits"),
+    "logit_mse": (losses.logit_mse, "logits"),
+    "decoupled_kd": (losses.decoupled_kd, "logits_labels"),
+    "topk_soft_target_kl": (losses.topk_soft_target_kl, "topk"),
+    "hint_mse": (losses.hint_mse, "features"),
+    "attention_transfer": (losses.attention_transfer, "features"),
+    "rkd_distance": (losses.rkd_distance, "batch"),
+    "rkd_angle": (losses.rkd_angle, "batch"),
+    "similarity_preserving": (losses.similarity_preserving, "batch"),
+    "pkt": (losses.pkt, "batch"),
+    "dist_loss": (losses.dist_loss, "batch"),
 }
+SCHEDULES = ("constant", "linear", "cosine")
+ENSEMBLES = ("probabilities", "sum_losses")
+TERM_FIELDS = ("name", "weight", "kwargs", "student_feature", "teacher_feature", "schedule",
+               "weight_end", "temperature_end", "adapter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +85,20 @@ class Term:
     name: str
     weight: float
     kwargs: dict[str, Any]
+    student_feature: str
+    teacher_feature: str
+    schedule: str = "constant"
+    weight_end: float | None = None
+    temperature_end: float | None = None
+    adapter: bool = False
+
+    @property
+    def kind(self) -> str:
+        return LOSSES[self.name][1]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kind != "labels"
 
 
 def _as_term_list(spec: Any) -> list[tuple[str, Mapping[str, Any]]]:
@@ -68,78 +107,212 @@ def _as_term_list(spec: Any) -> list[tuple[str, Mapping[str, Any]]]:
     if isinstance(spec, Mapping):
         return [(str(label), term) for label, term in spec.items()]
     if isinstance(spec, Sequence) and not isinstance(spec, str):
-        out = []
-        for i, term in enumerate(spec):
-            if isinstance(term, ml_collections.ConfigDict):
-                term = term.to_dict()
-            out.append((str(i), term))
-        return out
-    raise ValueError(
-        "config.distill.losses must be a list of terms {name, weight, kwargs} or a mapping "
-        f"label -> term, got {type(spec).__name__}"
-    )
+        return [(str(i), t.to_dict() if isinstance(t, ml_collections.ConfigDict) else t)
+                for i, t in enumerate(spec)]
+    raise ValueError("config.distill.losses must be a list of terms {name, weight, kwargs} or "
+                     f"a mapping label -> term, got {type(spec).__name__}")
 
 
 def parse_terms(spec: Any, *, has_teacher: bool) -> list[Term]:
     """Validates ``config.distill.losses`` and returns its terms, in order."""
     terms = []
-    allowed_fields = {"name", "weight", "kwargs", "student_feature", "teacher_feature"}
     for label, raw in _as_term_list(spec):
         where = f"config.distill.losses.{label}"
         if not isinstance(raw, Mapping):
             raise ValueError(f"{where} must be a dict {{name, weight, kwargs}}, got {raw!r}")
-        extra = set(raw) - allowed_fields
+        extra = set(raw) - set(TERM_FIELDS)
         if extra:
-            raise ValueError(
-                f"{where} has unknown field(s) {sorted(extra)}; allowed: {sorted(allowed_fields)}"
-            )
+            raise ValueError(f"{where} has unknown field(s) {sorted(extra)}; "
+                             f"allowed: {', '.join(TERM_FIELDS)}")
         name = raw.get("name", label)
         if name not in LOSSES:
             raise ValueError(
-                f"{where}.name={name!r} is not a loss; choose one of: {', '.join(sorted(LOSSES))}"
-            )
-        if LOSSES[name].needs_teacher and not has_teacher:
-            raise ValueError(
-                f"{where}.name={name!r} needs a teacher but config.distill.teacher.workdir is empty"
-            )
-        weight = float(raw.get("weight", 1.0))
+                f"{where}.name={name!r} is not a loss; choose one of: {', '.join(sorted(LOSSES))}")
+        kind = LOSSES[name][1]
+        if kind != "labels" and not has_teacher:
+            raise ValueError(f"{where}.name={name!r} needs a teacher but config.distill has "
+                             "none (set distill.teacher.workdir, teachers or teacher_logits)")
         kwargs = dict(raw.get("kwargs") or {})
-        temperature = kwargs.get("temperature")
-        if temperature is not None and not float(temperature) > 0:
-            raise ValueError(f"{where}.kwargs.temperature must be > 0, got {temperature}")
-        terms.append(Term(label=label, name=name, weight=weight, kwargs=kwargs))
+        for key in ("temperature", "temperature_end"):
+            value = kwargs.get(key) if key == "temperature" else raw.get(key)
+            if value is not None and not float(value) > 0:
+                field = f"{where}.kwargs.{key}" if key == "temperature" else f"{where}.{key}"
+                raise ValueError(f"{field} must be > 0, got {value}")
+        schedule = raw.get("schedule") or "constant"
+        if schedule not in SCHEDULES:
+            raise ValueError(f"{where}.schedule={schedule!r} is not a schedule; "
+                             f"choose one of: {', '.join(SCHEDULES)}")
+        if raw.get("temperature_end") is not None and "temperature" not in kwargs:
+            raise ValueError(f"{where}.temperature_end needs kwargs.temperature to start from")
+        default_feature = "embedding" if kind == "batch" else "logits"
+        if kind == "batch" and name == "dist_loss":
+            default_feature = "logits"
+        if kind == "features" and not (raw.get("student_feature") and raw.get("teacher_feature")):
+            raise ValueError(f"{where} ({name}) needs student_feature and teacher_feature")
+        terms.append(Term(
+            label=label, name=name, weight=float(raw.get("weight", 1.0)), kwargs=kwargs,
+            student_feature=raw.get("student_feature") or default_feature,
+            teacher_feature=raw.get("teacher_feature") or default_feature,
+            schedule=schedule,
+            weight_end=None if raw.get("weight_end") is None else float(raw["weight_end"]),
+            temperature_end=(None if raw.get("temperature_end") is None
+                             else float(raw["temperature_end"])),
+            adapter=bool(raw.get("adapter", name == "hint_mse")),
+        ))
     if not terms:
         raise ValueError("config.distill.losses is empty: give at least one term")
-    if all(t.weight == 0 for t in terms):
+    if all(t.weight == 0 and not t.weight_end for t in terms):
         raise ValueError("config.distill.losses: every term has weight 0, nothing would be learned")
     return terms
 
 
-def build_objective(
-    terms: Sequence[Term],
-) -> Callable[[jax.Array, jax.Array | None, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
-    """Returns ``objective(student_logits, teacher_logits, labels) -> (loss, per-term values)``.
+def scheduled(start: float, end: float | None, schedule: str, progress: jax.Array) -> jax.Array:
+    """``start`` moved towards ``end`` by ``progress`` in [0, 1]: linear or half-cosine."""
+    if end is None or schedule == "constant":
+        return jnp.asarray(start, jnp.float32)
+    if schedule == "linear":
+        fraction = progress
+    else:
+        fraction = 0.5 * (1.0 - jnp.cos(math.pi * progress))
+    return start + (end - start) * fraction
 
-    ``labels`` are int32 ``[B]`` with -1 for unlabelled (transfer-set) examples. The loss is
-    ``sum_k weight_k * masked_mean(term_k)``; the per-term values are the unweighted means.
+
+def feature(outputs: tuple[jax.Array, Mapping[str, jax.Array]], name: str) -> jax.Array:
+    logits, features = outputs
+    return logits if name == "logits" else features[name]
+
+
+def check_features(terms: Sequence[Term], student_out: Any, teacher_outs: Sequence[Any]) -> None:
+    """Feature names must exist and shapes must fit; one line naming the field otherwise.
+
+    ``student_out`` and ``teacher_outs`` are (logits, features) of ShapeDtypeStructs.
     """
+    for term in terms:
+        if term.kind not in ("features", "batch"):
+            continue
+        where = f"config.distill.losses.{term.label}"
+        for side, outputs, name in [("student", student_out, term.student_feature)] + [
+                ("teacher", t, term.teacher_feature) for t in teacher_outs]:
+            available = ["logits", *outputs[1]]
+            if name not in available:
+                raise ValueError(f"{where}.{side}_feature={name!r} is not a feature of the "
+                                 f"{side}; choose one of: {', '.join(available)}")
+        s = feature(student_out, term.student_feature).shape
+        for t_out in teacher_outs:
+            t = feature(t_out, term.teacher_feature).shape
+            if term.name == "hint_mse" and s[:-1] != t[:-1]:
+                raise ValueError(f"{where}: student feature {term.student_feature} {s} and "
+                                 f"teacher feature {term.teacher_feature} {t} differ in more "
+                                 "than the channel axis; pick features of the same resolution")
+            if term.name == "hint_mse" and not term.adapter and s != t:
+                raise ValueError(f"{where}: shapes {s} and {t} differ; set adapter=True")
+            if term.name == "attention_transfer" and s[:-1] != t[:-1]:
+                raise ValueError(f"{where}: attention maps need the same spatial size, got "
+                                 f"student {s} and teacher {t}")
 
-    def objective(student_logits, teacher_logits, labels):
+
+def init_adapters(terms: Sequence[Term], student_out: Any, teacher_outs: Sequence[Any],
+                  rng: jax.Array) -> dict[str, dict[str, jax.Array]]:
+    """FitNets regressors: one ``{kernel [C_s, C_t], bias [C_t]}`` per (term, teacher)."""
+    adapters = {}
+    for term in terms:
+        if not term.adapter:
+            continue
+        c_in = feature(student_out, term.student_feature).shape[-1]
+        for i, t_out in enumerate(teacher_outs):
+            c_out = feature(t_out, term.teacher_feature).shape[-1]
+            rng, key = jax.random.split(rng)
+            adapters[f"{term.label}_{i}"] = {
+                "kernel": jax.random.normal(key, (c_in, c_out), jnp.float32) / math.sqrt(c_in),
+                "bias": jnp.zeros((c_out,), jnp.float32),
+            }
+    return adapters
+
+
+def apply_adapter(adapter: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+    """A 1x1 convolution (dense over the last, channel axis): ``x @ kernel + bias``."""
+    return x @ adapter["kernel"] + adapter["bias"]
+
+
+def ensemble_logits(teacher_logits: Sequence[jax.Array], weights: Sequence[float]) -> jax.Array:
+    """Logits of the probability-space ensemble: ``log sum_i w_i softmax(t_i)``, sum w = 1."""
+    w = jnp.asarray(weights, jnp.float32)
+    w = w / w.sum()
+    log_p = jnp.stack([jax.nn.log_softmax(t, -1) for t in teacher_logits])
+    return jax.nn.logsumexp(log_p + jnp.log(w)[:, None, None], axis=0)
+
+
+def build_objective(
+    terms: Sequence[Term], *, num_steps: int, teacher_weights: Sequence[float] = (1.0,),
+    ensemble: str = "sum_losses",
+) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    """Returns ``objective(adapters, student_out, teacher_outs, batch, step)``.
+
+    ``student_out`` and each of ``teacher_outs`` are ``(logits, features)``; ``batch`` holds
+    ``label`` (-1 = unlabelled) and, with precomputed logits, ``teacher_topk_logits`` and
+    ``teacher_topk_indices``. Returns ``(sum_k weight_k * mean(term_k), per-term means)``.
+    """
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"config.distill.ensemble={ensemble!r} is not an ensemble mode; "
+                         f"choose one of: {', '.join(ENSEMBLES)}")
+
+    def term_value(term, kwargs, adapters, student_out, teacher_out, i, batch, labelled):
+        fn, kind = LOSSES[term.name]
+        s_logits = student_out[0]
+        if kind == "topk":
+            if teacher_out is None:
+                values, indices = batch["teacher_topk_logits"], batch["teacher_topk_indices"]
+            else:
+                values, indices = jax.lax.top_k(teacher_out[0], kwargs.pop("k", 8))
+            return losses.masked_mean(fn(s_logits, values, indices, **kwargs))
+        t_logits = teacher_out[0]
+        if kind == "logits":
+            return losses.masked_mean(fn(s_logits, t_logits, **kwargs))
+        if kind == "logits_labels":
+            per_example = fn(s_logits, t_logits, jnp.maximum(batch["label"], 0), **kwargs)
+            return losses.masked_mean(per_example, labelled)
+        s = feature(student_out, term.student_feature)
+        t = feature(teacher_out, term.teacher_feature)
+        if term.adapter:
+            s = apply_adapter(adapters[f"{term.label}_{i}"], s)
+        if kind == "features":
+            return losses.masked_mean(fn(s, t, **kwargs))
+        return fn(s, t, **kwargs)  # batch-level: already a scalar
+
+    def objective(adapters, student_out, teacher_outs, batch, step):
+        labels = batch["label"]
         labelled = (labels >= 0).astype(jnp.float32)
+        progress = jnp.minimum(step.astype(jnp.float32) / max(num_steps, 1), 1.0)
+        if not teacher_outs and "teacher_topk_logits" in batch:
+            values, indices = batch["teacher_topk_logits"], batch["teacher_topk_indices"]
+            if values.shape[-1] == student_out[0].shape[-1]:  # every class stored
+                full = jnp.zeros_like(values).at[
+                    jnp.arange(values.shape[0])[:, None], indices].set(values)
+                teacher_outs = [(full, {})]
         total = jnp.zeros((), jnp.float32)
         values = {}
         for term in terms:
-            spec = LOSSES[term.name]
-            if spec.inputs == "labels":
-                value = losses.masked_mean(spec.fn(student_logits, labels, **term.kwargs), labelled)
-            elif spec.inputs == "logits":
-                value = losses.masked_mean(spec.fn(student_logits, teacher_logits, **term.kwargs))
-            else:  # 'logits+labels': needs the true class, so only labelled examples count.
-                safe_labels = jnp.maximum(labels, 0)
-                per_example = spec.fn(student_logits, teacher_logits, safe_labels, **term.kwargs)
-                value = losses.masked_mean(per_example, labelled)
+            weight = scheduled(term.weight, term.weight_end, term.schedule, progress)
+            kwargs = dict(term.kwargs)
+            if term.temperature_end is not None:
+                kwargs["temperature"] = scheduled(kwargs["temperature"], term.temperature_end,
+                                                  term.schedule, progress)
+            if term.kind == "labels":
+                value = losses.masked_mean(LOSSES[term.name][0](student_out[0], labels, **kwargs),
+                                           labelled)
+            elif term.kind == "topk" and not teacher_outs:
+                value = term_value(term, kwargs, adapters, student_out, None, 0, batch, labelled)
+            elif ensemble == "probabilities" and term.kind in ("logits", "logits_labels", "topk") \
+                    and len(teacher_outs) > 1:
+                mixed = (ensemble_logits([t[0] for t in teacher_outs], teacher_weights), {})
+                value = term_value(term, kwargs, adapters, student_out, mixed, 0, batch, labelled)
+            else:
+                value = sum(w * term_value(term, dict(kwargs), adapters, student_out, t, i, batch,
+                                           labelled)
+                            for i, (w, t) in enumerate(zip(teacher_weights, teacher_outs,
+                                                           strict=True)))
             values[term.label] = value
-            total = total + term.weight * value
+            total = total + weight * value
         return total, values
 
     return objective

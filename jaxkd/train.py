@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -37,7 +37,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxkd
-from jaxkd import checkpoint, losses, metrics, models, objective, optim
+from jaxkd import (
+    checkpoint,
+    losses,
+    metrics,
+    models,
+    objective,
+    optim,
+    preemption,
+    student_init,
+)
 from jaxkd.data import pipeline
 
 
@@ -48,8 +57,13 @@ class TrainState:
     step: jax.Array  # int32 scalar: number of updates applied
     params: Any  # the student's parameters
     batch_stats: Any  # BatchNorm running statistics ({} when the model has none)
-    opt_state: optax.OptState
+    adapters: Any  # trainable feature-KD adapters (FitNets regressors), not part of the model
+    opt_state: optax.OptState  # over {'model': params, 'adapters': adapters}
     rng: jax.Array  # base PRNG key; step k uses fold_in(rng, k)
+    # Steps whose loss or gradients were not finite (their updates were not applied), and
+    # the first of them: its index and which metric (1 = loss, 2 = gradients).
+    nonfinite_steps: jax.Array
+    first_nonfinite: jax.Array  # int32 [2]: (step, metric); (-1, 0) when none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +74,7 @@ class Teacher:
     model: nn.Module
     variables: dict[str, Any]
     config: ml_collections.ConfigDict
+    weight: float = 1.0
 
 
 def model_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
@@ -70,27 +85,35 @@ def model_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...],
-               seed: int) -> TrainState:
+               seed: int, init_adapters: Callable[[jax.Array], Any] | None = None
+               ) -> TrainState:
     """A fresh state: parameters drawn from ``seed``, optimizer state at step 0."""
     rng = jax.random.PRNGKey(seed)
-    init_rng, params_rng, dropout_rng = jax.random.split(rng, 3)
+    init_rng, params_rng, dropout_rng, adapters_rng = jax.random.split(rng, 4)
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
     variables = model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
     params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), rng=init_rng)
+    adapters = init_adapters(adapters_rng) if init_adapters else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), adapters=adapters,
+                      opt_state=tx.init({"model": params, "adapters": adapters}), rng=init_rng,
+                      nonfinite_steps=jnp.zeros((), jnp.int32),
+                      first_nonfinite=jnp.array([-1, 0], jnp.int32))
 
 
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     objective_fn: Callable,
-    teacher_model: nn.Module | None,
+    teacher_models: Sequence[nn.Module] = (),
     *,
     student_apply: Callable[..., Any] | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure ``train_step(state, batch, teacher_variables) -> (state, metrics)``.
+
+    ``teacher_variables`` is a list, one entry per model of ``teacher_models`` (empty for
+    supervised training or precomputed teacher logits); ``objective_fn`` is built by
+    :func:`jaxkd.objective.build_objective`.
 
     ``student_apply`` replaces ``model.apply`` for the student's forward pass (same
     signature); compression methods use it to run the student on transformed weights or
@@ -100,33 +123,46 @@ def make_train_step(
 
     def train_step(state, batch, teacher_variables):
         images, labels = batch["image"], batch["label"]
-        teacher_logits = None
-        if teacher_model is not None:
-            teacher_logits = jax.lax.stop_gradient(
-                teacher_model.apply(teacher_variables, images, train=False)
-            )
+        teacher_outs = [
+            jax.lax.stop_gradient(m.apply(v, images, train=False, return_features=True))
+            for m, v in zip(teacher_models, teacher_variables or (), strict=True)
+        ]
         dropout_rng = jax.random.fold_in(state.rng, state.step)
 
-        def loss_fn(params):
-            logits, updates = apply(
-                model_variables(params, state.batch_stats), images, train=True,
-                mutable=["batch_stats"], rngs={"dropout": dropout_rng},
+        def loss_fn(trainable):
+            (logits, features), updates = apply(
+                model_variables(trainable["model"], state.batch_stats), images, train=True,
+                return_features=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng},
             )
-            loss, values = objective_fn(logits, teacher_logits, labels)
+            loss, values = objective_fn(trainable["adapters"], (logits, features), teacher_outs,
+                                        batch, state.step)
             return loss, (logits, updates.get("batch_stats", {}), values)
 
+        trainable = {"model": state.params, "adapters": state.adapters}
         (loss, (logits, batch_stats, values)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
+            trainable
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                  opt_state=opt_state)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        new_state = state.replace(params=trainable["model"], adapters=trainable["adapters"],
+                                  batch_stats=batch_stats, opt_state=opt_state)
+        # A step with a non-finite loss or gradient is not applied (optax.apply_if_finite);
+        # the host stops the run, or skips up to config.skip_nonfinite_steps such steps.
+        grad_norm = optax.tree.norm(grads)
+        loss_ok, grads_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+        ok = loss_ok & grads_ok
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        first_bad = jnp.where(
+            (state.first_nonfinite[0] < 0) & ~ok,
+            jnp.stack([state.step, jnp.where(loss_ok, 2, 1)]), state.first_nonfinite)
+        new_state = new_state.replace(step=state.step + 1, first_nonfinite=first_bad,
+                                      nonfinite_steps=state.nonfinite_steps + (~ok).astype(
+                                          jnp.int32))
         labelled = (labels >= 0).astype(jnp.float32)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * labelled
         step_metrics = {"loss_sum": loss, "loss_count": jnp.ones(()),
                         "accuracy_sum": correct.sum(), "accuracy_count": labelled.sum(),
-                        "grad_norm_sum": optax.tree.norm(grads), "grad_norm_count": jnp.ones(())}
+                        "grad_norm_sum": grad_norm, "grad_norm_count": jnp.ones(())}
         for label, value in values.items():
             step_metrics[f"loss_{label}_sum"] = value
             step_metrics[f"loss_{label}_count"] = jnp.ones(())
@@ -199,34 +235,118 @@ def device_prefetch(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSha
         thread.join()
 
 
-def load_teacher(workdir: str, *, sharding: NamedSharding) -> Teacher:
-    """Reads a finished run's model and variables from its newest Orbax checkpoint.
+def load_teacher(workdir: str, *, sharding: NamedSharding, weight: float = 1.0,
+                 field: str = "config.distill.teacher.workdir") -> Teacher:
+    """Reads a finished run's model variables from its newest Orbax checkpoint.
 
-    The teacher's checkpoint is only read, never re-saved.
+    Only ``params`` and ``batch_stats`` are read (a partial restore); the teacher's
+    checkpoint is never written to.
     """
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"{field}={workdir!r} does not exist")
     config = checkpoint.read_config(workdir)
     step = checkpoint.latest_step(workdir)
     if step is None:
-        raise FileNotFoundError(
-            f"config.distill.teacher.workdir={workdir!r} has no checkpoint: train the teacher first"
-        )
+        raise FileNotFoundError(f"{field}={workdir!r} has no checkpoint: train the teacher first")
     info = pipeline.get_info(config.data)
     model = models.get_model(config.model.name, num_classes=info.num_classes,
                              **config.model.get("kwargs", {}))
-    _, tx = build_optimizer(config, info)
-    abstract = jax.eval_shape(
-        lambda: init_state(model, tx, info.input_shape, config.seed)
-    )
+    abstract = jax.eval_shape(lambda: dict(model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *info.input_shape), jnp.float32), train=False)))
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
-    )
-    manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep, asynchronous=False)
-    try:
-        state = checkpoint.restore(manager, step, abstract)
-    finally:
-        manager.close()
-    return Teacher(workdir=workdir, model=model, config=config,
-                   variables=model_variables(state.params, state.batch_stats))
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+    variables = checkpoint.restore_variables(workdir, step, abstract, field=field)
+    return Teacher(workdir=workdir, model=model, config=config, variables=variables,
+                   weight=weight)
+
+
+def load_teachers(config: ml_collections.ConfigDict, *, sharding: NamedSharding
+                  ) -> list[Teacher]:
+    """The teachers of ``config.distill``: ``teachers`` (a list) or ``teacher.workdir``."""
+    distill = config.distill
+    if distill.get("teachers"):
+        return [load_teacher(t["workdir"], sharding=sharding, weight=float(t.get("weight", 1.0)),
+                             field=f"config.distill.teachers[{i}].workdir")
+                for i, t in enumerate(distill.teachers)]
+    if distill.teacher.workdir:
+        return [load_teacher(distill.teacher.workdir, sharding=sharding)]
+    return []
+
+
+def output_shapes(model: nn.Module, teachers: Sequence[Teacher], input_shape: tuple[int, ...]
+                  ) -> tuple[Any, list[Any]]:
+    """(logits, features) ShapeDtypeStructs of the student and of each teacher."""
+    x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+    student = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, return_features=True), variables, x)
+    return student, [jax.eval_shape(
+        lambda v, x, m=t.model: m.apply(v, x, train=False, return_features=True),
+        t.variables, x) for t in teachers]
+
+
+def check_precomputed(config: ml_collections.ConfigDict, terms: Sequence[objective.Term],
+                      info: pipeline.DatasetInfo) -> None:
+    """The logits file must match the data; with top-k < C only top-k terms can use it."""
+    from jaxkd import teacher_logits
+
+    manifest = teacher_logits.check(
+        config.distill.teacher_logits, config.data,
+        allow_augment=bool(config.distill.get("allow_augment_with_precomputed", False)))
+    k = int(manifest["k"]) or info.num_classes
+    for term in terms:
+        if term.kind in ("features", "batch"):
+            raise ValueError(f"config.distill.losses.{term.label} ({term.name}) needs teacher "
+                             "features, which precomputed logits do not have")
+        if k < info.num_classes and term.kind in ("logits", "logits_labels"):
+            raise ValueError(
+                f"config.distill.losses.{term.label} ({term.name}) needs all "
+                f"{info.num_classes} teacher logits but {config.distill.teacher_logits} "
+                f"stores the top {k}; use topk_soft_target_kl")
+
+
+def init_from_teacher(config: ml_collections.ConfigDict, model: nn.Module,
+                      tx: optax.GradientTransformation, state: TrainState,
+                      teachers: Sequence[Teacher], sharding: NamedSharding) -> TrainState:
+    """A fresh state whose student weights come from a teacher (``config.init``)."""
+    init = config.init
+    if init.teacher_workdir:
+        source = load_teacher(init.teacher_workdir, sharding=sharding,
+                              field="config.init.teacher_workdir")
+    elif teachers:
+        source = teachers[0]
+    else:
+        raise ValueError(f"config.init.method={init.method!r} needs a teacher: set "
+                         "config.init.teacher_workdir or config.distill.teacher.workdir")
+    images = None
+    if init.method == "prune_width":  # the same batch in every process
+        images = next(pipeline.train_batches(config.data, batch_size=init.calibration_examples,
+                                             seed=config.seed))["image"]
+    variables = student_init.init_from_teacher(
+        init, teacher_model=source.model, teacher_variables=source.variables,
+        student_model=model, student_variables=model_variables(state.params, state.batch_stats),
+        calibration_images=images)
+    variables = jax.device_put(variables, sharding)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    opt_state = jax.jit(tx.init, out_shardings=sharding)(
+        {"model": params, "adapters": state.adapters})
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+
+
+class NonFiniteError(ValueError):
+    """The loss or the gradients stopped being finite."""
+
+
+def check_finite(state: TrainState, allowed: int, manager: Any, workdir: str) -> None:
+    """Stops the run once more than ``allowed`` steps had a non-finite loss or gradient."""
+    count, (first_step, metric) = jax.device_get((state.nonfinite_steps, state.first_nonfinite))
+    if int(count) > allowed:
+        checkpoint.finish(manager)
+        what = "loss" if int(metric) == 1 else "gradient norm"
+        raise NonFiniteError(
+            f"the {what} was not finite at step {int(first_step) + 1} ({int(count)} such "
+            f"steps, config.skip_nonfinite_steps={allowed}); the last good checkpoint is step "
+            f"{manager.latest_step()} in {workdir}")
 
 
 def num_train_examples(config: ml_collections.ConfigDict, info: pipeline.DatasetInfo) -> int:
@@ -263,10 +383,58 @@ def _check_batch_sizes(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) the run described by ``config`` in ``workdir``; returns its summary."""
-    os.makedirs(workdir, exist_ok=True)
+def _check_workdir(workdir: str, config: ml_collections.ConfigDict,
+                   allow_config_change: bool) -> None:
+    """The workdir must be writable, and not hold another config's checkpoints."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".jaxkd-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--workdir={workdir!r} is not writable ({e.strerror})") from None
+    if allow_config_change or checkpoint.latest_step(workdir) is None:
+        return
+    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+        return
+    before = _flatten(checkpoint.read_config(workdir).to_dict())
+    now = _flatten(ml_collections.ConfigDict(config.to_dict()).to_dict())
+    changed = [k for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and not k.startswith(RESULT_NEUTRAL_FIELDS)]
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise ValueError(
+            f"--workdir={workdir!r} holds checkpoints of a run with another config ({shown}"
+            f"{'; ...' if len(changed) > 5 else ''}); use another workdir, or pass "
+            "--allow_config_change to continue it with the new config")
+
+
+# Fields that change what is logged or kept, not the result: may change on relaunch.
+RESULT_NEUTRAL_FIELDS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                         "max_to_keep", "data.data_dir", "eval_batch_size")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, tuple | list):
+        tree = [_flatten(v) if isinstance(v, dict) else v for v in tree]
+    return {prefix[:-1]: tree}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
+    """Trains (or resumes) the run described by ``config`` in ``workdir``; returns its summary.
+
+    Everything the config names is checked before anything is compiled; a ``workdir`` that
+    holds checkpoints of a different config is refused unless ``allow_config_change``.
+    """
     _check_batch_sizes(config)
+    _check_workdir(workdir, config, allow_config_change)
     info = pipeline.get_info(config.data)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     replicated = NamedSharding(mesh, P())
@@ -274,86 +442,119 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     model = models.get_model(config.model.name, num_classes=info.num_classes,
                              **config.model.get("kwargs", {}))
-    teacher = None
-    if config.distill.teacher.workdir:
-        teacher = load_teacher(config.distill.teacher.workdir, sharding=replicated)
-        teacher_classes = pipeline.get_info(teacher.config.data).num_classes
+    teachers = load_teachers(config, sharding=replicated)
+    for t in teachers:
+        teacher_classes = pipeline.get_info(t.config.data).num_classes
         if teacher_classes != info.num_classes:
             raise ValueError(
-                f"the teacher at config.distill.teacher.workdir={teacher.workdir!r} predicts "
-                f"{teacher_classes} classes but config.data.name={config.data.name!r} has "
-                f"{info.num_classes}"
-            )
-    terms = objective.parse_terms(config.distill.losses, has_teacher=teacher is not None)
-    objective_fn = objective.build_objective(terms)
+                f"the teacher at {t.workdir!r} predicts {teacher_classes} classes but "
+                f"config.data.name={config.data.name!r} has {info.num_classes}")
+    precomputed = config.distill.get("teacher_logits", "")
+    if precomputed and teachers:
+        raise ValueError("config.distill.teacher_logits and a teacher model are both set; "
+                         "use one of them")
+    terms = objective.parse_terms(config.distill.losses,
+                                  has_teacher=bool(teachers) or bool(precomputed))
+    student_out, teacher_outs = output_shapes(model, teachers, info.input_shape)
+    objective.check_features(terms, student_out, teacher_outs)
+    if precomputed:
+        check_precomputed(config, terms, info)
     num_steps, _ = schedule_lengths(config, info)
+    if num_steps <= 0:
+        raise ValueError(f"config.num_steps={config.get('num_steps')} and config.num_epochs="
+                         f"{config.get('num_epochs')} give no training step")
+    objective_fn = objective.build_objective(
+        terms, num_steps=num_steps, teacher_weights=[t.weight for t in teachers] or (1.0,),
+        ensemble=config.distill.get("ensemble", "sum_losses"))
     lr, tx = build_optimizer(config, info)
 
-    state = jax.jit(lambda: init_state(model, tx, info.input_shape, config.seed),
+    def init_adapters(rng):
+        return objective.init_adapters(terms, student_out, teacher_outs, rng)
+
+    state = jax.jit(lambda: init_state(model, tx, info.input_shape, config.seed, init_adapters),
                     out_shardings=replicated)()
     manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
-    start_step = manager.latest_step() or 0
-    if start_step:
-        state = checkpoint.restore(manager, start_step, checkpoint.abstract_like(state))
+    restored, start_step = checkpoint.restore_latest(manager, workdir,
+                                                     checkpoint.abstract_like(state))
+    if restored is not None:
+        state = restored
         print(f"Resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
+    elif config.init.method:  # a fresh run only: a resumed one has its own weights
+        state = init_from_teacher(config, model, tx, state, teachers, replicated)
     if jax.process_index() == 0:
         checkpoint.write_config(workdir, config)
 
-    train_step = jax.jit(make_train_step(model, tx, objective_fn, teacher and teacher.model),
+    train_step = jax.jit(make_train_step(model, tx, objective_fn, [t.model for t in teachers]),
                          donate_argnums=(0,), out_shardings=(replicated, replicated))
     eval_step = jax.jit(make_eval_step(model))
-    teacher_variables = teacher.variables if teacher else None
+    teacher_variables = [t.variables for t in teachers]
 
     writer = metrics.MetricWriter(workdir, total_steps=num_steps)
     summary: dict[str, Any] = {}
-    if teacher is not None:
-        teacher_eval = evaluate(jax.jit(make_eval_step(teacher.model)), teacher.variables,
-                                config, data_sharding)
-        summary["teacher"] = {"workdir": teacher.workdir, "eval": teacher_eval,
-                              "num_params": models.count_params(teacher.variables["params"])}
-        print(f"teacher eval accuracy {teacher_eval['accuracy']:.4f}", flush=True)
+    for i, t in enumerate(teachers):
+        teacher_eval = evaluate(jax.jit(make_eval_step(t.model)), t.variables, config,
+                                data_sharding)
+        summary["teacher" if i == 0 else f"teacher_{i}"] = {
+            "workdir": t.workdir, "eval": teacher_eval, "model": t.config.model.name,
+            "num_params": models.count_params(t.variables["params"])}
+        print(f"teacher {t.workdir} eval accuracy {teacher_eval['accuracy']:.4f}", flush=True)
 
+    stream_kwargs = {"teacher_logits": precomputed} if precomputed else {}
     batches = device_prefetch(
         pipeline.train_batches(config.data, batch_size=config.batch_size, seed=config.seed,
                                start_step=start_step, process_index=jax.process_index(),
-                               process_count=jax.process_count()),
+                               process_count=jax.process_count(), **stream_kwargs),
         data_sharding,
     )
     window: list[dict[str, jax.Array]] = []
     timed_steps, timed_start = 0, None
     step = start_step
-    while step < num_steps:
-        state, step_metrics = train_step(state, next(batches), teacher_variables)
-        step += 1
-        window.append(step_metrics)
-        if timed_start is None:  # the first step of this process compiles; time the rest.
-            jax.block_until_ready(state)
-            timed_start = time.perf_counter()
-        else:
-            timed_steps += 1
-        if step % config.log_every_steps == 0 or step == num_steps:
-            train_means = metrics.mean_of(metrics.sum_pairs(jax.device_get(window)))
-            train_means["learning_rate"] = float(lr(step - 1))
-            window = []
-            writer.write(step, "train", train_means)
-            writer.progress(step, {"loss": train_means["loss"],
-                                   "acc": train_means["accuracy"]})
-        if step % config.eval_every_steps == 0 and step != num_steps:
-            eval_means = evaluate(eval_step, model_variables(state.params, state.batch_stats),
-                                  config, data_sharding)
-            writer.write(step, "eval", eval_means)
-        if step % config.checkpoint_every_steps == 0 or step == num_steps:
-            checkpoint.save(manager, step, state)
-    batches.close()  # stops and joins the prefetch thread
+    allowed_nonfinite = int(config.get("skip_nonfinite_steps", 0))
+    try:
+        with preemption.StopSignal() as stop:
+            while step < num_steps:
+                state, step_metrics = train_step(state, next(batches), teacher_variables)
+                step += 1
+                window.append(step_metrics)
+                if timed_start is None:  # the first step of a process compiles: not timed.
+                    jax.block_until_ready(state)
+                    timed_start = time.perf_counter()
+                else:
+                    timed_steps += 1
+                at_log = step % config.log_every_steps == 0 or step == num_steps
+                at_checkpoint = step % config.checkpoint_every_steps == 0 or step == num_steps
+                if at_log:
+                    train_means = metrics.mean_of(metrics.sum_pairs(jax.device_get(window)))
+                    train_means["learning_rate"] = float(lr(step - 1))
+                    window = []
+                    writer.write(step, "train", train_means)
+                    writer.progress(step, {"loss": train_means["loss"],
+                                           "acc": train_means["accuracy"]})
+                if at_log or at_checkpoint:
+                    check_finite(state, allowed_nonfinite, manager, workdir)
+                if step % config.eval_every_steps == 0 and step != num_steps:
+                    eval_means = evaluate(eval_step, model_variables(state.params,
+                                                                     state.batch_stats),
+                                          config, data_sharding)
+                    writer.write(step, "eval", eval_means)
+                signum = stop.requested(sync=at_log)
+                if at_checkpoint or signum:
+                    checkpoint.save(manager, step, state)
+                if signum:
+                    checkpoint.finish(manager)
+                    raise preemption.Preempted(step, signum, workdir)
+    finally:
+        batches.close()  # stops and joins the prefetch thread
+        checkpoint.finish(manager)
+        manager.close()
+        writer.close()
     jax.block_until_ready(state)
     train_time = time.perf_counter() - timed_start if timed_start else 0.0
-    manager.wait_until_finished()
-    manager.close()
 
     final_eval = evaluate(eval_step, model_variables(state.params, state.batch_stats), config,
                           data_sharding)
-    writer.write(num_steps, "eval", final_eval)
-    writer.close()
+    metrics.append_jsonl(workdir, {"step": num_steps,
+                                   **{f"eval/{k}": v for k, v in final_eval.items()}})
     weights_bytes = checkpoint.save_weights(
         workdir, model_variables(state.params, state.batch_stats)
     )

@@ -25,15 +25,15 @@ def three_steps(data_dir: str, teacher_dir: str) -> dict[str, np.ndarray]:
     teacher = train.load_teacher(teacher_dir, sharding=replicated)
     _, tx = train.build_optimizer(c, info)
     objective_fn = objective.build_objective(
-        objective.parse_terms(c.distill.losses, has_teacher=True))
+        objective.parse_terms(c.distill.losses, has_teacher=True), num_steps=c.num_steps)
     state = jax.jit(lambda: train.init_state(model, tx, info.input_shape, c.seed),
                     out_shardings=replicated)()
-    step = jax.jit(train.make_train_step(model, tx, objective_fn, teacher.model),
+    step = jax.jit(train.make_train_step(model, tx, objective_fn, [teacher.model]),
                    donate_argnums=(0,), out_shardings=(replicated, replicated))
     batches = pipeline.train_batches(c.data, batch_size=c.batch_size, seed=c.seed)
     for _ in range(3):
         batch = {k: jax.device_put(v, sharded) for k, v in next(batches).items()}
-        state, _ = step(state, batch, teacher.variables)
+        state, _ = step(state, batch, [teacher.variables])
         # Wait on every step: back-to-back steps over fake CPU devices can abort in an
         # XLA rendezvous on this machine (never needed on real accelerators).
         jax.block_until_ready(state)

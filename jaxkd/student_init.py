@@ -1,0 +1,401 @@
+"""Students initialised from the teacher's weights ("parameter distillation").
+
+Instead of a random draw, the student starts from a slice of a trained teacher of the same
+family, then is distilled as usual. Two methods (``config.init.method``):
+
+``layer_select``: a *shallower* student of the same width keeps chosen teacher layers, in
+order, as DistilBERT keeps one layer out of two (Sanh, Debut, Chaumond & Wolf, "DistilBERT,
+a distilled version of BERT", 2019). ``config.init.keep_layers`` lists the kept teacher
+layers, 0-based (``()`` = every other one, ``0, 2, 4, ...``):
+
+- ``mlp``: student ``hidden{j+1}`` <- teacher ``hidden{keep[j]+1}``; the first kept layer is
+  layer 0 (it reads the input) and the widths must chain; ``head`` is copied.
+- CIFAR ResNets and WRNs: in every stage, student block ``j`` <- teacher block ``keep[j]``
+  (``keep[0]`` is 0: the first block of a stage holds the stride and projection); the stem,
+  ``final_bn`` and ``head`` are copied, BatchNorm statistics too (e.g. ``resnet32`` from
+  ``resnet56`` by default, ``keep = (0, 2, 4, 6, 8)``; ``resnet20`` with ``(0, 4, 8)``).
+
+``prune_width``: a *narrower* student of the same depth keeps, in every layer, the neurons or
+channels of largest importance, Minitron's activation-based width pruning (Muralidharan et
+al., "Compact Language Models via Pruning and Knowledge Distillation", 2024; Sreenivas et al.,
+"LLM Pruning and Distillation in Practice: The Minitron Approach", 2024)::
+
+    importance_c = mean over calibration examples (and positions) of |a_c|
+
+where ``a`` is the layer's output after its nonlinearity, on the first
+``config.init.calibration_examples`` calibration images, in inference mode. The kept units
+stay in the teacher's order; each layer's incoming weights are sliced on both axes (kept
+inputs of the previous layer, kept outputs of this one), biases and BatchNorm parameters and
+statistics on their channel axis:
+
+- ``mlp``: the hidden neurons; the head keeps the rows of the last layer's kept neurons.
+- ``cnn1d``: the channels of ``conv1..conv3``; the head's input is the position-major
+  flattened ``[L, C]`` map, so it keeps rows ``l * C + c`` for every position ``l`` and kept
+  channel ``c``.
+- CIFAR ResNets: a block's inner channels (after ``bn1``) per block; the residual stream per
+  stage, the same channels for every block of the stage (they add into one another), ranked
+  by the mean importance over the stage's block outputs. Where the first stage has no
+  projection shortcut the stem writes into the stage-1 stream and shares its channels.
+
+A pruned layer computes the teacher's kept units exactly when all of its inputs are kept (the
+first layer, or a layer whose predecessor kept its full width); otherwise it misses the dropped
+inputs' contributions, which the distillation that follows recovers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from jaxkd.models.cnn1d import CNN1D
+from jaxkd.models.lenet import LeNet5
+from jaxkd.models.mlp import MLP
+from jaxkd.models.resnet import BasicBlock, CifarResNet
+from jaxkd.models.wrn import WideResNet
+
+METHODS = ("", "layer_select", "prune_width")
+
+_FAMILIES = {MLP: "mlp", CNN1D: "cnn1d", LeNet5: "lenet5", CifarResNet: "CIFAR ResNet",
+             WideResNet: "WRN"}
+_SUPPORTED = {"layer_select": (MLP, CifarResNet, WideResNet),
+              "prune_width": (MLP, CNN1D, CifarResNet)}
+
+# module path (names from the top, e.g. ('stage1_block0', 'conv1')) -> (kept inputs, kept
+# outputs); None keeps the whole axis.
+Plan = dict[tuple[str, ...], tuple[np.ndarray | None, np.ndarray | None]]
+
+
+def default_init_config() -> ml_collections.ConfigDict:
+    """``config.init``: how the student's weights start (random by default)."""
+    return ml_collections.ConfigDict({
+        "method": "",  # '' (random init) | 'layer_select' | 'prune_width'
+        # Finished run whose weights seed the student; '' = the distillation teacher.
+        "teacher_workdir": "",
+        # layer_select: kept teacher layers (MLP) or blocks per stage (ResNets), 0-based, in
+        # order; () = every other one.
+        "keep_layers": (),
+        # prune_width: images over which the mean |activation| ranks neurons and channels.
+        "calibration_examples": 512,
+    })
+
+
+def init_from_teacher(
+    init: ml_collections.ConfigDict,
+    *,
+    teacher_model: nn.Module,
+    teacher_variables: Mapping[str, Any],
+    student_model: nn.Module,
+    student_variables: Mapping[str, Any],
+    calibration_images: np.ndarray | jax.Array | None,
+) -> dict[str, Any]:
+    """The student's variables filled from the teacher's, by ``init.method``.
+
+    Args:
+      init: ``config.init`` (see :func:`default_init_config`).
+      teacher_model, teacher_variables: the trained teacher (``{'params', ['batch_stats']}``).
+      student_model, student_variables: the student and its freshly initialised variables
+        (arrays or ``jax.ShapeDtypeStruct``s); only their tree, shapes and dtypes are used.
+      calibration_images: ``[N, *input_shape]`` inputs for ``prune_width`` (the first
+        ``init.calibration_examples`` are used); ignored by the other methods.
+
+    Returns:
+      A dict with ``student_variables``' tree, shapes and dtypes (host numpy arrays; put
+      them on devices with ``jax.device_put``), or ``dict(student_variables)`` when
+      ``init.method`` is ``''``.
+
+    Raises:
+      ValueError: in one line naming the ``config.init`` field, for an unknown method, a
+        family the method does not support or a student of another family than the
+        teacher's, bad ``keep_layers``, a student wider than the teacher or of another
+        depth for ``prune_width``, missing calibration images, or a student whose layers
+        do not fit the teacher's slices.
+    """
+    method = init.get("method") or ""
+    if method not in METHODS:
+        raise ValueError(f"config.init.method={method!r} is unknown; choose one of: "
+                         f"'' (random init), 'layer_select', 'prune_width'")
+    if not method:
+        return dict(student_variables)
+    _check_families(method, teacher_model, student_model)
+    teacher_flat = traverse_util.flatten_dict(jax.device_get(dict(teacher_variables)))
+    if method == "layer_select":
+        depth_t, depth_s = _depth(teacher_model), _depth(student_model)
+        unit = "hidden layers" if isinstance(teacher_model, MLP) else "blocks per stage"
+        keep, field = _keep_layers(init.get("keep_layers", ()), depth_t, depth_s, unit)
+        renamed = _layer_select_names(teacher_model, keep)
+        flat = {(key[0], renamed[key[1]], *key[2:]): value
+                for key, value in teacher_flat.items() if key[1] in renamed}
+        return _fit(flat, student_variables, field)
+
+    field = "config.init.method='prune_width'"
+    if init.get("keep_layers"):
+        raise ValueError(f"config.init.keep_layers={init.keep_layers!r} is only for "
+                         f"layer_select; prune_width keeps every layer (set it to ())")
+    if _depth(teacher_model) != _depth(student_model):
+        raise ValueError(f"{field} keeps the teacher's depth, but the teacher has "
+                         f"{_depth(teacher_model)} and the student {_depth(student_model)} "
+                         f"layers (or blocks per stage); drop layers with layer_select")
+    images = _calibration_batch(init, calibration_images)
+    importance = mean_abs_activations(teacher_model, teacher_variables, images)
+    student_params = student_variables["params"]
+    if isinstance(teacher_model, MLP):
+        plan = _mlp_plan(importance, student_params)
+    elif isinstance(teacher_model, CNN1D):
+        plan = _cnn1d_plan(importance, student_params, teacher_variables["params"])
+    else:
+        plan = _resnet_plan(importance, student_params, teacher_variables["params"])
+    return _fit(_slice(teacher_flat, plan), student_variables, field)
+
+
+def mean_abs_activations(model: nn.Module, variables: Mapping[str, Any], images: Any, *,
+                         batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Minitron's activation importance: ``mean |a|`` per unit (last axis), inference mode.
+
+    The mean runs over the examples of ``images`` (in chunks of ``batch_size``) and every
+    position, on this process's default device (host copies of ``variables``, so replicated
+    multi-process arrays are fine). Sites: ``hidden{i}`` (MLP) and ``conv{i}`` (cnn1d), the
+    post-ReLU features; for CIFAR ResNets ``stem_bn`` (after its ReLU), ``stage{s}_block{b}``
+    (block outputs) and ``stage{s}_block{b}/bn1`` (a block's inner channels, after the ReLU).
+
+    Returns:
+      ``{site: float64 [units]}``.
+    """
+    if isinstance(model, CifarResNet):
+        def capture(module: nn.Module, method_name: str) -> bool:
+            return method_name == "__call__" and isinstance(module, BasicBlock | nn.BatchNorm)
+    else:
+        capture = False
+
+    @jax.jit
+    def chunk_means(variables: Any, x: jax.Array) -> dict[str, jax.Array]:
+        (_, features), state = model.apply(variables, x, train=False, return_features=True,
+                                           capture_intermediates=capture,
+                                           mutable=["intermediates"])
+        if capture:
+            sites = {}
+            for path, (value,) in traverse_util.flatten_dict(state["intermediates"]).items():
+                name = "/".join(path[:-1])  # drop '__call__'
+                bn_site = name == "stem_bn" or name.endswith("/bn1")
+                if bn_site or "/" not in name:
+                    sites[name] = nn.relu(value) if bn_site else value
+        else:
+            sites = {k: v for k, v in features.items() if k != "embedding"}
+        return {k: jnp.mean(jnp.abs(v).reshape(-1, v.shape[-1]), axis=0)
+                for k, v in sites.items()}
+
+    host_variables = jax.device_get(dict(variables))  # run on this process's default device
+    total: dict[str, np.ndarray] = {}
+    n = len(images)
+    for start in range(0, n, batch_size):
+        chunk = images[start:start + batch_size]
+        for site, value in jax.device_get(chunk_means(host_variables, jnp.asarray(chunk))).items():
+            total[site] = total.get(site, 0.0) + np.asarray(value, np.float64) * len(chunk) / n
+    return total
+
+
+def _check_families(method: str, teacher_model: nn.Module, student_model: nn.Module) -> None:
+    supported = _SUPPORTED[method]
+    names = ", ".join(_FAMILIES[m] for m in supported)
+    for role, model in (("teacher", teacher_model), ("student", student_model)):
+        if not isinstance(model, supported):
+            family = _FAMILIES.get(type(model), type(model).__name__)
+            raise ValueError(f"config.init.method={method!r} supports {names} models, "
+                             f"but the {role} is {family}")
+    if type(teacher_model) is not type(student_model):
+        raise ValueError(f"config.init.method={method!r} needs a student of the teacher's "
+                         f"family, but the teacher is {_FAMILIES[type(teacher_model)]} and the "
+                         f"student {_FAMILIES[type(student_model)]}")
+
+
+def _depth(model: nn.Module) -> int:
+    """Hidden layers (MLP), convolutions (cnn1d) or blocks per stage (ResNets)."""
+    if isinstance(model, MLP):
+        return len(model.widths)
+    if isinstance(model, CNN1D):
+        return 3
+    if isinstance(model, WideResNet):
+        return (model.depth - 4) // 6
+    return (model.depth - 2) // 6
+
+
+def _keep_layers(value: Any, depth_t: int, depth_s: int, unit: str
+                 ) -> tuple[tuple[int, ...], str]:
+    """The validated ``keep_layers`` and the config field to name in errors."""
+    if isinstance(value, str):
+        try:
+            value = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+        except ValueError:
+            raise ValueError(f"config.init.keep_layers={value!r} must be integers, "
+                             f"e.g. (0, 2)") from None
+    if not value:
+        keep = tuple(range(0, depth_t, 2))
+        field = f"config.init.keep_layers=() (every other one of the teacher's {unit}: {keep})"
+    else:
+        if any(isinstance(k, bool) or not isinstance(k, int | np.integer) for k in value):
+            raise ValueError(f"config.init.keep_layers={value!r} must be integers, e.g. (0, 2)")
+        keep = tuple(int(k) for k in value)
+        field = f"config.init.keep_layers={keep}"
+    if any(k < 0 or k >= depth_t for k in keep):
+        raise ValueError(f"{field} is out of range: the teacher has {depth_t} {unit} "
+                         f"(0..{depth_t - 1})")
+    if any(a >= b for a, b in zip(keep, keep[1:], strict=False)):
+        raise ValueError(f"{field} must be strictly increasing (kept layers stay in order)")
+    if len(keep) != depth_s:
+        raise ValueError(f"{field} keeps {len(keep)} teacher {unit} but the student has "
+                         f"{depth_s}; list exactly {depth_s}")
+    if keep and keep[0] != 0:
+        first = ("the first hidden layer reads the input" if unit == "hidden layers"
+                 else "a stage's first block holds its stride and projection")
+        raise ValueError(f"{field} must start with 0: {first}")
+    return keep, field
+
+
+def _layer_select_names(model: nn.Module, keep: Sequence[int]) -> dict[str, str]:
+    """Teacher top-level module name -> student name, for every module the student keeps."""
+    if isinstance(model, MLP):
+        names = {f"hidden{t + 1}": f"hidden{j + 1}" for j, t in enumerate(keep)}
+        return {**names, "head": "head"}
+    names = {f"stage{s}_block{t}": f"stage{s}_block{j}"
+             for s in (1, 2, 3) for j, t in enumerate(keep)}
+    return {**names, "stem_conv": "stem_conv", "stem_bn": "stem_bn", "final_bn": "final_bn",
+            "head": "head"}
+
+
+def _calibration_batch(init: ml_collections.ConfigDict, images: Any) -> Any:
+    wanted = init.get("calibration_examples", 512)
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
+        raise ValueError(f"config.init.calibration_examples={wanted!r} must be a positive "
+                         f"integer")
+    if images is None or len(images) == 0:
+        raise ValueError(f"config.init.method='prune_width' ranks units on calibration images "
+                         f"but none were given (config.init.calibration_examples={wanted})")
+    if len(images) < wanted:
+        raise ValueError(f"config.init.calibration_examples={wanted} but only {len(images)} "
+                         f"calibration images were given; lower it or pass more")
+    return images[:wanted]
+
+
+def _top_units(importance: np.ndarray, k: int, layer: str) -> np.ndarray:
+    """Indices of the ``k`` most important units, in the teacher's order (ties: lower first)."""
+    if k > len(importance):
+        raise ValueError(f"config.init.method='prune_width' only narrows, but the student's "
+                         f"{layer} has {k} units and the teacher's {len(importance)}")
+    return np.sort(np.argsort(-importance, kind="stable")[:k])
+
+
+def _width(params: Mapping[str, Any], *path: str) -> int:
+    """Output units of the layer at ``path`` (its kernel's last axis)."""
+    node = params
+    for name in path:
+        node = node[name]
+    return int(node["kernel"].shape[-1])
+
+
+def _mlp_plan(importance: dict[str, np.ndarray], student_params: Mapping[str, Any]) -> Plan:
+    plan: Plan = {}
+    kept_in = None
+    for i in range(1, len(importance) + 1):
+        layer = f"hidden{i}"
+        kept = _top_units(importance[layer], _width(student_params, layer), layer)
+        plan[(layer,)] = (kept_in, kept)
+        kept_in = kept
+    plan[("head",)] = (kept_in, None)
+    return plan
+
+
+def _cnn1d_plan(importance: dict[str, np.ndarray], student_params: Mapping[str, Any],
+                teacher_params: Mapping[str, Any]) -> Plan:
+    plan: Plan = {}
+    kept_in = None
+    for i in (1, 2, 3):
+        layer = f"conv{i}"
+        kept = _top_units(importance[layer], _width(student_params, layer), layer)
+        plan[(layer,)] = (kept_in, kept)
+        kept_in = kept
+    channels = len(importance["conv3"])
+    positions = teacher_params["head"]["kernel"].shape[0] // channels
+    rows = (np.arange(positions)[:, None] * channels + kept_in[None, :]).reshape(-1)
+    plan[("head",)] = (rows, None)
+    return plan
+
+
+def _resnet_plan(importance: dict[str, np.ndarray], student_params: Mapping[str, Any],
+                 teacher_params: Mapping[str, Any]) -> Plan:
+    per_stage = sum(name.startswith("stage1_") for name in teacher_params)
+    blocks = [f"stage{s}_block{b}" for s in (1, 2, 3) for b in range(per_stage)]
+    projects = "shortcut_conv" in teacher_params["stage1_block0"]
+    if projects != ("shortcut_conv" in student_params["stage1_block0"]):
+        raise ValueError("config.init.method='prune_width' keeps the teacher's block structure, "
+                         "but stage1_block0 has a projection shortcut in only one of teacher "
+                         "and student (stem width != stage-1 width in one of them)")
+    stream: dict[int, np.ndarray] = {}
+    for s in (1, 2, 3):
+        sites = [importance[b] for b in blocks if b.startswith(f"stage{s}_")]
+        if s == 1 and not projects:  # the stem's output is the first block's identity input
+            sites.append(importance["stem_bn"])
+        width = _width(student_params, f"stage{s}_block0", "conv2")
+        stream[s] = _top_units(np.mean(sites, axis=0), width, f"stage{s} width")
+    stem = stream[1]
+    if projects:
+        stem = _top_units(importance["stem_bn"], _width(student_params, "stem_conv"),
+                          "stem_conv")
+    plan: Plan = {("stem_conv",): (None, stem), ("stem_bn",): (None, stem)}
+    kept_in = stem
+    for block in blocks:
+        s = int(block[len("stage")])
+        inner = _top_units(importance[f"{block}/bn1"], _width(student_params, block, "conv1"),
+                           f"{block}/conv1")
+        plan.update({
+            (block, "conv1"): (kept_in, inner), (block, "bn1"): (None, inner),
+            (block, "conv2"): (inner, stream[s]), (block, "bn2"): (None, stream[s]),
+            (block, "shortcut_conv"): (kept_in, stream[s]),
+            (block, "shortcut_bn"): (None, stream[s]),
+        })
+        kept_in = stream[s]
+    plan[("head",)] = (kept_in, None)
+    return plan
+
+
+def _slice(flat: dict[tuple[str, ...], Any], plan: Plan) -> dict[tuple[str, ...], Any]:
+    """Applies ``plan`` to flattened ``(collection, *module, leaf)`` variables.
+
+    A ``kernel`` (``[..., in, out]``) keeps its inputs on axis -2 and outputs on axis -1;
+    every other leaf (bias, BatchNorm scale/bias/mean/var) is per output unit.
+    """
+    out = {}
+    for key, value in flat.items():
+        kept_in, kept_out = plan.get(tuple(key[1:-1]), (None, None))
+        value = np.asarray(value)
+        if key[-1] == "kernel" and kept_in is not None:
+            value = np.take(value, kept_in, axis=-2)
+        if kept_out is not None:
+            value = np.take(value, kept_out, axis=-1)
+        out[key] = value
+    return out
+
+
+def _fit(flat: dict[tuple[str, ...], Any], student_variables: Mapping[str, Any], field: str
+         ) -> dict[str, Any]:
+    """``flat`` as a tree shaped like ``student_variables``, or a one-line error naming
+    ``field`` for the first layer that does not fit."""
+    student_flat = traverse_util.flatten_dict(dict(student_variables))
+    only_student = sorted("/".join(k) for k in set(student_flat) - set(flat))
+    only_teacher = sorted("/".join(k) for k in set(flat) - set(student_flat))
+    if only_student or only_teacher:
+        raise ValueError(f"{field}: the student's layers do not match the teacher's; only in "
+                         f"the student: {', '.join(only_student[:3]) or '-'}; only in the "
+                         f"teacher's kept layers: {', '.join(only_teacher[:3]) or '-'}")
+    out = {}
+    for key, target in student_flat.items():
+        if tuple(flat[key].shape) != tuple(target.shape):
+            raise ValueError(f"{field}: the student's {'/'.join(key)} is {tuple(target.shape)} "
+                             f"but the teacher's weights for it are {tuple(flat[key].shape)}")
+        out[key] = np.asarray(flat[key], dtype=target.dtype)
+    return traverse_util.unflatten_dict(out)
