@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
 CONFIG_FILE = "config.json"
+MODEL_FILE = "model.json"  # the model's name, kwargs, classes and input shape
 SEAL_FILE = "jaxkd_sha256.json"
 
 
@@ -55,7 +56,7 @@ def finish(manager: ocp.CheckpointManager) -> None:
         for step in manager.all_steps():
             step_dir = os.path.join(str(manager.directory), str(step))
             if not os.path.exists(os.path.join(step_dir, SEAL_FILE)):
-                _write_json(os.path.join(step_dir, SEAL_FILE), _file_hashes(step_dir))
+                write_json(os.path.join(step_dir, SEAL_FILE), _file_hashes(step_dir))
 
 
 def _file_hashes(step_dir: str) -> dict[str, str]:
@@ -70,7 +71,16 @@ def _file_hashes(step_dir: str) -> dict[str, str]:
     return hashes
 
 
-def _write_json(path: str, value: Any) -> None:
+def read_json(path: str) -> Any:
+    """Reads a JSON file; a one-line FileNotFoundError naming it if it is missing."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, value: Any) -> None:
+    """Writes ``value`` as JSON atomically (temp file + rename)."""
     with open(path + ".tmp", "w") as f:
         json.dump(value, f, indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)
@@ -199,7 +209,7 @@ def restore_variables(workdir: str, step: int, abstract_variables: Any, *, field
             partial_restore=True))
     except (ValueError, KeyError) as e:
         raise ValueError(f"{field}={workdir!r}: its checkpoint at step {step} does not fit the "
-                         f"model in its config.json ({str(e).splitlines()[0][:200]})") from e
+                         f"model in its model.json ({str(e).splitlines()[0][:200]})") from e
     finally:
         manager.close()
     return restored

@@ -76,6 +76,10 @@ class Teacher:
     config: ml_collections.ConfigDict
     weight: float = 1.0
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.variables["params"]["head"]["bias"].shape[-1])
+
 
 def model_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
     variables = {"params": params}
@@ -248,11 +252,10 @@ def load_teacher(workdir: str, *, sharding: NamedSharding, weight: float = 1.0,
     step = checkpoint.latest_step(workdir)
     if step is None:
         raise FileNotFoundError(f"{field}={workdir!r} has no checkpoint: train the teacher first")
-    info = pipeline.get_info(config.data)
-    model = models.get_model(config.model.name, num_classes=info.num_classes,
-                             **config.model.get("kwargs", {}))
+    spec = checkpoint.read_json(os.path.join(workdir, checkpoint.MODEL_FILE))
+    model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
     abstract = jax.eval_shape(lambda: dict(model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, *info.input_shape), jnp.float32), train=False)))
+        jax.random.PRNGKey(0), jnp.zeros((1, *spec["input_shape"]), jnp.float32), train=False)))
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
     variables = checkpoint.restore_variables(workdir, step, abstract, field=field)
@@ -444,7 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                              **config.model.get("kwargs", {}))
     teachers = load_teachers(config, sharding=replicated)
     for t in teachers:
-        teacher_classes = pipeline.get_info(t.config.data).num_classes
+        teacher_classes = t.num_classes
         if teacher_classes != info.num_classes:
             raise ValueError(
                 f"the teacher at {t.workdir!r} predicts {teacher_classes} classes but "
@@ -473,14 +476,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     state = jax.jit(lambda: init_state(model, tx, info.input_shape, config.seed, init_adapters),
                     out_shardings=replicated)()
+    abstract_state = checkpoint.abstract_like(state)
+    initialised = False
+    if config.init.method and checkpoint.latest_step(workdir) is None:
+        # A fresh run only (a resumed one has its own weights); before any file is written.
+        state = init_from_teacher(config, model, tx, state, teachers, replicated)
+        initialised = True
     manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
-    restored, start_step = checkpoint.restore_latest(manager, workdir,
-                                                     checkpoint.abstract_like(state))
+    restored, start_step = checkpoint.restore_latest(manager, workdir, abstract_state)
     if restored is not None:
         state = restored
         print(f"Resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
-    elif config.init.method:  # a fresh run only: a resumed one has its own weights
+    elif config.init.method and not initialised:  # every checkpoint was unusable
         state = init_from_teacher(config, model, tx, state, teachers, replicated)
+    if jax.process_index() == 0:
+        checkpoint.write_json(os.path.join(workdir, checkpoint.MODEL_FILE), {
+            "name": config.model.name, "kwargs": config.model.get("kwargs", {}).to_dict(),
+            "num_classes": info.num_classes, "input_shape": list(info.input_shape)})
     if jax.process_index() == 0:
         checkpoint.write_config(workdir, config)
 
