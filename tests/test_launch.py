@@ -1,6 +1,7 @@
 """launch.py end to end: a smoke run, and one clear line for bad input."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,6 +26,13 @@ def test_default_smoke_run_and_resume(tmp_path):
     again = launch(*args, cwd=tmp_path)
     assert again.returncode == 0
     assert again.stdout.count("finished earlier") == 3
+    # A chain killed inside its last stage runs that stage again, and only that one.
+    os.remove(tmp_path / "student" / "summary.json")
+    shutil.rmtree(tmp_path / "student" / "checkpoints" / "2")
+    resumed = launch(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("finished earlier") == 2
+    assert "=== stage student" in resumed.stdout and "| student | mlp |" in resumed.stdout
 
 
 @pytest.mark.parametrize("override, expected", [

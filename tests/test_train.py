@@ -138,3 +138,29 @@ def test_eight_devices_match_one(data_dir, teacher_dir, tmp_path):
         assert set(eight.files) == set(one)
         for k in one:
             np.testing.assert_allclose(eight[k], one[k], rtol=2e-5, atol=2e-6, err_msg=k)
+
+
+def test_student_streams_precomputed_topk_logits(data_dir, teacher_dir, tmp_path):
+    from jaxkd import teacher_logits
+
+    c = small_run(data_dir, widths=(32,), steps=20)
+    c.data.transfer_split = "unlabelled"
+    logits_dir = str(tmp_path / "logits")
+    teacher_logits.write(teacher_dir, c.data, logits_dir, top_k=3)
+    c.distill.teacher_logits = logits_dir
+    c.distill.losses = {
+        "kd": {"name": "topk_soft_target_kl", "weight": 0.9, "kwargs": {"temperature": 2.0}},
+        "ce": {"name": "cross_entropy", "weight": 0.1}}
+    summary = train.train_and_evaluate(c, str(tmp_path / "student"))
+    assert summary["num_steps"] == 20 and "teacher" not in summary
+    lines = [json.loads(x) for x in open(tmp_path / "student" / "metrics.jsonl")]
+    assert all(np.isfinite(x["train/loss_kd"]) and x["train/loss_kd"] > 0
+               for x in lines if "train/loss_kd" in x)
+    # A full-logit loss cannot use top-3 logits; augmenting is refused unless allowed.
+    c.distill.losses = hinton_losses(alpha=0.9, temperature=2.0)
+    with pytest.raises(ValueError, match="needs all 10 teacher logits but .* stores the top 3"):
+        train.train_and_evaluate(c, str(tmp_path / "full"))
+    c.distill.losses = {"kd": {"name": "topk_soft_target_kl"}}
+    c.data.augment = "jitter"
+    with pytest.raises(ValueError, match="allow_augment_with_precomputed"):
+        train.train_and_evaluate(c, str(tmp_path / "augmented"))

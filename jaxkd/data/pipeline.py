@@ -36,6 +36,11 @@ reads only its own rows.
 ``batch_size`` (process ``p`` gets its rows of each), the last one padded with zeros;
 ``'mask'`` is 1 for real rows and 0 for padding.
 
+**Precomputed teacher logits** (``train_batches(..., teacher_logits=DIR)``, written by
+:mod:`jaxkd.teacher_logits`): each batch also carries the stored logits of its examples,
+looked up by their index in the training stream, so they follow the shuffle, the
+``start_step`` and the per-process rows exactly as the images do.
+
 **Normalisation** is built in: ``(x - mean) / std`` per channel with the constants of
 :data:`DATASETS`, after augmentation (so augmentation fills with the raw background):
 
@@ -55,6 +60,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grain
 import ml_collections
@@ -148,9 +154,55 @@ def get_info(data: ml_collections.ConfigDict) -> DatasetInfo:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainInputs:
+    """The training stream's examples before shuffling and augmentation.
+
+    Attributes:
+      source: the raw examples of ``train_split`` then ``transfer_split`` (labels -1), one
+        index space in this order: the one :func:`train_batches` shuffles over. Not held in
+        memory (``train_batches`` loads it when ``data.in_memory``).
+      normalise: raw images -> float32 model inputs, ``(x - mean) / std`` per channel.
+      spec: what fixes the un-augmented inputs of every index, as JSON values: ``name``,
+        ``builder_config`` (resolved, e.g. ``'default'``), the prepared dataset's
+        ``version``, ``train_split`` / ``train_examples``, ``transfer_split`` /
+        ``transfer_examples`` (``''`` / 0 for none), ``input_shape``, ``image_size`` (None
+        for fixed-size examples), and the normalisation ``mean`` / ``std``.
+    """
+
+    source: sources.Source
+    normalise: Callable[[np.ndarray], np.ndarray]
+    spec: dict[str, Any]
+
+
+def train_inputs(data: ml_collections.ConfigDict) -> TrainInputs:
+    """The training stream's index space, its normalisation and its spec (``TrainInputs``)."""
+    builder = _prepared_builder(data)
+    parts = {role: _split_source(builder, data, split, labelled=role == "train")
+             for role, split in [("train", data.train_split), ("transfer", data.transfer_split)]
+             if split}
+    dataset = _dataset(data.name)
+    varying_size = None in builder.info.features["image"].shape
+    spec = {
+        "name": data.name,
+        "builder_config": builder.builder_config.name if builder.builder_config else "",
+        "version": str(builder.info.version),
+        "train_split": data.train_split,
+        "train_examples": len(parts["train"]) if "train" in parts else 0,
+        "transfer_split": data.transfer_split,
+        "transfer_examples": len(parts["transfer"]) if "transfer" in parts else 0,
+        "input_shape": list(_input_shape(builder, data)),
+        "image_size": data.image_size if varying_size else None,
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+    }
+    return TrainInputs(source=sources.Concatenated(tuple(parts.values())),
+                       normalise=_normaliser(data), spec=spec)
+
+
 def train_batches(data: ml_collections.ConfigDict, *, batch_size: int, seed: int,
-                  start_step: int = 0, process_index: int = 0, process_count: int = 1
-                  ) -> Iterator[dict[str, np.ndarray]]:
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  teacher_logits: str | None = None) -> Iterator[dict[str, np.ndarray]]:
     """The infinite training stream from global batch ``start_step`` on (module docstring).
 
     Args:
@@ -160,24 +212,36 @@ def train_batches(data: ml_collections.ConfigDict, *, batch_size: int, seed: int
       start_step: index of the first global batch to yield.
       process_index, process_count: this process's rows are ``[process_index * b,
         (process_index + 1) * b)`` of each global batch, ``b = batch_size / process_count``.
+      teacher_logits: a directory written by :func:`jaxkd.teacher_logits.write` for this
+        training stream (its manifest must match ``data``, see
+        :func:`jaxkd.teacher_logits.check`; the augmentation policy is the caller's).
+        Each batch then also carries the stored logits of its examples, read by their
+        index in the stream (held in memory when ``data.in_memory``, else batched
+        array_record reads) inside the same grain map, and checked against each example's
+        fingerprint.
 
     Yields:
       ``{'image': float32 [b, *input_shape], 'label': int32 [b]}``; labels of the transfer
-      split are -1.
+      split are -1. With ``teacher_logits`` also ``'teacher_topk_logits'`` float32 ``[b, k]``
+      and ``'teacher_topk_indices'`` int32 ``[b, k]`` (full logits: ``k = num_classes`` and
+      the indices are ``0 .. k - 1``).
     """
     local_size = _local_batch_size(batch_size, process_index, process_count)
     if seed < 0:
         raise ValueError(f"seed={seed} must be >= 0")
-    builder = _prepared_builder(data)
-    train = sources.Concatenated(tuple(
-        _split_source(builder, data, split, labelled=labelled)
-        for split, labelled in [(data.train_split, True), (data.transfer_split, False)]
-        if split
-    ))
+    inputs = train_inputs(data)
+    train, normalise = inputs.source, inputs.normalise
     if data.in_memory:
         train = sources.load(train)
     num_examples, offset = len(train), process_index * local_size
-    normalise = _normaliser(data)
+    stored = None
+    if teacher_logits:
+        from jaxkd import teacher_logits as stored_logits  # lazy: that module runs teachers
+
+        stored = stored_logits.StoredLogits.open(teacher_logits, data,
+                                                 in_memory=data.in_memory)
+        if data.in_memory:  # check every example's fingerprint once, not every batch
+            stored.verify(np.arange(num_examples), train.images)
 
     @functools.lru_cache(maxsize=2)  # a batch needs at most two epochs' orders
     def epoch_order(epoch: int) -> np.ndarray:
@@ -190,10 +254,13 @@ def train_batches(data: ml_collections.ConfigDict, *, batch_size: int, seed: int
         for e in np.unique(epoch):
             record[epoch == e] = epoch_order(int(e))[index[epoch == e]]
         images, labels = train.read(record)
+        fields = {}
+        if stored is not None:
+            fields = stored.batch_fields(record, None if data.in_memory else images)
         images = augment.random_augment(
             data.augment, images, np.random.default_rng([_AUGMENT_STREAM, seed, step]),
             offset=offset, global_batch_size=batch_size, jitter_pixels=data.jitter_pixels)
-        return {"image": normalise(images), "label": labels}
+        return {"image": normalise(images), "label": labels, **fields}
 
     steps = grain.MapDataset.range(start_step, sys.maxsize).map(batch)
     return _iterate(steps)
