@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from jaxkd.data import pipeline
+from jaxkd.quant import default_quantization_config
 from jaxkd.student_init import default_init_config
 
 
@@ -63,6 +64,8 @@ def run_config(dataset: str, model: str, **model_kwargs) -> ml_collections.Confi
     c.distill.losses = supervised_losses()
     # Student weights taken from a teacher ("parameter distillation"); method '' = random.
     c.init = default_init_config()
+    # Quantization-aware training (or PTQ with qat=False) and the integer export.
+    c.quantization = default_quantization_config()
 
     c.log_every_steps = 100
     c.eval_every_steps = 1000

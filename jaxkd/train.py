@@ -19,6 +19,7 @@ run ends bit-identical to one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import queue
 import threading
@@ -39,12 +40,14 @@ from jax.sharding import PartitionSpec as P
 import jaxkd
 from jaxkd import (
     checkpoint,
+    export,
     losses,
     metrics,
     models,
     objective,
     optim,
     preemption,
+    quant,
     student_init,
 )
 from jaxkd.data import pipeline
@@ -175,11 +178,16 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
-    """Returns ``eval_step(variables, batch) -> (sum, count) metrics`` honouring ``mask``."""
+def make_eval_step(model: nn.Module, apply: Callable[..., Any] | None = None
+                   ) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
+    """Returns ``eval_step(variables, batch) -> (sum, count) metrics`` honouring ``mask``.
+
+    ``apply`` replaces ``model.apply`` (e.g. the fake-quantized forward of QAT).
+    """
+    apply = apply or model.apply
 
     def eval_step(variables, batch):
-        logits = model.apply(variables, batch["image"], train=False)
+        logits = apply(variables, batch["image"], train=False)
         mask = batch["mask"]
         ce = losses.cross_entropy(logits, batch["label"])
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -336,6 +344,55 @@ def init_from_teacher(config: ml_collections.ConfigDict, model: nn.Module,
     return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
 
 
+def method_name(config: ml_collections.ConfigDict, *, distilled: bool) -> str:
+    """A short name of what the run did, for reports: e.g. ``qat-w4a8+kd``."""
+    qc = config.quantization
+    name = "fp32"
+    if qc.enabled:
+        name = (f"{'qat' if qc.qat else 'ptq'}-w{qc.weight_bits}"
+                f"{f'a{qc.activation_bits}' if qc.activation_bits else ''}"
+                f"{'-lsq' if qc.method == 'lsq' else ''}")
+    return name + ("+kd" if distilled else "")
+
+
+def export_artifact(config: ml_collections.ConfigDict, model: nn.Module,
+                    info: pipeline.DatasetInfo, state: TrainState, workdir: str,
+                    extra_metrics: dict[str, Any]) -> dict[str, Any]:
+    """Exports ``workdir/artifact`` and evaluates it as loaded from disk.
+
+    With ``config.quantization.enabled`` the activations are calibrated first and the
+    artifact holds integer weights, evaluated on the integer path (int8 x int8 -> int32).
+    """
+    qc = config.quantization
+    variables = model_variables(quant.strip_steps(state.params), state.batch_stats)
+    ranges = None
+    if qc.enabled:
+        if qc.method == "lsq":  # the learned step sizes are part of the quantized model
+            variables = model_variables(state.params, state.batch_stats)
+        calibration = itertools.islice(
+            pipeline.train_batches(config.data, batch_size=config.batch_size, seed=config.seed),
+            qc.calibration_batches)
+        ranges = quant.calibrate(model, variables, calibration, method=qc.calibration,
+                                 percentile=qc.percentile)
+    directory = os.path.join(workdir, ARTIFACT_DIR)
+    if jax.process_index() == 0:
+        export.export(directory, config.model.name, config.model.get("kwargs", {}).to_dict(),
+                      info.num_classes, variables, qc if qc.enabled else None, ranges,
+                      extra_metrics, input_shape=info.input_shape, overwrite=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxkd export")
+    predict, _ = export.load(directory)
+    artifact_eval = export.evaluate(predict, pipeline.eval_batches(
+        config.data, split=config.data.eval_split, batch_size=config.eval_batch_size))
+    return {"artifact_eval": artifact_eval, "artifact_bytes": export.artifact_bytes(directory),
+            "eval_latency_ms": artifact_eval.get("eval_latency_ms")}
+
+
+ARTIFACT_DIR = "artifact"
+
+
 class NonFiniteError(ValueError):
     """The loss or the gradients stopped being finite."""
 
@@ -445,6 +502,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     model = models.get_model(config.model.name, num_classes=info.num_classes,
                              **config.model.get("kwargs", {}))
+    qc = config.quantization
+    if qc.enabled:
+        quant.settings(qc)  # one-line errors naming config.quantization.<field>
+    student_apply = quant.qat_apply(model, qc) if qc.enabled and qc.qat else None
     teachers = load_teachers(config, sharding=replicated)
     for t in teachers:
         teacher_classes = t.num_classes
@@ -476,6 +537,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     state = jax.jit(lambda: init_state(model, tx, info.input_shape, config.seed, init_adapters),
                     out_shardings=replicated)()
+    if qc.enabled:
+        quant.validate(qc, state.params)  # e.g. a layer regex that matches nothing
+    if student_apply is not None and qc.method == "lsq":  # learned step sizes join the params
+        sample = next(pipeline.train_batches(config.data, batch_size=config.batch_size,
+                                             seed=config.seed))["image"]
+        params = jax.device_put(quant.init_qat_params(
+            model, model_variables(state.params, state.batch_stats), sample, qc), replicated)
+        state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=replicated)(
+            {"model": params, "adapters": state.adapters}))
     abstract_state = checkpoint.abstract_like(state)
     initialised = False
     if config.init.method and checkpoint.latest_step(workdir) is None:
@@ -496,9 +566,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if jax.process_index() == 0:
         checkpoint.write_config(workdir, config)
 
-    train_step = jax.jit(make_train_step(model, tx, objective_fn, [t.model for t in teachers]),
+    train_step = jax.jit(make_train_step(model, tx, objective_fn, [t.model for t in teachers],
+                                         student_apply=student_apply),
                          donate_argnums=(0,), out_shardings=(replicated, replicated))
-    eval_step = jax.jit(make_eval_step(model))
+    eval_step = jax.jit(make_eval_step(model, student_apply))
     teacher_variables = [t.variables for t in teachers]
 
     writer = metrics.MetricWriter(workdir, total_steps=num_steps)
@@ -570,13 +641,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     weights_bytes = checkpoint.save_weights(
         workdir, model_variables(state.params, state.batch_stats)
     )
+    summary["method"] = method_name(config, distilled=bool(teachers or precomputed))
+    # The accuracy reported is that of the exported artifact, as loaded back from disk.
+    summary.update(export_artifact(config, model, info, state, workdir,
+                                   {"train_eval": final_eval}))
     summary.update({
         "jaxkd_version": jaxkd.__version__,
         "model": config.model.name,
         "dataset": config.data.name,
         "eval": final_eval,
-        "accuracy": final_eval["accuracy"],
-        "num_params": models.count_params(state.params),
+        "accuracy": summary.get("artifact_eval", final_eval)["accuracy"],
+        "num_params": models.count_params(quant.strip_steps(state.params)),
         "params_bytes": weights_bytes,
         "num_steps": num_steps,
         "train_steps_per_sec": timed_steps / train_time if train_time else None,

@@ -164,3 +164,27 @@ def test_student_streams_precomputed_topk_logits(data_dir, teacher_dir, tmp_path
     c.data.augment = "jitter"
     with pytest.raises(ValueError, match="allow_augment_with_precomputed"):
         train.train_and_evaluate(c, str(tmp_path / "augmented"))
+
+
+def test_qat_with_distillation_exports_an_integer_artifact(data_dir, teacher_dir, tmp_path):
+    from jaxkd import export
+
+    c = small_run(data_dir, widths=(32, 32), steps=40)
+    c.quantization.enabled = True
+    c.quantization.weight_bits = 4
+    c.quantization.activation_bits = 8
+    c.distill.teacher.workdir = teacher_dir
+    c.distill.losses = hinton_losses(alpha=0.5, temperature=2.0)
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    assert summary["method"] == "qat-w4a8+kd"
+    artifact = os.path.join(tmp_path, "artifact")
+    export.verify(artifact)
+    assert summary["accuracy"] == summary["artifact_eval"]["accuracy"]
+    assert summary["artifact_bytes"] == export.artifact_bytes(artifact)
+    # 4-bit hidden layer, 8-bit first and last layers: far smaller than the float weights.
+    assert summary["artifact_bytes"] < 0.5 * summary["params_bytes"]
+    # The fake-quant model seen in training and the loaded integer artifact agree.
+    assert abs(summary["accuracy"] - summary["eval"]["accuracy"]) < 0.03
+    with pytest.raises(ValueError, match="config.quantization.weight_bits"):
+        c.quantization.weight_bits = 3
+        train.train_and_evaluate(c, str(tmp_path / "bad"))

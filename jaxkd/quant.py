@@ -1,0 +1,728 @@
+"""Uniform integer quantization: quantizer math, quantization-aware training, PTQ calibration.
+
+The quantizer (Jacob et al., "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference", CVPR 2018) maps a float ``x`` to an integer ``q`` of
+``bits`` bits with a scale ``s > 0`` and an integer zero point ``z``::
+
+    q = clip(round(x / s) + z, q_min, q_max)          x_hat = s * (q - z)
+
+i.e. ``Q(x) = x * B + Z`` with ``B = 1/s``. Ranges (``int_range``):
+
+- symmetric (``z = 0``): ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` ("narrow" range, as TFLite's int8
+  weights; 2 bits give the ternary grid {-1, 0, 1}), ``s = max|x| / q_max``;
+- asymmetric: ``[-2^(b-1), 2^(b-1) - 1]``, ``s = (hi - lo) / (2^b - 1)`` and
+  ``z = round(q_min - lo / s)`` with ``lo = min(x_min, 0)``, ``hi = max(x_max, 0)`` so that
+  0 is represented exactly.
+
+Per-tensor statistics reduce over every axis; per-channel statistics keep ``axis`` (the
+output-feature axis ``-1`` of a Flax ``Dense`` or ``Conv`` kernel).
+
+``fake_quant`` runs ``x_hat`` in float with the straight-through estimator (Bengio et al.
+2013): its gradient is 1 inside the representable range and 0 outside (or 1 everywhere).
+``lsq_fake_quant`` learns the step size (LSQ: Esser et al., "Learned Step Size
+Quantization", ICLR 2020).
+
+Quantization-aware training (QAT) of any jaxkd model (``qat_apply``) composes two pieces:
+
+- weights: a pure transform of the parameters before ``model.apply`` (every selected
+  ``Dense``/``Conv`` kernel is fake-quantized, per output channel by default);
+- activations (``activation_bits > 0``): the inputs of the selected layers are
+  fake-quantized by intercepting the Linen layers (``flax.linen.intercept_methods``),
+  symmetric per tensor with a dynamic range (``'minmax'``) or a learned step (``'lsq'``).
+
+Layers are chosen by a regex over their parameter path (``'stage1_block0/conv1'``) and
+listed in call order by tracing the model once (``plan``); the first layer and the last
+(the classifier ``head``) keep 8 bits by default. Bit widths are 8, 4 and 2.
+
+The quantization config block is ``default_quantization_config()``; ``validate`` checks a
+block against a model's parameters and raises one-line errors naming the config field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+WEIGHT_BITS = (2, 4, 8)
+ACTIVATION_BITS = (0, 2, 4, 8)  # 0 = float activations
+METHODS = ("minmax", "lsq")
+CALIBRATION_METHODS = ("minmax", "percentile")
+KERNEL_STEP = "kernel_step"  # LSQ's learned weight step, a sibling of the layer's kernel
+INPUT_STEP = "input_step"  # LSQ's learned step of the layer's input activations
+STEP_NAMES = (KERNEL_STEP, INPUT_STEP)
+LAYER_TYPES = (nn.Dense, nn.Conv)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def default_quantization_config() -> ml_collections.ConfigDict:
+    """The ``config.quantization`` block, with its defaults (quantization off).
+
+    Fields:
+      enabled: quantize this run: export an integer artifact (and train QAT if ``qat``).
+      qat: train with fake-quantized weights (quantization-aware training); False trains in
+        float and quantizes after training (post-training quantization, PTQ).
+      weight_bits: 8, 4 or 2.
+      activation_bits: 0 (float activations), 8, 4 or 2: fake-quantize the inputs of the
+        selected layers during QAT (the exported artifact always runs int8 or narrower).
+      per_channel: one weight scale per output channel (else one per tensor).
+      symmetric: symmetric weights (zero point 0); activations are always symmetric.
+      layers: regex, matched against the whole parameter path of each Dense/Conv layer.
+      keep_first_last_8bit: the first layer and the classifier ``head`` keep 8 bits.
+      method: 'minmax' (scale from the tensor's range) or 'lsq' (learned step size).
+      calibration: 'minmax' or 'percentile': the activation ranges of post-training
+        quantization and of the exported artifact's static activation scales.
+      percentile: for ``calibration='percentile'``, the upper percentile of the range.
+      calibration_batches: how many training batches calibrate the activation ranges.
+    """
+    return ml_collections.ConfigDict({
+        "enabled": False,
+        "qat": True,
+        "weight_bits": 8,
+        "activation_bits": 0,
+        "per_channel": True,
+        "symmetric": True,
+        "layers": ".*",
+        "keep_first_last_8bit": True,
+        "method": "minmax",
+        "calibration": "minmax",
+        "percentile": 99.99,
+        "calibration_batches": 8,
+    })
+
+
+def _field(quant_config: Mapping[str, Any] | None, name: str) -> Any:
+    defaults = default_quantization_config()
+    if quant_config is not None and name in quant_config:
+        return quant_config[name]
+    return defaults[name]
+
+
+def check_bits(bits: Any, *, field: str = "weight_bits") -> int:
+    """``bits`` as an int if ``config.quantization.<field>`` allows it, else a ValueError."""
+    allowed = ACTIVATION_BITS if field == "activation_bits" else WEIGHT_BITS
+    if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or bits not in allowed:
+        raise ValueError(
+            f"config.quantization.{field}={bits!r} is not supported; "
+            f"allowed: {', '.join(str(b) for b in allowed)}"
+        )
+    return int(bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A checked ``config.quantization`` block (see ``default_quantization_config``)."""
+
+    weight_bits: int
+    activation_bits: int
+    per_channel: bool
+    symmetric: bool
+    layers: str
+    keep_first_last_8bit: bool
+    method: str
+    calibration: str
+    percentile: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def settings(quant_config: Mapping[str, Any] | Settings | None) -> Settings:
+    """Checks the fields of a ``config.quantization`` block that need no model.
+
+    Raises:
+      ValueError: in one line naming the field, for an unknown field, an unsupported bit
+        width, method, calibration, percentile or a regex that does not compile.
+    """
+    if isinstance(quant_config, Settings):
+        return quant_config
+    unknown = sorted(set(quant_config or {}) - set(default_quantization_config()))
+    if unknown:
+        raise ValueError(
+            f"config.quantization has unknown field(s) {', '.join(unknown)}; fields: "
+            f"{', '.join(default_quantization_config())}"
+        )
+    method = _field(quant_config, "method")
+    if method not in METHODS:
+        raise ValueError(
+            f"config.quantization.method={method!r} is not a method; allowed: {', '.join(METHODS)}"
+        )
+    calibration = _field(quant_config, "calibration")
+    if calibration not in CALIBRATION_METHODS:
+        raise ValueError(
+            f"config.quantization.calibration={calibration!r} is not a calibration method; "
+            f"allowed: {', '.join(CALIBRATION_METHODS)}"
+        )
+    percentile = float(_field(quant_config, "percentile"))
+    if not 50.0 < percentile <= 100.0:
+        raise ValueError(
+            f"config.quantization.percentile={percentile!r} must be in (50, 100]"
+        )
+    pattern = _field(quant_config, "layers")
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise ValueError(
+            f"config.quantization.layers={pattern!r} is not a valid regex: {e}"
+        ) from None
+    symmetric = bool(_field(quant_config, "symmetric"))
+    if method == "lsq" and not symmetric:
+        raise ValueError(
+            "config.quantization.method='lsq' learns a symmetric step: set "
+            "config.quantization.symmetric=True"
+        )
+    return Settings(
+        weight_bits=check_bits(_field(quant_config, "weight_bits"), field="weight_bits"),
+        activation_bits=check_bits(_field(quant_config, "activation_bits"),
+                                   field="activation_bits"),
+        per_channel=bool(_field(quant_config, "per_channel")),
+        symmetric=symmetric,
+        layers=pattern,
+        keep_first_last_8bit=bool(_field(quant_config, "keep_first_last_8bit")),
+        method=method,
+        calibration=calibration,
+        percentile=percentile,
+    )
+
+
+def kernel_paths(params: Any) -> list[str]:
+    """Paths (``'a/b'``) of every parameter dict holding a ``kernel``, in flatten order."""
+    flat = traverse_util.flatten_dict(params)
+    return [_join(k[:-1]) for k in flat if k[-1] == "kernel"]
+
+
+def validate(quant_config: Mapping[str, Any], params: Any) -> Settings:
+    """Checks ``config.quantization`` against a model's parameters, before compiling.
+
+    Raises:
+      ValueError: one line naming the field: unsupported bit width or method, a ``layers``
+        regex that does not compile or matches no layer of ``params``.
+    """
+    s = settings(quant_config)
+    paths = kernel_paths(params)
+    if not any(re.fullmatch(s.layers, p) for p in paths):
+        raise ValueError(
+            f"config.quantization.layers={s.layers!r} matches no layer; "
+            f"layers: {', '.join(paths) or '(none)'}"
+        )
+    return s
+
+
+# ----------------------------------------------------------------------------- quantizer
+
+
+def int_range(bits: int, *, symmetric: bool = True) -> tuple[int, int]:
+    """``(q_min, q_max)``: ``[-(2^(b-1)-1), 2^(b-1)-1]`` symmetric, else
+    ``[-2^(b-1), 2^(b-1)-1]``."""
+    q_max = 2 ** (bits - 1) - 1
+    return (-q_max if symmetric else -q_max - 1), q_max
+
+
+def _reduce_axes(ndim: int, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    keep = {a % ndim for a in ((axis,) if isinstance(axis, int) else axis)}
+    return tuple(a for a in range(ndim) if a not in keep)
+
+
+def min_max(x: jax.Array, axis: int | tuple[int, ...] | None = None
+            ) -> tuple[jax.Array, jax.Array]:
+    """Per-tensor (``axis=None``) or per-channel (keep ``axis``) min and max, kept dims."""
+    axes = _reduce_axes(jnp.ndim(x), axis)
+    return jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True)
+
+
+def scale_zero_point(x_min: jax.Array, x_max: jax.Array, *, bits: int = 8,
+                     symmetric: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Scale ``s`` and integer zero point ``z`` that cover ``[x_min, x_max]``.
+
+    Symmetric: ``s = max(|x_min|, |x_max|) / q_max``, ``z = 0``. Asymmetric:
+    ``s = (hi - lo) / (q_max - q_min)``, ``z = clip(round(q_min - lo / s), q_min, q_max)``
+    with ``lo = min(x_min, 0)``, ``hi = max(x_max, 0)``. An all-zero range gives ``s = 1``.
+    Shapes broadcast (per-channel statistics give per-channel scales); ``z`` is int32.
+    """
+    check_bits(bits)
+    q_min, q_max = int_range(bits, symmetric=symmetric)
+    x_min = jnp.asarray(x_min, jnp.float32)
+    x_max = jnp.asarray(x_max, jnp.float32)
+    if symmetric:
+        absmax = jnp.maximum(jnp.abs(x_min), jnp.abs(x_max))
+        scale = jnp.where(absmax > 0, absmax / q_max, 1.0)
+        return scale, jnp.zeros(scale.shape, jnp.int32)
+    lo, hi = jnp.minimum(x_min, 0.0), jnp.maximum(x_max, 0.0)
+    scale = jnp.where(hi > lo, (hi - lo) / (q_max - q_min), 1.0)
+    zero_point = jnp.clip(jnp.round(q_min - lo / scale), q_min, q_max).astype(jnp.int32)
+    return scale, zero_point
+
+
+def quantize(x: jax.Array, scale: jax.Array, zero_point: jax.Array | int = 0, *,
+             bits: int = 8, symmetric: bool = True) -> jax.Array:
+    """``q = clip(round(x / s) + z, q_min, q_max)`` as int8 (round half to even)."""
+    q_min, q_max = int_range(check_bits(bits), symmetric=symmetric)
+    q = jnp.round(jnp.asarray(x, jnp.float32) / scale) + zero_point
+    return jnp.clip(q, q_min, q_max).astype(jnp.int8)
+
+
+def dequantize(q: jax.Array, scale: jax.Array, zero_point: jax.Array | int = 0) -> jax.Array:
+    """``x_hat = s * (q - z)`` in float32."""
+    return scale * (jnp.asarray(q, jnp.float32) - zero_point)
+
+
+def fake_quant(x: jax.Array, scale: jax.Array, zero_point: jax.Array | int = 0, *,
+               bits: int = 8, symmetric: bool = True, clip_gradient: bool = True) -> jax.Array:
+    """``dequantize(quantize(x))`` in float, differentiable by the straight-through estimator.
+
+    Forward: ``s * (clip(round(x / s) + z, q_min, q_max) - z)``. Gradient with respect to
+    ``x`` (Bengio et al. 2013, "Estimating or propagating gradients through stochastic
+    neurons"): 1 where ``q_min <= round(x / s) + z <= q_max`` (the input is not clipped)
+    and 0 elsewhere when ``clip_gradient`` (as PyTorch's ``fake_quantize``), else 1
+    everywhere. ``scale`` and ``zero_point`` get no gradient.
+    """
+    q_min, q_max = int_range(check_bits(bits), symmetric=symmetric)
+    x = jnp.asarray(x, jnp.float32)
+    scale = jax.lax.stop_gradient(scale)
+    zero_point = jax.lax.stop_gradient(jnp.asarray(zero_point, jnp.float32))
+    q = jnp.round(x / scale) + zero_point
+    x_hat = scale * (jnp.clip(q, q_min, q_max) - zero_point)
+    if clip_gradient:
+        x = jnp.where((q >= q_min) & (q <= q_max), x, jax.lax.stop_gradient(x))
+    return x + jax.lax.stop_gradient(x_hat - x)
+
+
+def lsq_range(bits: int) -> tuple[int, int]:
+    """LSQ's signed grid ``(-Q_N, Q_P) = (-2^(b-1), 2^(b-1) - 1)``."""
+    return int_range(check_bits(bits), symmetric=False)
+
+
+def lsq_grad_scale(num_elements: int, bits: int) -> float:
+    """LSQ's step-gradient scale ``g = 1 / sqrt(N * Q_P)`` (Esser et al. 2020, Sec. 2.2):
+    ``N`` weights of the layer (of one channel, per channel) or features of an activation."""
+    return 1.0 / math.sqrt(num_elements * lsq_range(bits)[1])
+
+
+def lsq_init_step(x: jax.Array, *, bits: int, axis: int | None = None) -> jax.Array:
+    """LSQ's initial step ``2 mean(|x|) / sqrt(Q_P)``, per tensor or per channel ``axis``
+    (shape ``()`` or ``[x.shape[axis]]``)."""
+    axes = _reduce_axes(jnp.ndim(x), axis)
+    step = 2.0 * jnp.mean(jnp.abs(x), axis=axes) / math.sqrt(lsq_range(bits)[1])
+    return jnp.maximum(step, 1e-8).astype(jnp.float32)
+
+
+def lsq_step(step: jax.Array) -> jax.Array:
+    """The step LSQ uses: ``max(|s|, 1e-8)``. An optimizer (Adam moves every parameter by
+    about its learning rate) may push a learned step through zero; the magnitude keeps a
+    gradient there, where clamping at a minimum would freeze the layer."""
+    return jnp.maximum(jnp.abs(jnp.asarray(step, jnp.float32)), 1e-8)
+
+
+def _round_ste(x: jax.Array) -> jax.Array:
+    return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def lsq_fake_quant(x: jax.Array, step: jax.Array, *, bits: int, grad_scale: float
+                   ) -> jax.Array:
+    """LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020), eq. (1)-(3).
+
+    ``x_hat = round(clip(x / s, -Q_N, Q_P)) * s``, with gradients
+
+    - ``d x_hat / d x = 1`` if ``-Q_N < x / s < Q_P``, else 0;
+    - ``d x_hat / d s = g * (round(x / s) - x / s)`` inside, ``g * -Q_N`` below,
+      ``g * Q_P`` above, where ``g = grad_scale`` (see ``lsq_grad_scale``).
+
+    ``step`` broadcasts against ``x`` (``()`` per tensor, ``[C]`` per last-axis channel);
+    ``lsq_step(step)`` is used, so a step that an optimizer pushed negative still works.
+    """
+    q_min, q_max = lsq_range(bits)
+    step = lsq_step(step)
+    scaled_step = step * grad_scale + jax.lax.stop_gradient(step - step * grad_scale)
+    v = jnp.asarray(x, jnp.float32) / scaled_step
+    inside = (v > q_min) & (v < q_max)
+    v = jnp.where(inside, v, jax.lax.stop_gradient(jnp.clip(v, q_min, q_max)))
+    return _round_ste(v) * scaled_step
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """How one Dense/Conv layer is quantized: its path, kind and bit widths."""
+
+    path: str  # parameter path, e.g. 'stage1_block0/conv1'
+    kind: str  # 'dense' or 'conv'
+    weight_bits: int
+    activation_bits: int  # 0 = float input
+
+
+def _join(keys: Iterable[Any]) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in keys)
+
+
+def layer_of(context: Any) -> tuple[str, str] | None:
+    """``(path, kind)`` when an ``nn.intercept_methods`` context is a Dense/Conv call."""
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, LAYER_TYPES):
+        return None
+    kind = "dense" if isinstance(module, nn.Dense) else "conv"
+    return _join(module.path), kind
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
+
+
+def find_layers(model: nn.Module, variables: Mapping[str, Any], sample: Any
+                ) -> list[tuple[str, str]]:
+    """The Dense/Conv layers ``model`` calls on ``sample``, in call order: ``(path, kind)``.
+
+    Traces the model abstractly (no FLOPs); ``sample`` is an input batch or its
+    ``jax.ShapeDtypeStruct``. A layer called twice is listed once.
+    """
+    seen: dict[str, str] = {}
+
+    def record(next_fun, args, kwargs, context):
+        layer = layer_of(context)
+        if layer is not None:
+            seen.setdefault(*layer)
+        return next_fun(*args, **kwargs)
+
+    def run(v, x):
+        with nn.intercept_methods(record):
+            return model.apply(v, x, train=False)
+
+    jax.eval_shape(run, _abstract(dict(variables)), _abstract(sample))
+    return list(seen.items())
+
+
+def plan(model: nn.Module, variables: Mapping[str, Any], sample: Any,
+         quant_config: Mapping[str, Any] | Settings) -> dict[str, LayerPlan]:
+    """The selected layers and their bit widths, in call order.
+
+    A layer is selected when ``re.fullmatch(config.quantization.layers, path)``; with
+    ``keep_first_last_8bit`` the first layer called and the ``head`` (else the last layer
+    called) use 8 bits, for weights and, when activations are quantized, for their input.
+
+    Raises:
+      ValueError: one line naming ``config.quantization.layers`` when the regex selects no
+        layer, or ``config.quantization.activation_bits`` when the model calls no Dense/Conv
+        layer that could be intercepted.
+    """
+    s = settings(quant_config)
+    variables = dict(variables)
+    variables["params"] = strip_steps(variables["params"])
+    layers = find_layers(model, variables, sample)
+    if not layers:
+        field = "activation_bits" if s.activation_bits else "layers"
+        raise ValueError(
+            f"config.quantization.{field}: model {type(model).__name__} calls no flax.linen "
+            "Dense or Conv layer that can be intercepted for quantization"
+        )
+    selected = [(p, k) for p, k in layers if re.fullmatch(s.layers, p)]
+    if not selected:
+        raise ValueError(
+            f"config.quantization.layers={s.layers!r} matches no layer; "
+            f"layers: {', '.join(p for p, _ in layers)}"
+        )
+    paths = [p for p, _ in layers]
+    edges = {paths[0], "head" if "head" in paths else paths[-1]}
+    out = {}
+    for path, kind in selected:
+        wb, ab = s.weight_bits, s.activation_bits
+        if s.keep_first_last_8bit and path in edges:
+            wb, ab = 8, (8 if ab else 0)
+        out[path] = LayerPlan(path=path, kind=kind, weight_bits=wb, activation_bits=ab)
+    return out
+
+
+def strip_steps(params: Any) -> Any:
+    """``params`` without LSQ's step leaves (``kernel_step``, ``input_step``)."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] not in STEP_NAMES})
+
+
+def _layer_get(flat: Mapping[tuple[str, ...], Any], path: str, name: str) -> Any:
+    return flat.get((*path.split("/"), name))
+
+
+# ----------------------------------------------------------------------------- QAT
+
+
+def weight_scale(kernel: jax.Array, *, bits: int, per_channel: bool, symmetric: bool
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Scale and zero point of a Dense/Conv ``kernel`` (output channels on the last axis),
+    from its min/max: per channel ``[1, ..., 1, C]`` or per tensor ``[1, ..., 1]``."""
+    axis = -1 if per_channel else None
+    if symmetric:  # only max|w| matters: one reduction instead of two
+        absmax = jnp.max(jnp.abs(kernel), axis=_reduce_axes(jnp.ndim(kernel), axis),
+                         keepdims=True)
+        return scale_zero_point(-absmax, absmax, bits=bits, symmetric=True)
+    return scale_zero_point(*min_max(kernel, axis=axis), bits=bits, symmetric=False)
+
+
+def fake_quant_params(params: Any, layer_plan: Mapping[str, LayerPlan],
+                      quant_config: Mapping[str, Any] | Settings) -> Any:
+    """``params`` with every planned kernel fake-quantized (LSQ steps, if any, removed).
+
+    ``'minmax'``: range from the kernel itself (no gradient), STE gradient. ``'lsq'``: the
+    learned ``kernel_step`` sibling of each kernel (see ``init_qat_params``).
+    """
+    s = settings(quant_config)
+    flat = traverse_util.flatten_dict(params)
+    out = {k: v for k, v in flat.items() if k[-1] not in STEP_NAMES}
+    for path, layer in layer_plan.items():
+        key = (*path.split("/"), "kernel")
+        kernel = out[key]
+        if s.method == "lsq":
+            step = _layer_get(flat, path, KERNEL_STEP)
+            if step is None:
+                raise ValueError(
+                    f"config.quantization.method='lsq' but params have no {path}/{KERNEL_STEP}: "
+                    "initialise them with jaxkd.quant.init_qat_params"
+                )
+            n = kernel.size // (kernel.shape[-1] if s.per_channel else 1)
+            out[key] = lsq_fake_quant(kernel, step, bits=layer.weight_bits,
+                                      grad_scale=lsq_grad_scale(n, layer.weight_bits))
+        else:
+            scale, zp = weight_scale(jax.lax.stop_gradient(kernel), bits=layer.weight_bits,
+                                     per_channel=s.per_channel, symmetric=s.symmetric)
+            # The range covers the kernel, so nothing is clipped: the STE's mask is all ones
+            # and is not computed (it would cost a pass over the weights in the backward).
+            out[key] = fake_quant(kernel, scale, zp, bits=layer.weight_bits,
+                                  symmetric=s.symmetric, clip_gradient=False)
+    return traverse_util.unflatten_dict(out)
+
+
+def dynamic_activation_scale(x: jax.Array, bits: int) -> jax.Array:
+    """Symmetric per-tensor scale ``max|x| / q_max`` of a batch (no gradient)."""
+    scale, _ = scale_zero_point(*min_max(jax.lax.stop_gradient(x)), bits=bits)
+    return scale.reshape(())
+
+
+def qat_apply(model: nn.Module, quant_config: Mapping[str, Any]) -> Callable[..., Any]:
+    """A drop-in ``model.apply`` that runs the model quantization-aware (QAT).
+
+    ``fn(variables, x, *, train=False, mutable=False, rngs=None, return_features=False)``
+    has ``model.apply``'s signature and returns what it returns; pass it as
+    ``train.make_train_step(..., student_apply=fn)``. Weights of the selected Dense/Conv
+    layers are fake-quantized (``fake_quant_params``); with ``activation_bits > 0`` their
+    inputs are too (symmetric per tensor: dynamic ``max|x|`` for ``'minmax'``, the learned
+    ``input_step`` for ``'lsq'``), via ``flax.linen.intercept_methods``. Gradients follow the
+    straight-through estimator (LSQ's for ``'lsq'``). The layer plan is traced once per
+    input shape. Bad fields raise at once (``settings``); a ``layers`` regex that matches
+    nothing raises at the first call.
+    """
+    s = settings(quant_config)
+    plans: dict[Any, dict[str, LayerPlan]] = {}
+
+    def apply(variables: Mapping[str, Any], x: Any, *, train: bool = False,
+              mutable: Any = False, rngs: Any = None, return_features: bool = False) -> Any:
+        variables = dict(variables)
+        params = variables["params"]
+        stripped = strip_steps(params)
+        key = (jax.tree.structure(stripped), tuple(jnp.shape(x)[1:]), jnp.result_type(x))
+        if key not in plans:
+            plans[key] = plan(model, {**variables, "params": stripped},
+                              jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), s)
+        layer_plan = plans[key]
+        flat = traverse_util.flatten_dict(params)
+        variables["params"] = fake_quant_params(params, layer_plan, s)
+
+        def quantize_inputs(next_fun, args, kwargs, context):
+            layer = layer_of(context)
+            lp = layer_plan.get(layer[0]) if layer else None
+            if lp is None or not lp.activation_bits:
+                return next_fun(*args, **kwargs)
+            h = jnp.asarray(args[0], jnp.float32)
+            if s.method == "lsq":
+                step = _layer_get(flat, lp.path, INPUT_STEP)
+                if step is None:
+                    raise ValueError(
+                        f"config.quantization.method='lsq' with activation_bits but params have "
+                        f"no {lp.path}/{INPUT_STEP}: initialise them with "
+                        "jaxkd.quant.init_qat_params"
+                    )
+                g = lsq_grad_scale(math.prod(h.shape[1:]), lp.activation_bits)
+                h = lsq_fake_quant(h, step, bits=lp.activation_bits, grad_scale=g)
+            else:
+                h = fake_quant(h, dynamic_activation_scale(h, lp.activation_bits),
+                               bits=lp.activation_bits, clip_gradient=False)
+            return next_fun(h, *args[1:], **kwargs)
+
+        kwargs = {"train": train, "mutable": mutable, "rngs": rngs}
+        if return_features:
+            kwargs["return_features"] = True
+        if not any(lp.activation_bits for lp in layer_plan.values()):
+            return model.apply(variables, x, **kwargs)
+        with nn.intercept_methods(quantize_inputs):
+            return model.apply(variables, x, **kwargs)
+
+    return apply
+
+
+def capture_inputs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
+                   ) -> dict[str, jax.Array]:
+    """The input of every Dense/Conv layer of ``model`` on batch ``x`` (eval mode), by path.
+
+    A layer called several times reports the input of its first call.
+    """
+    captured: dict[str, jax.Array] = {}
+
+    def record(next_fun, args, kwargs, context):
+        layer = layer_of(context)
+        if layer is not None and layer[0] not in captured:
+            captured[layer[0]] = jnp.asarray(args[0], jnp.float32)
+        return next_fun(*args, **kwargs)
+
+    variables = dict(variables)
+    variables["params"] = strip_steps(variables["params"])
+    with nn.intercept_methods(record):
+        model.apply(variables, x, train=False)
+    return captured
+
+
+def init_qat_params(model: nn.Module, variables: Mapping[str, Any], sample: jax.Array,
+                    quant_config: Mapping[str, Any]) -> Any:
+    """``variables['params']`` ready for QAT: unchanged for ``'minmax'``; for ``'lsq'``
+    with a ``kernel_step`` (and, with ``activation_bits``, an ``input_step``) added beside
+    each selected kernel, initialised as LSQ prescribes: ``2 mean|v| / sqrt(Q_P)`` over the
+    weights (per output channel when ``per_channel``) or over the layer's inputs on
+    ``sample`` (a representative batch). Call it before ``optimizer.init``."""
+    s = settings(quant_config)
+    params = variables["params"]
+    if s.method != "lsq":
+        return params
+    layer_plan = plan(model, variables, sample, s)
+    flat = traverse_util.flatten_dict(strip_steps(params))
+    inputs = {}
+    if any(lp.activation_bits for lp in layer_plan.values()):
+        inputs = jax.jit(lambda v, x: capture_inputs(model, v, x))(dict(variables), sample)
+    for path, lp in layer_plan.items():
+        kernel = flat[(*path.split("/"), "kernel")]
+        flat[(*path.split("/"), KERNEL_STEP)] = lsq_init_step(
+            kernel, bits=lp.weight_bits, axis=-1 if s.per_channel else None)
+        if lp.activation_bits:
+            flat[(*path.split("/"), INPUT_STEP)] = lsq_init_step(
+                inputs[path], bits=lp.activation_bits)
+    return traverse_util.unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------- PTQ
+
+
+def calibrate(model: nn.Module, variables: Mapping[str, Any], batches: Iterable[Any], *,
+              method: str = "minmax", percentile: float = 99.99) -> dict[str, tuple[float, float]]:
+    """Input ranges ``(lo, hi)`` of every Dense/Conv layer over ``batches`` (eval mode).
+
+    ``'minmax'``: the smallest and largest input seen. ``'percentile'``: the mean over
+    batches of the ``100 - percentile`` and ``percentile`` percentiles of each batch's
+    inputs (clips rare outliers; Wu et al. 2020, "Integer Quantization for Deep Learning
+    Inference"). ``batches`` yields input arrays or dicts with an ``'image'`` entry.
+    """
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(
+            f"config.quantization.calibration={method!r} is not a calibration method; "
+            f"allowed: {', '.join(CALIBRATION_METHODS)}"
+        )
+    q = float(percentile)
+
+    @jax.jit
+    def stats(v, x):
+        captured = capture_inputs(model, v, x)
+        if method == "minmax":
+            return {p: (jnp.min(h), jnp.max(h)) for p, h in captured.items()}
+        return {p: (jnp.percentile(h, 100.0 - q), jnp.percentile(h, q))
+                for p, h in captured.items()}
+
+    lows: dict[str, list[float]] = {}
+    highs: dict[str, list[float]] = {}
+    for batch in batches:
+        x = batch["image"] if isinstance(batch, Mapping) else batch
+        for path, (lo, hi) in jax.device_get(stats(dict(variables), x)).items():
+            lows.setdefault(path, []).append(float(lo))
+            highs.setdefault(path, []).append(float(hi))
+    if not lows:
+        raise ValueError("calibrate got no batches")
+    if method == "minmax":
+        return {p: (min(lows[p]), max(highs[p])) for p in lows}
+    return {p: (float(np.mean(lows[p])), float(np.mean(highs[p]))) for p in lows}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedKernel:
+    """A kernel as integers: ``kernel ~= scale * (values - zero_point)``.
+
+    ``values`` int8 of the kernel's shape, each within ``bits`` bits; ``scale`` float32 and
+    ``zero_point`` int8, both ``[C]`` (per output channel) or ``[]`` (per tensor).
+    """
+
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    bits: int
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "per_channel", "symmetric"))
+def _quantize_kernel(kernel, step, *, bits, per_channel, symmetric):
+    if step is not None:
+        q_min, q_max = lsq_range(bits)
+        scale = lsq_step(step)
+        values = jnp.clip(jnp.round(kernel / scale), q_min, q_max).astype(jnp.int8)
+        return values, scale, jnp.zeros(scale.shape, jnp.int32)
+    scale, zero_point = weight_scale(kernel, bits=bits, per_channel=per_channel,
+                                     symmetric=symmetric)
+    values = quantize(kernel, scale, zero_point, bits=bits, symmetric=symmetric)
+    shape = (kernel.shape[-1],) if per_channel else ()
+    return values, scale.reshape(shape), zero_point.reshape(shape)
+
+
+def quantize_kernel(kernel: Any, *, bits: int, per_channel: bool = True,
+                    symmetric: bool = True, step: Any = None) -> QuantizedKernel:
+    """Integer values, scale and zero point of one kernel (min/max range, or an LSQ step)."""
+    values, scale, zero_point = _quantize_kernel(
+        jnp.asarray(kernel, jnp.float32), step, bits=check_bits(bits),
+        per_channel=bool(per_channel), symmetric=bool(symmetric))
+    return QuantizedKernel(values=np.asarray(values, np.int8),
+                           scale=np.asarray(scale, np.float32),
+                           zero_point=np.asarray(zero_point, np.int8), bits=int(bits))
+
+
+def quantize_params(params: Any, quant_config: Mapping[str, Any], *,
+                    layer_plan: Mapping[str, LayerPlan] | None = None
+                    ) -> dict[str, QuantizedKernel]:
+    """Post-training quantization of the selected kernels: ``{path: QuantizedKernel}``.
+
+    ``layer_plan`` (from ``plan(model, variables, sample, config)``) fixes each layer's bit
+    width. Without it every kernel of ``params`` matching ``layers`` is quantized at
+    ``weight_bits``; that needs ``keep_first_last_8bit=False`` because which layer is first
+    is known only by tracing the model. LSQ-trained params use their learned steps.
+    """
+    s = settings(quant_config)
+    if layer_plan is None:
+        if s.keep_first_last_8bit:
+            raise ValueError(
+                "config.quantization.keep_first_last_8bit=True needs the layer order: pass "
+                "layer_plan=jaxkd.quant.plan(model, variables, sample, config)"
+            )
+        validate(quant_config, params)
+        layer_plan = {p: LayerPlan(p, "", s.weight_bits, s.activation_bits)
+                      for p in kernel_paths(params) if re.fullmatch(s.layers, p)}
+    flat = traverse_util.flatten_dict(params)
+    out = {}
+    for path, lp in layer_plan.items():
+        step = _layer_get(flat, path, KERNEL_STEP) if s.method == "lsq" else None
+        out[path] = quantize_kernel(_layer_get(flat, path, "kernel"), bits=lp.weight_bits,
+                                    per_channel=s.per_channel, symmetric=s.symmetric,
+                                    step=step)
+    return out
