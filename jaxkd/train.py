@@ -563,7 +563,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         checkpoint.write_json(os.path.join(workdir, checkpoint.MODEL_FILE), {
             "name": config.model.name, "kwargs": config.model.get("kwargs", {}).to_dict(),
             "num_classes": info.num_classes, "input_shape": list(info.input_shape)})
-    if jax.process_index() == 0:
         checkpoint.write_config(workdir, config)
 
     train_step = jax.jit(make_train_step(model, tx, objective_fn, [t.model for t in teachers],
