@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from jaxkd.data import pipeline
+from jaxkd.pruning import default_pruning_config
 from jaxkd.quant import default_quantization_config
 from jaxkd.student_init import default_init_config
 
@@ -66,6 +67,8 @@ def run_config(dataset: str, model: str, **model_kwargs) -> ml_collections.Confi
     c.init = default_init_config()
     # Quantization-aware training (or PTQ with qat=False) and the integer export.
     c.quantization = default_quantization_config()
+    # Pruning: masks kept in the optimizer state (a wrapper around the optimizer).
+    c.pruning = default_pruning_config()
 
     c.log_every_steps = 100
     c.eval_every_steps = 1000

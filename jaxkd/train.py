@@ -47,6 +47,7 @@ from jaxkd import (
     objective,
     optim,
     preemption,
+    pruning,
     quant,
     student_init,
 )
@@ -430,7 +431,10 @@ def build_optimizer(config: ml_collections.ConfigDict, info: pipeline.DatasetInf
     num_steps, steps_per_epoch = schedule_lengths(config, info)
     lr = optim.learning_rate_schedule(config.schedule, peak=config.optimizer.learning_rate,
                                       num_steps=num_steps, steps_per_epoch=steps_per_epoch)
-    return lr, optim.make_optimizer(config.optimizer, lr)
+    tx = optim.make_optimizer(config.optimizer, lr)
+    if config.pruning.enabled:  # outermost: it needs the raw gradients (Taylor, Fisher, SNIP)
+        tx = pruning.masked(tx, config.pruning, total_steps=num_steps, params_key="model")
+    return lr, tx
 
 
 def _check_batch_sizes(config: ml_collections.ConfigDict) -> None:
@@ -531,6 +535,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         terms, num_steps=num_steps, teacher_weights=[t.weight for t in teachers] or (1.0,),
         ensemble=config.distill.get("ensemble", "sum_losses"))
     lr, tx = build_optimizer(config, info)
+
+    if config.pruning.enabled:  # one-line errors naming config.pruning.<field>
+        abstract_params = jax.eval_shape(lambda: model.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, *info.input_shape), jnp.float32)))["params"]
+        pruning.validate(config.pruning, abstract_params, total_steps=num_steps)
 
     def init_adapters(rng):
         return objective.init_adapters(terms, student_out, teacher_outs, rng)
@@ -651,6 +660,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         "eval": final_eval,
         "accuracy": summary.get("artifact_eval", final_eval)["accuracy"],
         "num_params": models.count_params(quant.strip_steps(state.params)),
+        "sparsity": pruning.sparsity_report(quant.strip_steps(state.params)),
         "params_bytes": weights_bytes,
         "num_steps": num_steps,
         "train_steps_per_sec": timed_steps / train_time if train_time else None,

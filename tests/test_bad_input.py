@@ -123,6 +123,7 @@ def test_bad_input_is_one_line(data_dir, teachers, tmp_path, case, changes, expe
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         train.train_and_evaluate(c, workdir)
     message = str(e.value)
+    print(f"[{case}] {message}")
     assert expected in message, message
     assert "\n" not in message and len(message) < 600, message
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # failed before training

@@ -188,3 +188,26 @@ def test_qat_with_distillation_exports_an_integer_artifact(data_dir, teacher_dir
     with pytest.raises(ValueError, match="config.quantization.weight_bits"):
         c.quantization.weight_bits = 3
         train.train_and_evaluate(c, str(tmp_path / "bad"))
+
+
+def test_gradual_pruning_with_distillation_keeps_pruned_weights_at_zero(data_dir, teacher_dir,
+                                                                        tmp_path):
+    c = small_run(data_dir, widths=(32, 32), steps=80)
+    c.optimizer.learning_rate = 1e-2
+    c.pruning.enabled = True
+    c.pruning.method = "taylor"
+    c.pruning.sparsity = 0.75
+    c.pruning.begin_step, c.pruning.end_step, c.pruning.frequency = 0, 20, 5
+    c.distill.teacher.workdir = teacher_dir
+    c.distill.losses = hinton_losses(alpha=0.5, temperature=2.0)
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    # hidden2 is pruned to 75 %; the first layer and the head stay dense (keep_first_last).
+    w = load_weights(str(tmp_path))
+    hidden2 = w["params/hidden2/kernel"]
+    assert (hidden2 == 0).sum() == round(0.75 * hidden2.size)
+    assert (w["params/hidden1/kernel"] != 0).all() and (w["params/head/kernel"] != 0).all()
+    assert summary["sparsity"]["hidden2"] == pytest.approx(0.75)
+    assert summary["accuracy"] > 0.2  # chance is 0.1
+    with pytest.raises(ValueError, match="config.pruning.sparsity"):
+        c.pruning.sparsity = 1.0
+        train.train_and_evaluate(c, str(tmp_path / "bad"))
