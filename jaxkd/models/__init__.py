@@ -126,7 +126,7 @@ def get_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(
-            f"model {name!r} got unknown kwarg(s) {', '.join(unknown)}; "
+            f"config.model.kwargs: model {name!r} got unknown kwarg(s) {', '.join(unknown)}; "
             f"allowed for {name!r}: {', '.join(allowed) or '(none)'}"
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
