@@ -13,12 +13,12 @@ measured in this one process on the default device.
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import seconds_per_call
 
 from jaxkd import models, objective, train
 from jaxkd.config import hinton_losses, supervised_losses
@@ -59,17 +59,6 @@ def make_plain_step(tx):
         return optax.apply_updates(params, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
-
-
-def timed(fn, steps):
-    fn()  # compile and warm up
-    fn()
-    start = time.perf_counter()
-    out = None
-    for _ in range(steps):
-        out = fn()
-    jax.block_until_ready(out)
-    return time.perf_counter() - start
 
 
 def main():
@@ -138,9 +127,9 @@ def main():
         times = {k: [] for k in runners}
         for _ in range(3):
             for k, fn in runners.items():
-                times[k].append(timed(fn, args.steps))
+                times[k].append(seconds_per_call(fn, args.steps))
         best = {k: min(v) for k, v in times.items()}
-        sps = {k: batch * args.steps / v for k, v in best.items()}
+        sps = {k: batch / v for k, v in best.items()}
         print(f"B={batch}: plain-JAX KD {sps['plain']:,.0f} samples/s | jaxkd KD "
               f"{sps['kd']:,.0f} | jaxkd student-only {sps['student']:,.0f}")
         print(f"B={batch}: jaxkd KD / plain-JAX KD = {sps['kd'] / sps['plain']:.3f} "

@@ -16,12 +16,12 @@ this one process on the default device, interleaved so that machine noise hits a
 
 import argparse
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import seconds_per_call
 
 from jaxkd import export, models, objective, quant, train
 from jaxkd.config import supervised_losses
@@ -36,17 +36,6 @@ QAT = {
     "QAT w4": {"weight_bits": 4},
     "QAT LSQ w4": {"weight_bits": 4, "method": "lsq"},
 }
-
-
-def timed(fn, steps):
-    fn()  # compile and warm up
-    fn()
-    start = time.perf_counter()
-    out = None
-    for _ in range(steps):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / steps
 
 
 def quant_config(**fields):
@@ -123,7 +112,7 @@ def bench_model(label, name, kwargs, shape, args, rng):
     times = {k: [] for k in runners}
     for _ in range(args.repeats):
         for k, run in runners.items():
-            times[k].append(timed(run, args.steps))
+            times[k].append(seconds_per_call(run, args.steps))
     best = {k: min(v) for k, v in times.items()}
     print(f"{label}, train batch {args.batch_size}: fp32 step {1e3 * best['fp32']:.3f} ms")
     for k in runners:
