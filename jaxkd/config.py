@@ -15,6 +15,7 @@ import ml_collections
 from jaxkd.data import pipeline
 from jaxkd.pruning import default_pruning_config
 from jaxkd.quant import default_quantization_config
+from jaxkd.sharing import default_clustering_config
 from jaxkd.student_init import default_init_config
 
 
@@ -69,6 +70,8 @@ def run_config(dataset: str, model: str, **model_kwargs) -> ml_collections.Confi
     c.quantization = default_quantization_config()
     # Pruning: masks kept in the optimizer state (a wrapper around the optimizer).
     c.pruning = default_pruning_config()
+    # Weight clustering (Deep Compression): the optimizer trains k centroids per layer.
+    c.clustering = default_clustering_config()
 
     c.log_every_steps = 100
     c.eval_every_steps = 1000

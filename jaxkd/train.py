@@ -49,6 +49,7 @@ from jaxkd import (
     preemption,
     pruning,
     quant,
+    sharing,
     student_init,
 )
 from jaxkd.data import pipeline
@@ -432,6 +433,8 @@ def build_optimizer(config: ml_collections.ConfigDict, info: pipeline.DatasetInf
     lr = optim.learning_rate_schedule(config.schedule, peak=config.optimizer.learning_rate,
                                       num_steps=num_steps, steps_per_epoch=steps_per_epoch)
     tx = optim.make_optimizer(config.optimizer, lr)
+    if config.clustering.enabled:  # the optimizer trains the centroids
+        tx = sharing.cluster(tx, config.clustering, params_key="model")
     if config.pruning.enabled:  # outermost: it needs the raw gradients (Taylor, Fisher, SNIP)
         tx = pruning.masked(tx, config.pruning, total_steps=num_steps, params_key="model")
     return lr, tx
@@ -568,6 +571,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         print(f"Resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
     elif config.init.method and not initialised:  # every checkpoint was unusable
         state = init_from_teacher(config, model, tx, state, teachers, replicated)
+    if restored is None and config.clustering.enabled:
+        # Snap each clustered kernel to its codebook once; updates keep it clustered.
+        clusters = sharing.find_cluster_state(state.opt_state)
+        state = state.replace(params=jax.jit(sharing.materialize, out_shardings=replicated)(
+            state.params, clusters.codebooks, clusters.assignments))
     if jax.process_index() == 0:
         checkpoint.write_json(os.path.join(workdir, checkpoint.MODEL_FILE), {
             "name": config.model.name, "kwargs": config.model.get("kwargs", {}).to_dict(),
@@ -661,6 +669,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         "accuracy": summary.get("artifact_eval", final_eval)["accuracy"],
         "num_params": models.count_params(quant.strip_steps(state.params)),
         "sparsity": pruning.sparsity_report(quant.strip_steps(state.params)),
+        "unique_values": sharing.unique_values(quant.strip_steps(state.params)),
         "params_bytes": weights_bytes,
         "num_steps": num_steps,
         "train_steps_per_sec": timed_steps / train_time if train_time else None,

@@ -211,3 +211,24 @@ def test_gradual_pruning_with_distillation_keeps_pruned_weights_at_zero(data_dir
     with pytest.raises(ValueError, match="config.pruning.sparsity"):
         c.pruning.sparsity = 1.0
         train.train_and_evaluate(c, str(tmp_path / "bad"))
+
+
+def test_pruned_then_clustered_training_keeps_zeros_and_clusters(data_dir, tmp_path):
+    c = small_run(data_dir, widths=(32, 32), steps=100)
+    c.optimizer.learning_rate = 1e-2
+    c.pruning.enabled = True
+    c.pruning.schedule = "one_shot"
+    c.pruning.sparsity = 0.5
+    c.clustering.enabled = True
+    c.clustering.num_clusters = 8
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    w = load_weights(str(tmp_path))
+    for layer in ("hidden1", "hidden2", "head"):
+        values = np.unique(w[f"params/{layer}/kernel"])
+        assert len(values) <= 8 + 1, (layer, len(values))  # k centroids (+ the zero one)
+    hidden2 = w["params/hidden2/kernel"]
+    assert (hidden2 == 0).sum() >= round(0.5 * hidden2.size)  # pruned zeros stayed zero
+    assert summary["unique_values"]["hidden2"] <= 9
+    losses = [json.loads(x)["train/loss"] for x in open(tmp_path / "metrics.jsonl")
+              if "train/loss" in x]
+    assert losses[-1] < 0.9 * losses[0]  # the centroids learn
