@@ -56,18 +56,24 @@ def finish(manager: ocp.CheckpointManager) -> None:
         for step in manager.all_steps():
             step_dir = os.path.join(str(manager.directory), str(step))
             if not os.path.exists(os.path.join(step_dir, SEAL_FILE)):
-                write_json(os.path.join(step_dir, SEAL_FILE), _file_hashes(step_dir))
+                write_json(os.path.join(step_dir, SEAL_FILE), file_hashes(step_dir))
 
 
-def _file_hashes(step_dir: str) -> dict[str, str]:
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes, as hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_hashes(step_dir: str) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file of a checkpoint step but its seal."""
     hashes = {}
     for root, _, files in os.walk(step_dir):
         for name in sorted(files):
             path = os.path.join(root, name)
             rel = os.path.relpath(path, step_dir)
             if rel != SEAL_FILE:
-                with open(path, "rb") as f:
-                    hashes[rel] = hashlib.file_digest(f, "sha256").hexdigest()
+                hashes[rel] = file_sha256(path)
     return hashes
 
 
@@ -80,9 +86,12 @@ def read_json(path: str) -> Any:
 
 
 def write_json(path: str, value: Any) -> None:
-    """Writes ``value`` as JSON atomically (temp file + rename)."""
+    """Writes ``value`` as JSON atomically and durably (temp file, fsync, rename)."""
     with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
+        json.dump(value, f, indent=1)  # in the caller's order: readers report fields in it
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
@@ -96,7 +105,7 @@ def check_sealed(step_dir: str) -> str | None:
             expected = json.load(f)
     except (OSError, ValueError):
         return f"{SEAL_FILE} is unreadable"
-    actual = _file_hashes(step_dir)
+    actual = file_hashes(step_dir)
     for rel, digest in sorted(expected.items()):
         if rel not in actual:
             return f"{rel} is missing"

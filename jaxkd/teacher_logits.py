@@ -130,13 +130,10 @@ def checkpoint_sha256(directory: str) -> str:
     xargs sha256sum) | sha256sum``; the trainer's seal file (:data:`checkpoint.SEAL_FILE`,
     itself a list of these hashes, added once the step is finished) is left out.
     """
-    paths = sorted(os.path.relpath(p, directory).encode()
-                   for p in glob.glob(os.path.join(directory, "**"), recursive=True)
-                   if os.path.isfile(p) and os.path.basename(p) != checkpoint.SEAL_FILE)
+    hashes = checkpoint.file_hashes(directory)
     listing = hashlib.sha256()
-    for path in paths:
-        listing.update(_file_sha256(os.path.join(directory, path.decode())).encode())
-        listing.update(b"  " + path + b"\n")
+    for path in sorted(hashes, key=os.fsencode):
+        listing.update(f"{hashes[path]}  {path}\n".encode())
     return listing.hexdigest()
 
 
@@ -235,9 +232,9 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
               flush=True)
     for chunk in manifest["chunks"]:
         path = os.path.join(out_dir, chunk["file"])
-        chunk.update(bytes=os.path.getsize(path), sha256=_file_sha256(path))
+        chunk.update(bytes=os.path.getsize(path), sha256=checkpoint.file_sha256(path))
     manifest["complete"] = True
-    _write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
+    checkpoint.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
     return manifest
 
 
@@ -278,7 +275,7 @@ def check(out_dir: str, data: ml_collections.ConfigDict, *, allow_augment: bool 
         if os.path.getsize(chunk_path) != chunk["bytes"]:
             raise ValueError(f"{chunk_path} has {os.path.getsize(chunk_path)} bytes, "
                              f"{path} says {chunk['bytes']}: truncated or corrupt")
-        if verify_checksums and _file_sha256(chunk_path) != chunk["sha256"]:
+        if verify_checksums and checkpoint.file_sha256(chunk_path) != chunk["sha256"]:
             raise ValueError(f"{chunk_path}: its sha256 differs from {path}'s: corrupt")
     return manifest
 
@@ -435,7 +432,7 @@ def _start_or_resume(out_dir: str, manifest: dict[str, Any]) -> None:
         raise ValueError(f"{out_dir} is not empty and holds no {MANIFEST_FILE}: choose an "
                          "empty or new output directory")
     os.makedirs(out_dir, exist_ok=True)
-    _write_json(path, manifest)
+    checkpoint.write_json(path, manifest)
 
 
 def _first_difference(field: str, theirs: Any, ours: Any) -> str:
@@ -475,28 +472,12 @@ def _read_manifest(out_dir: str) -> dict[str, Any]:
     return manifest
 
 
-def _write_json(path: str, value: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    _fsync(path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: Sequence[str]) -> int:
