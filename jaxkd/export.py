@@ -4,20 +4,55 @@
 
     directory/
       manifest.json       model (name, kwargs, num_classes, input_shape), jaxkd version,
-                          quantization settings, per-layer tensor index, metrics, and the
-                          size and sha256 of every other file
-      int_weights.bin     the quantized kernels: int8 values, or int4 / int2 values packed
-                          two / four per byte (two's complement, low bits first), and the
-                          int8 zero points of asymmetric kernels
-      float_tensors.bin   float32, little-endian: the weight scales and everything that
-                          stays float (biases, BatchNorm parameters and statistics, the
-                          kernels of layers that are not quantized)
+                          quantization settings, per-layer tensor index, storage summary,
+                          metrics, and the size, sha256 and codec of every other file
+      int_weights.bin     every integer payload: quantized values (int8, or int4 / int2
+                          packed two / four per byte: two's complement, low bits first, see
+                          ``pack``), the int8 zero points of asymmetric kernels, and the
+                          sparsity and codebook structure of every tensor (bitmasks, CSR row
+                          pointers and column indices, packed codebook indices)
+      float_tensors.bin   float32, little-endian: the stored values and codebooks of the
+                          float tensors (weight scales, biases, BatchNorm parameters and
+                          statistics, the kernels of layers that are not quantized)
 
-Raw little-endian bytes indexed by ``manifest.json`` (offset, byte count, dtype, shape):
-reading them needs ``json`` and ``numpy.frombuffer`` only, never pickle.
+The rule is by dtype: float32 arrays go to ``float_tensors.bin``, every other array
+(uint8 / uint16 / uint32) to ``int_weights.bin``. Raw little-endian bytes indexed by
+``manifest.json``: reading them needs ``json``, ``zlib`` and ``numpy`` only, never pickle.
 
-``load(directory)`` checks every file against the manifest (``verify``), rebuilds the
-model by name and returns ``predict_fn(x) -> logits`` that runs the **integer path**: each
+**Tensor encodings.** Every tensor is written in whichever of six encodings takes the
+fewest bytes (``encoded_nbytes``; ties go to the simpler: dense before bitmask before csr,
+raw before codebook), so pruned kernels (exact zeros) and clustered ones (Han, Mao &
+Dally, "Deep Compression", ICLR 2016: at most ``k + 1`` distinct values) are stored
+compactly. An encoding is ``POSITIONS+VALUES``:
+
+- positions: ``dense`` (every element), ``bitmask`` (one bit per element, set where the
+  element is nonzero, packed little-endian like ``sharing.pack_indices(..., 1)``; only the
+  nonzeros are stored) or ``csr`` (the tensor as a ``[prod(shape[:-1]), shape[-1]]``
+  matrix: row pointers and column indices, each uint8/16/32, the smallest that holds its
+  largest value; only the nonzeros are stored, row-major). A float is "zero" when all its
+  bits are (so ``-0.0`` is stored and every tensor round-trips bit for bit).
+- values of the stored elements: ``raw`` (integers packed at the kernel's bits, floats as
+  float32) or ``codebook`` (the sorted distinct stored values, raw, and each element's
+  index in them packed at ``sharing.index_bits(u)`` bits by ``sharing.pack_indices``).
+
+A tensor's manifest entry is ``{"enc": "bitmask+codebook", "shape": [...], "bits": b
+(integer tensors only), "u": codebook size (codebooks only), PART: [offset, nbytes
+(, dtype)], ...}``; its parts are ``mask``, ``ptr``, ``col`` (these two with their
+dtype), ``val``, ``cb`` and ``idx``, each the bytes at ``offset`` of its file (after
+decompression). ``manifest["storage"]`` is ``{"encodings": {encoding: [tensors,
+bytes]}, "weights": W, "nonzero_weights": N}``: how many tensors each encoding stores and
+their bytes (before entropy coding), and how many kernel weights there are and how many
+are not zero (a quantized weight is zero when its integer is the zero point); see
+``storage_report``.
+
+**Entropy coding** (Deep Compression's last stage; ``export(..., entropy_coding=True)``):
+each ``.bin`` file is compressed with ``zlib`` (level 9) when, and only when, that makes
+it smaller; ``files[name]`` gives its ``codec`` (``"zlib"`` or ``"none"``) and the size and
+sha256 of the bytes on disk (plus ``raw_bytes`` after decompression for ``"zlib"``).
+
+``load(directory)`` checks every file against the manifest (``verify``), decodes every
+tensor back to its exact dense array (``read_tensor``), rebuilds the model by name and
+returns ``predict_fn(x) -> logits`` that runs the **integer path**: each
 quantized ``Dense``/``Conv`` (intercepted with ``flax.linen.intercept_methods``) quantizes
 its input to int8 (a static scale from calibration or LSQ, else ``max|x| / q_max`` of the
 batch), computes ``int8 x int8 -> int32`` with ``lax.dot_general`` /
@@ -45,7 +80,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -56,12 +92,19 @@ from flax import traverse_util
 from flax.linen.linear import canonicalize_padding
 
 import jaxkd
-from jaxkd import models, quant
+from jaxkd import models, quant, sharing
 
-FORMAT = "jaxkd.export/1"
+FORMAT = "jaxkd.export/2"
 MANIFEST = "manifest.json"
 INT_FILE = "int_weights.bin"
 FLOAT_FILE = "float_tensors.bin"
+CODECS = ("none", "zlib")
+POSITIONS = ("dense", "bitmask", "csr")
+VALUE_CODINGS = ("raw", "codebook")
+# Every encoding, simplest first: ties between equal byte counts go to the earlier one.
+ENCODINGS = tuple(f"{p}+{v}" for p in POSITIONS for v in VALUE_CODINGS)
+PARTS = ("mask", "ptr", "col", "val", "cb", "idx")
+INDEX_DTYPES = ("uint8", "uint16", "uint32")
 
 
 class ArtifactError(ValueError):
@@ -107,30 +150,278 @@ def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return ((fields ^ sign) - sign).astype(np.int8)
 
 
+# ----------------------------------------------------------------------------- encoding
+
+
+def index_dtype(max_value: int) -> np.dtype:
+    """The smallest of uint8, uint16, uint32 that holds ``max_value`` (CSR indices)."""
+    for name in INDEX_DTYPES:
+        if max_value <= np.iinfo(name).max:
+            return np.dtype(name)
+    raise ValueError(f"{max_value} does not fit in uint32: the tensor is too large for CSR")
+
+
+def _flat(values: Any, bits: int | None) -> np.ndarray:
+    if bits is None:
+        return np.asarray(values, np.float32).reshape(-1)
+    quant.check_bits(bits)
+    flat = np.asarray(values).reshape(-1)
+    if not np.issubdtype(flat.dtype, np.integer):
+        raise ValueError(f"a tensor of {bits}-bit integers must have an integer dtype, "
+                         f"got {flat.dtype}")
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if flat.size and (flat.min() < lo or flat.max() > hi):
+        raise ValueError(f"values outside [{lo}, {hi}] do not fit in {bits} bits")
+    return flat.astype(np.int8)
+
+
+def _nonzero(flat: np.ndarray, bits: int | None) -> np.ndarray:
+    """Where the elements are nonzero; a float is zero only when all its bits are."""
+    return (flat.view(np.uint32) if bits is None else flat) != 0
+
+
+def _grid(shape: Sequence[int]) -> tuple[int, int]:
+    """``(rows, columns)`` of the CSR view ``[prod(shape[:-1]), shape[-1]]`` (a scalar is
+    ``[1, 1]``)."""
+    return (math.prod(shape[:-1]), shape[-1]) if len(shape) else (1, 1)
+
+
+def _distinct(stored: np.ndarray, bits: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct values of ``stored`` and each element's index in them; floats
+    are told apart by their bits (``-0.0 != 0.0``, every NaN kept as it is)."""
+    if bits is not None:
+        codebook, inverse = np.unique(stored, return_inverse=True)
+        return codebook.astype(np.int8), inverse.reshape(-1)
+    keys, inverse = np.unique(stored.view(np.uint32), return_inverse=True)
+    order = np.lexsort((keys, keys.view(np.float32)))  # by value, then by bits
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return keys[order].view(np.float32), rank[inverse.reshape(-1)]
+
+
+def _count_distinct(stored: np.ndarray, bits: int | None) -> int:
+    if bits is not None:
+        return int(np.count_nonzero(np.bincount(stored.astype(np.int16) + 128, minlength=256)))
+    return int(np.unique(stored.view(np.uint32)).size)
+
+
+def raw_nbytes(count: int, bits: int | None) -> int:
+    """Bytes of ``count`` raw values: ``ceil(count * bits / 8)``, or ``4 count`` (float32)."""
+    return 4 * count if bits is None else math.ceil(count * bits / 8)
+
+
+def encoded_nbytes(values: Any, *, bits: int | None = None) -> dict[str, int]:
+    """Bytes of ``values`` in every encoding: ``{"dense+raw": ..., "csr+codebook": ...}``.
+
+    ``bits``: the width of an integer tensor (8, 4 or 2); None for float32. With ``n``
+    elements, ``m`` nonzeros, ``b`` bits per raw value (32 for floats), ``u`` distinct
+    stored values (of all ``n`` elements for dense, of the ``m`` nonzeros otherwise) and the
+    CSR view ``[R, C]``::
+
+        dense     = 0                                      (n elements stored)
+        bitmask   = ceil(n / 8)                            (m elements stored)
+        csr       = (R + 1) size(ptr) + m size(col)        (m elements stored)
+        raw       = ceil(stored b / 8)
+        codebook  = ceil(u b / 8) + ceil(stored index_bits(u) / 8)
+
+    where ``size(ptr)`` is the bytes of the smallest unsigned dtype holding ``m`` and
+    ``size(col)`` that of the largest column index; an encoding's bytes are its positions'
+    plus its values'.
+    """
+    shape = np.shape(values)
+    flat = _flat(values, bits)
+    nonzero = _nonzero(flat, bits)
+    n, m = flat.size, int(nonzero.sum())
+    rows, cols = _grid(shape)
+    max_col = int((np.flatnonzero(nonzero) % max(cols, 1)).max()) if m else 0
+    csr = (rows + 1) * index_dtype(m).itemsize + m * index_dtype(max_col).itemsize
+    stored = {"dense": (n, _count_distinct(flat, bits), 0),
+              "bitmask": (m, None, math.ceil(n / 8)), "csr": (m, None, csr)}
+    distinct_nonzero = _count_distinct(flat[nonzero], bits)
+    sizes = {}
+    for position, (count, distinct, overhead) in stored.items():
+        u = distinct_nonzero if distinct is None else distinct
+        sizes[f"{position}+raw"] = overhead + raw_nbytes(count, bits)
+        sizes[f"{position}+codebook"] = (overhead + raw_nbytes(u, bits)
+                                         + math.ceil(count * sharing.index_bits(u) / 8))
+    return sizes
+
+
+def choose_encoding(values: Any, *, bits: int | None = None,
+                    allowed: Sequence[str] = ENCODINGS) -> str:
+    """The encoding of ``allowed`` with the fewest bytes (``encoded_nbytes``); ties go to
+    the one earliest in ``ENCODINGS`` (the simpler)."""
+    allowed = check_encodings(allowed)
+    sizes = encoded_nbytes(values, bits=bits)
+    return min((e for e in ENCODINGS if e in allowed), key=sizes.__getitem__)
+
+
+def check_encodings(encodings: Sequence[str] | None) -> tuple[str, ...]:
+    """``encodings`` (None: all of them) as a tuple, or a ValueError naming the allowed."""
+    if encodings is None:
+        return ENCODINGS
+    encodings = (encodings,) if isinstance(encodings, str) else tuple(encodings)
+    unknown = [e for e in encodings if e not in ENCODINGS]
+    if unknown or not encodings:
+        raise ValueError(f"encodings={list(encodings)!r}: each must be one of "
+                         f"{', '.join(ENCODINGS)} (and at least one given)")
+    return encodings
+
+
+def _raw(stored: np.ndarray, bits: int | None) -> np.ndarray:
+    return stored.astype(np.float32) if bits is None else pack(stored, bits)
+
+
+def _unraw(data: np.ndarray, count: int, bits: int | None, part: str) -> np.ndarray:
+    expected = raw_nbytes(count, bits)
+    if data.nbytes != expected:
+        raise ArtifactError(f"part {part!r} has {data.nbytes} bytes, expected {expected} "
+                            f"for {count} values")
+    return np.asarray(data, np.float32) if bits is None else unpack(data, bits, count)
+
+
+def encode(values: Any, *, bits: int | None = None, encoding: str | None = None
+           ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(parts, meta)``: ``values`` in ``encoding`` (None: ``choose_encoding``).
+
+    ``parts`` maps part names (``PARTS``) to 1-D arrays (``mask``, ``idx``: uint8 bit
+    streams; ``ptr``, ``col``: uint8/16/32; ``val``, ``cb``: float32, or uint8 holding
+    ``pack(..., bits)``); their total bytes are ``encoded_nbytes(values)[encoding]``.
+    ``meta``: ``{"enc", "shape", ["bits"], ["u"]}``, all ``decode`` needs besides the parts.
+    """
+    encoding = choose_encoding(values, bits=bits) if encoding is None else encoding
+    check_encodings([encoding])
+    position, coding = encoding.split("+")
+    shape = list(np.shape(values))
+    flat = _flat(values, bits)
+    parts: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"enc": encoding, "shape": shape}
+    if bits is not None:
+        meta["bits"] = int(bits)
+    nonzero = _nonzero(flat, bits)
+    stored = flat if position == "dense" else flat[nonzero]
+    if position == "bitmask":  # == sharing.pack_indices(nonzero, 1)
+        parts["mask"] = np.packbits(nonzero, bitorder="little")
+    elif position == "csr":
+        rows, cols = _grid(shape)
+        row, col = np.divmod(np.flatnonzero(nonzero), max(cols, 1))
+        ptr = np.zeros(rows + 1, np.int64)
+        ptr[1:] = np.cumsum(np.bincount(row, minlength=rows))
+        parts["ptr"] = ptr.astype(index_dtype(stored.size))
+        parts["col"] = col.astype(index_dtype(int(col.max()) if col.size else 0))
+    if coding == "raw":
+        parts["val"] = _raw(stored, bits)
+    else:
+        codebook, indices = _distinct(stored, bits)
+        meta["u"] = int(codebook.size)
+        parts["cb"] = _raw(codebook, bits)
+        parts["idx"] = sharing.pack_indices(indices, sharing.index_bits(codebook.size))
+    return parts, meta
+
+
+def decode(parts: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> np.ndarray:
+    """Inverse of ``encode``: the dense tensor, int8 (``meta`` has ``bits``) or float32."""
+    position, coding = str(meta["enc"]).split("+")
+    shape = tuple(meta["shape"])
+    bits = meta.get("bits")
+    n = math.prod(shape)
+    if position == "dense":
+        count = n
+    elif position == "bitmask":
+        if parts["mask"].size != math.ceil(n / 8):
+            raise ArtifactError(f"part 'mask' has {parts['mask'].size} bytes, expected "
+                                f"{math.ceil(n / 8)} for {n} elements")
+        nonzero = np.unpackbits(parts["mask"], count=n, bitorder="little").astype(bool)
+        count = int(nonzero.sum())
+    else:
+        rows, cols = _grid(shape)
+        ptr = np.asarray(parts["ptr"], np.int64)
+        col = np.asarray(parts["col"], np.int64)
+        count = col.size
+        if (ptr.size != rows + 1 or ptr[0] != 0 or ptr[-1] != count or np.any(np.diff(ptr) < 0)
+                or (count and col.max() >= cols)):
+            raise ArtifactError(f"parts 'ptr'/'col' are not a CSR index of a {rows}x{cols} "
+                                f"matrix")
+    if coding == "raw":
+        stored = _unraw(parts["val"], count, bits, "val")
+    else:
+        u = int(meta["u"])
+        codebook = _unraw(parts["cb"], u, bits, "cb")
+        indices = sharing.unpack_indices(parts["idx"], sharing.index_bits(u), (count,))
+        if count and indices.max() >= u:
+            raise ArtifactError(f"part 'idx' points past the {u} codebook entries")
+        stored = codebook[indices]
+    if position == "dense":
+        return stored.reshape(shape)
+    out = np.zeros(n, stored.dtype)
+    if position == "bitmask":
+        out[nonzero] = stored
+    else:
+        out[np.repeat(np.arange(rows), np.diff(ptr)) * cols + col] = stored
+    return out.reshape(shape)
+
+
 # ----------------------------------------------------------------------------- writing
 
 
 class _Blob:
-    """Bytes of one tensor file, and the manifest entries that index them."""
+    """Bytes of one tensor file."""
 
     def __init__(self, name: str):
         self.name = name
         self.chunks: list[bytes] = []
         self.size = 0
 
-    def add(self, array: np.ndarray, *, dtype: str) -> dict[str, Any]:
-        data = np.ascontiguousarray(array).astype(np.dtype(dtype).newbyteorder("<")).tobytes()
-        entry = {"file": self.name, "offset": self.size, "nbytes": len(data), "dtype": dtype,
-                 "shape": list(np.shape(array))}
+    def add(self, array: np.ndarray) -> list[int]:
+        """Appends ``array`` (little-endian); returns its ``[offset, nbytes]``."""
+        array = np.ascontiguousarray(array)
+        data = array.astype(array.dtype.newbyteorder("<")).tobytes()
+        ref = [self.size, len(data)]
         self.chunks.append(data)
         self.size += len(data)
+        return ref
+
+
+class _Writer:
+    """The two tensor files, and the storage summary of the tensors written to them."""
+
+    def __init__(self, encodings: Sequence[str]):
+        self.encodings = encodings
+        self.blobs = {INT_FILE: _Blob(INT_FILE), FLOAT_FILE: _Blob(FLOAT_FILE)}
+        self.by_encoding: dict[str, list[int]] = {}  # encoding: [tensors, bytes]
+
+    def add(self, values: Any, *, bits: int | None = None) -> dict[str, Any]:
+        """Writes one tensor in its smallest allowed encoding; returns its manifest entry."""
+        encoding = choose_encoding(values, bits=bits, allowed=self.encodings)
+        parts, entry = encode(values, bits=bits, encoding=encoding)
+        for name, array in parts.items():
+            file = FLOAT_FILE if array.dtype == np.float32 else INT_FILE
+            entry[name] = self.blobs[file].add(array)
+            if name in ("ptr", "col"):
+                entry[name].append(array.dtype.name)
+        total = self.by_encoding.setdefault(encoding, [0, 0])
+        total[0] += 1
+        total[1] += sum(int(a.nbytes) for a in parts.values())
         return entry
 
-    def write(self, directory: str) -> dict[str, Any]:
-        data = b"".join(self.chunks)
-        with open(os.path.join(directory, self.name), "wb") as f:
-            f.write(data)
-        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    def write(self, directory: str, entropy_coding: bool) -> dict[str, dict[str, Any]]:
+        """Writes the files (zlib-compressed where that is smaller, with ``entropy_coding``);
+        returns their ``manifest["files"]`` entries."""
+        files = {}
+        for name, blob in self.blobs.items():
+            data = raw = b"".join(blob.chunks)
+            codec = "none"
+            if entropy_coding:
+                packed = zlib.compress(raw, 9)
+                if len(packed) < len(raw):
+                    data, codec = packed, "zlib"
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                           "codec": codec}
+            if codec != "none":
+                files[name]["raw_bytes"] = len(raw)
+        return files
 
 
 def _flat_variables(variables: Mapping[str, Any]) -> dict[tuple[str, ...], np.ndarray]:
@@ -186,7 +477,9 @@ def _move_into_place(tmp: str, directory: str) -> None:
 def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num_classes: int,
            variables: Mapping[str, Any], quant_config: Mapping[str, Any] | None,
            activation_ranges: Mapping[str, Any] | None, metrics: Mapping[str, Any], *,
-           input_shape: tuple[int, ...], overwrite: bool = False) -> dict[str, Any]:
+           input_shape: tuple[int, ...], overwrite: bool = False,
+           encodings: Sequence[str] | None = None, entropy_coding: bool = False
+           ) -> dict[str, Any]:
     """Writes the artifact of a trained model to ``directory``; returns its manifest.
 
     Args:
@@ -199,13 +492,17 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
         quantizes activations dynamically (per batch) unless LSQ learned their step.
       metrics: JSON-serialisable numbers to record (e.g. the eval accuracy).
       input_shape: one example's shape, e.g. ``(40,)``: traces the model's layer order.
+      encodings: the tensor encodings to choose from (``ENCODINGS``, the default: all);
+        ``("dense+raw",)`` stores every tensor element by element.
+      entropy_coding: zlib-compress each ``.bin`` file that gets smaller by it.
     """
     _prepare_directory(directory, overwrite)
+    writer = _Writer(check_encodings(encodings))
     model = models.get_model(model_name, num_classes=num_classes, **dict(model_kwargs))
     flat = _flat_variables(variables)
-    int_blob, float_blob = _Blob(INT_FILE), _Blob(FLOAT_FILE)
     layers: list[dict[str, Any]] = []
     quantized: set[tuple[str, ...]] = set()
+    weights = nonzero_weights = 0
     settings = None
     if quant_config is not None:
         settings = quant.settings(quant_config)
@@ -216,21 +513,27 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
             qk = kernels[path]
             entry: dict[str, Any] = {
                 "path": path, "kind": lp.kind, "weight_bits": qk.bits,
-                "kernel": int_blob.add(pack(qk.values, qk.bits), dtype="uint8"),
-                "kernel_shape": list(qk.values.shape),
-                "scale": float_blob.add(qk.scale, dtype="float32"),
-                "zero_point": (int_blob.add(qk.zero_point, dtype="int8")
+                "kernel": writer.add(qk.values, bits=qk.bits),
+                "scale": writer.add(qk.scale),
+                "zero_point": (writer.add(qk.zero_point, bits=8)
                                if np.any(qk.zero_point) else None),
                 "activation": _activation_entry(path, lp, settings, flat, activation_ranges),
             }
             layers.append(entry)
             quantized.add(("params", *path.split("/"), "kernel"))
+            weights += qk.values.size
+            # A weight is zero when its integer is the zero point.
+            nonzero_weights += int(np.count_nonzero(
+                qk.values.astype(np.int16) != qk.zero_point.astype(np.int16)))
     float_tensors = []
     for key, value in flat.items():
         if key in quantized or key[-1] in quant.STEP_NAMES:
             continue
         float_tensors.append({"collection": key[0], "path": "/".join(key[1:]),
-                              **float_blob.add(value, dtype="float32")})
+                              **writer.add(value)})
+        if key[0] == "params" and key[-1] == "kernel":
+            weights += value.size
+            nonzero_weights += int(np.count_nonzero(value))
     manifest = {
         "format": FORMAT,
         "jaxkd_version": jaxkd.__version__,
@@ -239,6 +542,8 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
         "quantization": settings.to_dict() if settings else None,
         "layers": layers,
         "float_tensors": float_tensors,
+        "storage": {"encodings": writer.by_encoding, "weights": int(weights),
+                    "nonzero_weights": int(nonzero_weights)},
         "metrics": dict(metrics),
         "files": {},
     }
@@ -246,8 +551,7 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        for blob in (int_blob, float_blob):
-            manifest["files"][blob.name] = blob.write(tmp)
+        manifest["files"] = writer.write(tmp, entropy_coding)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             # Compact (one line): on a 5k-parameter model the manifest is a third of the bytes.
             json.dump(manifest, f, sort_keys=True, separators=(",", ":"), default=_json_default)
@@ -269,6 +573,30 @@ def artifact_bytes(directory: str) -> int:
     """Bytes on disk of every file of an artifact, the manifest included."""
     return sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory)
                if os.path.isfile(os.path.join(directory, n)))
+
+
+def storage_report(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """How an artifact stores its tensors, from its manifest (for reports and summaries).
+
+    Returns ``encodings`` (``{encoding: {"tensors", "bytes"}}``, bytes before entropy
+    coding), ``tensor_bytes`` (their sum), ``file_bytes`` (the ``.bin`` files on disk),
+    ``codecs`` (``{file: codec}``), ``weights`` and ``nonzero_weights`` (kernel elements,
+    and those not zero) and ``density`` (their ratio; None without kernels).
+    """
+    storage = manifest["storage"]
+    encodings = {e: {"tensors": int(storage["encodings"][e][0]),
+                     "bytes": int(storage["encodings"][e][1])}
+                 for e in ENCODINGS if e in storage["encodings"]}
+    weights, nonzero = int(storage["weights"]), int(storage["nonzero_weights"])
+    return {
+        "encodings": encodings,
+        "tensor_bytes": sum(v["bytes"] for v in encodings.values()),
+        "file_bytes": sum(int(f["bytes"]) for f in manifest["files"].values()),
+        "codecs": {name: f["codec"] for name, f in sorted(manifest["files"].items())},
+        "weights": weights,
+        "nonzero_weights": nonzero,
+        "density": nonzero / weights if weights else None,
+    }
 
 
 # ----------------------------------------------------------------------------- reading
@@ -308,10 +636,51 @@ def verify(directory: str) -> dict[str, Any]:
     return manifest
 
 
-def _read(files: Mapping[str, bytes], entry: Mapping[str, Any]) -> np.ndarray:
-    data = files[entry["file"]][entry["offset"]:entry["offset"] + entry["nbytes"]]
-    dtype = np.dtype(entry["dtype"]).newbyteorder("<")
-    return np.frombuffer(data, dtype).astype(entry["dtype"]).reshape(entry["shape"])
+def _read_files(directory: str, manifest: Mapping[str, Any]) -> dict[str, bytes]:
+    """The decompressed bytes of every file the manifest lists."""
+    files = {}
+    for name, entry in manifest["files"].items():
+        path = os.path.join(directory, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        codec = entry.get("codec")
+        if codec == "zlib":
+            try:
+                data = zlib.decompress(data)
+            except zlib.error as e:
+                raise ArtifactError(f"{path} is not valid zlib data: {e}") from None
+            if len(data) != entry["raw_bytes"]:
+                raise ArtifactError(f"{path} decompresses to {len(data)} bytes, expected "
+                                    f"{entry['raw_bytes']}")
+        elif codec != "none":
+            raise ArtifactError(f"{path}: codec {codec!r} in {MANIFEST} is not one of "
+                                f"{', '.join(CODECS)}")
+        files[name] = data
+    return files
+
+
+def read_tensor(files: Mapping[str, bytes], entry: Mapping[str, Any]) -> np.ndarray:
+    """The dense tensor of one manifest entry (int8 with ``bits``, else float32), from the
+    (decompressed) ``files`` bytes by name."""
+    parts = {}
+    for name in PARTS:
+        if name not in entry:
+            continue
+        offset, nbytes, *dtype = entry[name]
+        if dtype:
+            dtype = dtype[0]
+            if dtype not in INDEX_DTYPES:
+                raise ArtifactError(f"part {name!r} has dtype {dtype!r}, not one of "
+                                    f"{', '.join(INDEX_DTYPES)}")
+        else:
+            dtype = "float32" if "bits" not in entry and name in ("val", "cb") else "uint8"
+        file = FLOAT_FILE if dtype == "float32" else INT_FILE
+        data = files[file][offset:offset + nbytes]
+        if len(data) != nbytes or nbytes % np.dtype(dtype).itemsize:
+            raise ArtifactError(f"part {name!r} [{offset}, +{nbytes}) of {file} is not "
+                                f"whole {dtype} values inside its {len(files[file])} bytes")
+        parts[name] = np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).astype(dtype)
+    return decode(parts, entry)
 
 
 def _int_matmul(q_x: jax.Array, q_w: jax.Array, zero_point: jax.Array | None) -> jax.Array:
@@ -417,6 +786,15 @@ def integer_layer(module: nn.Module, x: jax.Array, layer: Mapping[str, Any]) -> 
     return y
 
 
+def integer_kernels(directory: str) -> dict[str, dict[str, Any]]:
+    """``{layer: {'values': int8 array, 'bits': b}}``: the integer kernels of an artifact as
+    stored (decoded, after ``verify``), for checks such as ``jaxkd.compression``'s."""
+    manifest = verify(directory)
+    files = _read_files(directory, manifest)
+    return {e["path"]: {"values": read_tensor(files, e["kernel"]), "bits": e["weight_bits"]}
+            for e in manifest["layers"]}
+
+
 def load(directory: str, *, check: bool = True
          ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
     """``(predict_fn, manifest)``: ``predict_fn(x) -> logits [B, num_classes]`` (jitted).
@@ -425,25 +803,19 @@ def load(directory: str, *, check: bool = True
     Quantized layers run the integer path (``integer_layer``); the rest runs in float32.
     """
     manifest = verify(directory) if check else read_manifest(directory)
-    files = {}
-    for name in manifest["files"]:
-        with open(os.path.join(directory, name), "rb") as f:
-            files[name] = f.read()
+    files = _read_files(directory, manifest)
     spec = manifest["model"]
     model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
-    flat = {(t["collection"], *t["path"].split("/")): _read(files, t)
+    flat = {(t["collection"], *t["path"].split("/")): read_tensor(files, t)
             for t in manifest["float_tensors"]}
     variables = traverse_util.unflatten_dict(flat)
     layers = {}
     for entry in manifest["layers"]:
         path = entry["path"]
-        packed = _read(files, entry["kernel"])
-        shape = tuple(entry["kernel_shape"])
-        values = unpack(packed, entry["weight_bits"], math.prod(shape)).reshape(shape)
-        zero_point = _read(files, entry["zero_point"]) if entry["zero_point"] else None
+        zero_point = read_tensor(files, entry["zero_point"]) if entry["zero_point"] else None
         layers[path] = {
-            "values": jnp.asarray(values, jnp.int8),
-            "scale": jnp.asarray(_read(files, entry["scale"]), jnp.float32),
+            "values": jnp.asarray(read_tensor(files, entry["kernel"]), jnp.int8),
+            "scale": jnp.asarray(read_tensor(files, entry["scale"]), jnp.float32),
             "zero_point": None if zero_point is None else jnp.asarray(zero_point, jnp.int8),
             "bias": flat.get(("params", *path.split("/"), "bias")),
             "activation": entry["activation"],
