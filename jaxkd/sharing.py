@@ -305,6 +305,15 @@ def _codebook_1d(x: jax.Array, key: jax.Array, *, k: int, method: str, iteration
     else:
         c = _kmeanspp_init(x, valid, k, key)
     c = lloyd(x, c, iterations, valid)
+    # At most k distinct nonzero values (an already clustered kernel): they are the
+    # codebook, exactly, so re-clustering a clustered model changes nothing.
+    s = jnp.sort(jnp.where(valid, x, jnp.inf))
+    first = jnp.isfinite(s) & jnp.concatenate([jnp.ones((1,), bool), s[1:] != s[:-1]])
+    distinct = jnp.sum(first)
+    slot = jnp.where(first, jnp.cumsum(first) - 1, k)
+    exact = jnp.zeros((k,), x.dtype).at[slot].set(s, mode="drop")
+    exact = jnp.where(jnp.arange(k) < distinct, exact, exact[jnp.maximum(distinct - 1, 0)])
+    c = jnp.where((distinct > 0) & (distinct <= k), exact, c)
     c = jnp.where(jnp.any(valid), c, 0.0)  # an all-zero vector: every weight is the zero slot
     a = jnp.where(valid, _nearest(x, c), k)
     return jnp.concatenate([c, jnp.zeros((1,), c.dtype)]), a
@@ -329,7 +338,9 @@ def init_codebook(w: jax.Array, k: int, method: str = "linear", key: jax.Array |
 
     Initial centroids of the nonzero weights (see the module docstring for the formulas),
     then ``iterations`` Lloyd steps (``lloyd``); each nonzero weight is assigned its nearest
-    centroid, each zero the pinned zero centroid ``k``.
+    centroid, each zero the pinned zero centroid ``k``. A kernel (or channel) with at most
+    ``k`` distinct nonzero values keeps exactly those values as its centroids (sorted; the
+    spare slots repeat the largest and get no members).
 
     Args:
       w: kernel ``[..., C]`` (output channels last).
