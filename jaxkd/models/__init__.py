@@ -9,8 +9,10 @@ updated only when ``train=True``; dropout draws from rng stream ``'dropout'``, o
 
 Registry names and their kwargs besides ``num_classes``:
 
-- ``mlp``: ReLU MLP (Hinton et al. 2015); widths, dropout_rate, input_dropout_rate.
-- ``cnn1d``: the MNIST-1D CNN (Greydanus 2020); channels, kernel_size.
+- ``mlp``: ReLU MLP (Hinton et al. 2015); widths, dropout_rate, input_dropout_rate,
+  tie_hidden.
+- ``cnn1d``: the MNIST-1D CNN (Greydanus 2020); channels (one or three), kernel_size,
+  tie_convs.
 - ``lenet5``: LeNet-5 (LeCun et al. 1998); padding.
 - ``resnet8``, ``resnet14``, ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``,
   ``resnet110``: CIFAR ResNets (He et al. 2016); none.
@@ -63,20 +65,39 @@ def build_mlp(
     widths: Sequence[int] = (1200, 1200),
     dropout_rate: float = 0.0,
     input_dropout_rate: float = 0.0,
+    tie_hidden: bool = False,
 ) -> MLP:
     """ReLU MLP; Hinton et al.'s MNIST teacher is ``widths=(1200, 1200), dropout_rate=0.5,
-    input_dropout_rate=0.2``, the student ``widths=(800, 800)``."""
+    input_dropout_rate=0.2``, the student ``widths=(800, 800)``. ``tie_hidden`` shares
+    ``hidden2..N`` (ALBERT-style cross-layer sharing)."""
+    widths = tuple(int(w) for w in widths)
+    if tie_hidden and len(set(widths)) > 1:
+        raise ValueError(f"config.model.kwargs.tie_hidden=True needs equal widths, got {widths}")
     return MLP(
         num_classes=num_classes,
-        widths=tuple(int(w) for w in widths),
+        widths=widths,
         dropout_rate=float(dropout_rate),
         input_dropout_rate=float(input_dropout_rate),
+        tie_hidden=bool(tie_hidden),
     )
 
 
-def build_cnn1d(*, num_classes: int, channels: int = 25, kernel_size: int = 5) -> CNN1D:
-    """The MNIST-1D paper's CNN (5,210 parameters for 10 classes)."""
-    return CNN1D(num_classes=num_classes, channels=int(channels), kernel_size=int(kernel_size))
+def build_cnn1d(*, num_classes: int, channels: int | Sequence[int] = 25, kernel_size: int = 5,
+                tie_convs: bool = False) -> CNN1D:
+    """The MNIST-1D paper's CNN (5,210 parameters for 10 classes); ``channels`` is one width
+    or one per convolution; ``tie_convs`` shares ``conv2``/``conv3``."""
+    if isinstance(channels, int):
+        channels = int(channels)
+    else:
+        channels = tuple(int(c) for c in channels)
+        if len(channels) != 3:
+            raise ValueError(f"config.model.kwargs.channels={channels!r} must be an int or 3 "
+                             "ints (conv1, conv2, conv3)")
+    widths = (channels,) * 3 if isinstance(channels, int) else channels
+    if tie_convs and len(set(widths)) > 1:
+        raise ValueError(f"config.model.kwargs.tie_convs=True needs equal channels, got {widths}")
+    return CNN1D(num_classes=num_classes, channels=channels, kernel_size=int(kernel_size),
+                 tie_convs=bool(tie_convs))
 
 
 def build_lenet5(*, num_classes: int, padding: str | None = None) -> LeNet5:

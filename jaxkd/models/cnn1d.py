@@ -14,12 +14,19 @@ reference only the first convolution has kernel 5 (``kernel_size``); the other t
 Convolutions have biases and no normalisation. The flatten is position-major (``[L, C]``,
 JAX's layout) where PyTorch's is channel-major; this permutes the head's rows only.
 
+``channels`` may also give each convolution its own width, ``(c1, c2, c3)``: the shape a
+channel-pruned or neuron-merged CNN keeps once it is physically shrunk. ``tie_convs=True``
+shares one set of parameters between ``conv2`` and ``conv3`` (cross-layer sharing as in
+ALBERT, Lan et al. 2020; stored under ``conv2``; needs equal widths).
+
 Named layers: ``conv1``, ``conv2``, ``conv3``, ``head``.
 Features: ``conv1``, ``conv2``, ``conv3`` (``[B, L_i, channels]`` after the ReLU) and
 ``embedding`` (the flattened ``conv3`` output that feeds the head).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -31,13 +38,24 @@ class CNN1D(nn.Module):
 
     Attributes:
       num_classes: number of logits.
-      channels: channels of every convolution.
+      channels: channels of every convolution, or one per convolution ``(c1, c2, c3)``.
       kernel_size: kernel of the first convolution (the later two use 3, as in the reference).
+      tie_convs: ``conv3`` reuses ``conv2``'s parameters.
     """
 
     num_classes: int
-    channels: int = 25
+    channels: int | Sequence[int] = 25
     kernel_size: int = 5
+    tie_convs: bool = False
+
+    def widths(self) -> tuple[int, int, int]:
+        """The output channels of ``conv1``, ``conv2``, ``conv3``."""
+        if isinstance(self.channels, int):
+            return (self.channels,) * 3
+        widths = tuple(int(c) for c in self.channels)
+        if len(widths) != 3:
+            raise ValueError(f"cnn1d: channels must be an int or 3 ints, got {self.channels!r}")
+        return widths
 
     @nn.compact
     def __call__(
@@ -50,11 +68,17 @@ class CNN1D(nn.Module):
             x = x[..., None]
         if x.ndim != 3:
             raise ValueError(f"cnn1d expects signals [B, L] or [B, L, C], got shape {x.shape}")
+        widths = self.widths()
+        if self.tie_convs and len(set(widths)) > 1:
+            raise ValueError(f"cnn1d: tie_convs=True needs equal channels, got {widths}")
         features: dict[str, jax.Array] = {}
-        for i, kernel in enumerate((self.kernel_size, 3, 3), start=1):
-            conv = nn.Conv(
-                self.channels, (kernel,), strides=(2,), padding=[(1, 1)], name=f"conv{i}"
-            )
+        kernels = (self.kernel_size, 3, 3)
+        convs = [nn.Conv(c, (k,), strides=(2,), padding=[(1, 1)], name=f"conv{i}")
+                 for i, (c, k) in enumerate(zip(widths, kernels, strict=True), start=1)
+                 if not (self.tie_convs and i == 3)]
+        if self.tie_convs:
+            convs.append(convs[1])
+        for i, conv in enumerate(convs, start=1):
             x = nn.relu(conv(x))
             features[f"conv{i}"] = x
         embedding = x.reshape(x.shape[0], -1)

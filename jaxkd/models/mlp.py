@@ -10,6 +10,11 @@ Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015), u
 (Greydanus, "Scaling down deep learning", 2020) uses a 40-100-100-10 MLP.
 
 Named layers: ``hidden1`` ... ``hiddenN`` and ``head``.
+
+Cross-layer parameter sharing (ALBERT, Lan et al. 2020, "ALBERT: A Lite BERT"): with
+``tie_hidden=True`` the layers ``hidden2`` ... ``hiddenN`` are one ``Dense`` applied ``N - 1``
+times (its parameters live under ``hidden2``), so the model has ``(N - 2) (w^2 + w)`` fewer
+parameters; every hidden width must then be equal.
 Features (``return_features=True``): ``hidden1`` ... ``hiddenN`` ``[B, w_i]`` after the ReLU and
 before dropout, and ``embedding``, the last hidden layer (the flattened input when ``widths`` is
 empty). In eval mode ``head(embedding)`` are the logits; in train mode the head sees
@@ -33,12 +38,14 @@ class MLP(nn.Module):
       widths: hidden layer widths, input side first; ``()`` gives logistic regression.
       dropout_rate: dropout on every hidden layer's output (rng stream ``'dropout'``).
       input_dropout_rate: dropout on the flattened input.
+      tie_hidden: share one set of parameters between ``hidden2`` ... ``hiddenN``.
     """
 
     num_classes: int
     widths: Sequence[int] = (1200, 1200)
     dropout_rate: float = 0.0
     input_dropout_rate: float = 0.0
+    tie_hidden: bool = False
 
     @nn.compact
     def __call__(
@@ -49,8 +56,12 @@ class MLP(nn.Module):
         features: dict[str, jax.Array] = {}
         h = nn.Dropout(self.input_dropout_rate, deterministic=not train)(x)
         embedding = x
+        if self.tie_hidden and len(set(self.widths)) > 1:
+            raise ValueError(f"mlp: tie_hidden=True needs equal widths, got {tuple(self.widths)}")
+        shared = nn.Dense(self.widths[0], name="hidden2") if self.tie_hidden else None
         for i, width in enumerate(self.widths, start=1):
-            embedding = nn.relu(nn.Dense(width, name=f"hidden{i}")(h))
+            layer = shared if shared is not None and i >= 2 else nn.Dense(width, name=f"hidden{i}")
+            embedding = nn.relu(layer(h))
             features[f"hidden{i}"] = embedding
             h = nn.Dropout(self.dropout_rate, deterministic=not train)(embedding)
         features["embedding"] = embedding
