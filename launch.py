@@ -47,12 +47,17 @@ def main(argv: list[str]) -> int:
             coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
-    from jaxkd import chain, preemption, train
+    from jaxkd import chain, compression, preemption, train
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
     try:
-        run = chain.run_chain if chain.is_chain(config) else train.train_and_evaluate
+        if chain.is_chain(config):
+            run = chain.run_chain
+        elif compression.stages(config):
+            run = compression.run_pipeline
+        else:
+            run = train.train_and_evaluate
         run(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except preemption.Preempted as e:
         print(f"jaxkd: {e}", file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxkd import metrics, train
+from jaxkd import compression, metrics, train
 
 STAGE_PREFIX = "stage:"
 
@@ -63,12 +63,14 @@ def run_chain(config: ml_collections.ConfigDict, workdir: str, *,
         summary = metrics.read_summary(stage_dir)
         if summary is None:
             print(f"=== stage {name} -> {stage_dir}", flush=True)
-            summary = train.train_and_evaluate(run, stage_dir,
-                                               allow_config_change=allow_config_change)
+            runner = (compression.run_pipeline if compression.stages(run)
+                      else train.train_and_evaluate)
+            summary = runner(run, stage_dir, allow_config_change=allow_config_change)
         else:
             print(f"=== stage {name}: finished earlier ({stage_dir})", flush=True)
         rows[name] = {k: summary.get(k) for k in
-                      ("model", "accuracy", "num_params", "params_bytes", "train_steps_per_sec")}
+                      ("model", "method", "accuracy", "num_params", "artifact_bytes",
+                       "train_steps_per_sec")}
         done.append(name)
     table = format_table(rows)
     print(table, flush=True)
@@ -78,12 +80,13 @@ def run_chain(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table: stage, model, accuracy, parameters, bytes, steps/s."""
-    lines = ["| stage | model | accuracy | params | bytes | train steps/s |",
-             "|---|---|---:|---:|---:|---:|"]
+    """A Markdown table: stage, model, method, accuracy, parameters, artifact bytes, steps/s."""
+    lines = ["| stage | model | method | accuracy | params | artifact bytes | train steps/s |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for name, r in rows.items():
         rate = r.get("train_steps_per_sec")
         rate_text = f"{rate:.1f}" if rate else "n/a"
-        lines.append(f"| {name} | {r['model']} | {100 * r['accuracy']:.2f} % | "
-                     f"{r['num_params']:,} | {r['params_bytes']:,} | {rate_text} |")
+        lines.append(f"| {name} | {r['model']} | {r.get('method') or 'n/a'} | "
+                     f"{100 * r['accuracy']:.2f} % | {r['num_params']:,} | "
+                     f"{r['artifact_bytes']:,} | {rate_text} |")
     return "\n".join(lines)

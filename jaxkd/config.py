@@ -12,10 +12,11 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from jaxkd.compression import default_compression_config
 from jaxkd.data import pipeline
 from jaxkd.pruning import default_pruning_config
 from jaxkd.quant import default_quantization_config
-from jaxkd.sharing import default_clustering_config
+from jaxkd.sharing import default_clustering_config, default_merging_config
 from jaxkd.student_init import default_init_config
 
 
@@ -72,6 +73,13 @@ def run_config(dataset: str, model: str, **model_kwargs) -> ml_collections.Confi
     c.pruning = default_pruning_config()
     # Weight clustering (Deep Compression): the optimizer trains k centroids per layer.
     c.clustering = default_clustering_config()
+    # Similarity merging (Srinivas & Babu 2015), applied to the trained model at export.
+    c.merging = default_merging_config()
+    # Ordered stages (prune -> cluster -> quantize), each a run continuing the previous.
+    c.compression = default_compression_config()
+    # The artifact: entropy_coding compresses its tensor files with zlib (Deep Compression's
+    # final Huffman stage) when that makes them smaller.
+    c.export = ml_collections.ConfigDict({"entropy_coding": False})
 
     c.log_every_steps = 100
     c.eval_every_steps = 1000

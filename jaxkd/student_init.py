@@ -1,7 +1,9 @@
 """Students initialised from the teacher's weights ("parameter distillation").
 
 Instead of a random draw, the student starts from a slice of a trained teacher of the same
-family, then is distilled as usual. Two methods (``config.init.method``):
+family, then is distilled as usual. Two methods (``config.init.method``), and ``copy``, which
+continues the same model from a finished run (each stage of a ``jaxkd.compression`` pipeline
+starts where the previous one ended):
 
 ``layer_select``: a *shallower* student of the same width keeps chosen teacher layers, in
 order, as DistilBERT keeps one layer out of two (Sanh, Debut, Chaumond & Wolf, "DistilBERT,
@@ -60,7 +62,7 @@ from jaxkd.models.mlp import MLP
 from jaxkd.models.resnet import BasicBlock, CifarResNet
 from jaxkd.models.wrn import WideResNet
 
-METHODS = ("", "layer_select", "prune_width")
+METHODS = ("", "copy", "layer_select", "prune_width")
 
 _FAMILIES = {MLP: "mlp", CNN1D: "cnn1d", LeNet5: "lenet5", CifarResNet: "CIFAR ResNet",
              WideResNet: "WRN"}
@@ -75,7 +77,7 @@ Plan = dict[tuple[str, ...], tuple[np.ndarray | None, np.ndarray | None]]
 def default_init_config() -> ml_collections.ConfigDict:
     """``config.init``: how the student's weights start (random by default)."""
     return ml_collections.ConfigDict({
-        "method": "",  # '' (random init) | 'layer_select' | 'prune_width'
+        "method": "",  # '' (random init) | 'copy' | 'layer_select' | 'prune_width'
         # Finished run whose weights seed the student; '' = the distillation teacher.
         "teacher_workdir": "",
         # layer_select: kept teacher layers (MLP) or blocks per stage (ResNets), 0-based, in
@@ -120,9 +122,11 @@ def init_from_teacher(
     method = init.get("method") or ""
     if method not in METHODS:
         raise ValueError(f"config.init.method={method!r} is unknown; choose one of: "
-                         f"'' (random init), 'layer_select', 'prune_width'")
+                         f"'' (random init), 'copy', 'layer_select', 'prune_width'")
     if not method:
         return dict(student_variables)
+    if method == "copy":
+        return copy_variables(teacher_variables, student_variables)
     _check_families(method, teacher_model, student_model)
     teacher_flat = traverse_util.flatten_dict(jax.device_get(dict(teacher_variables)))
     if method == "layer_select":
@@ -198,6 +202,26 @@ def mean_abs_activations(model: nn.Module, variables: Mapping[str, Any], images:
         for site, value in jax.device_get(chunk_means(host_variables, jnp.asarray(chunk))).items():
             total[site] = total.get(site, 0.0) + np.asarray(value, np.float64) * len(chunk) / n
     return total
+
+
+def copy_variables(source: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
+    """``source``'s variables as host arrays, checked to have ``target``'s tree, shapes and
+    dtypes: the same model continued (a compression stage starting where the previous one
+    ended, ``jaxkd.compression``)."""
+    got = traverse_util.flatten_dict(jax.device_get(dict(source)))
+    want = traverse_util.flatten_dict(dict(target))
+    if set(got) != set(want):
+        missing = sorted("/".join(k) for k in set(want) - set(got))
+        extra = sorted("/".join(k) for k in set(got) - set(want))
+        raise ValueError(f"config.init.method='copy' needs the same model: the source lacks "
+                         f"{missing or 'nothing'} and has extra {extra or 'nothing'}")
+    for key, leaf in want.items():
+        if tuple(np.shape(got[key])) != tuple(leaf.shape):
+            raise ValueError(f"config.init.method='copy' needs the same model: "
+                             f"{'/'.join(key)} has shape {tuple(np.shape(got[key]))} in the "
+                             f"source and {tuple(leaf.shape)} here")
+    return traverse_util.unflatten_dict(
+        {k: np.asarray(v, want[k].dtype) for k, v in got.items()})
 
 
 def _check_families(method: str, teacher_model: nn.Module, student_model: nn.Module) -> None:

@@ -347,14 +347,67 @@ def init_from_teacher(config: ml_collections.ConfigDict, model: nn.Module,
 
 
 def method_name(config: ml_collections.ConfigDict, *, distilled: bool) -> str:
-    """A short name of what the run did, for reports: e.g. ``qat-w4a8+kd``."""
+    """A short name of what the run did, for reports: e.g. ``qat-w4a8+kd`` or
+    ``magnitude-90%>cluster16>qat-w8+kd``."""
+    parts = []
+    pc = config.pruning
+    if pc.enabled:
+        if pc.pattern == "n:m":
+            parts.append(f"{pc.method}-{pc.n}:{pc.m}")
+        else:
+            structured = "channels-" if pc.pattern == "channels" else ""
+            parts.append(f"{pc.method}-{structured}{round(100 * pc.sparsity)}%")
+    if config.clustering.enabled:
+        parts.append(f"cluster{config.clustering.num_clusters}")
+    if config.merging.enabled:
+        parts.append(f"merge-{config.merging.metric}{config.merging.threshold:g}")
+    kwargs = config.model.get("kwargs", {})
+    if kwargs.get("tie_hidden") or kwargs.get("tie_convs"):
+        parts.append("tied")
     qc = config.quantization
-    name = "fp32"
     if qc.enabled:
-        name = (f"{'qat' if qc.qat else 'ptq'}-w{qc.weight_bits}"
-                f"{f'a{qc.activation_bits}' if qc.activation_bits else ''}"
-                f"{'-lsq' if qc.method == 'lsq' else ''}")
-    return name + ("+kd" if distilled else "")
+        parts.append(f"{'qat' if qc.qat else 'ptq'}-w{qc.weight_bits}"
+                     f"{f'a{qc.activation_bits}' if qc.activation_bits else ''}"
+                     f"{'-lsq' if qc.method == 'lsq' else ''}")
+    return ">".join(parts or ["fp32"]) + ("+kd" if distilled else "")
+
+
+def shrink_for_export(config: ml_collections.ConfigDict, params: Any, opt_state: Any
+                      ) -> tuple[Any, dict[str, Any]]:
+    """The parameters and model kwargs of the physically smaller model that the artifact
+    holds: channels removed by ``config.pruning.pattern='channels'`` (``shrink_channels``)
+    and neurons merged by ``config.merging`` (``merge_layers``). Unchanged otherwise."""
+    kwargs = config.model.get("kwargs", {}).to_dict()
+    shrink = config.pruning.enabled and config.pruning.pattern == "channels"
+    if not shrink and not config.merging.enabled:
+        return params, kwargs
+    params = jax.device_get(params)
+    if shrink:
+        params, _ = pruning.shrink_channels(params, pruning.get_masks(opt_state))
+    if config.merging.enabled:
+        params, _, _ = sharing.merge_layers(params, config.merging)
+    chain = pruning.shrinkable_layers(params)
+    widths = tuple(int(np.shape(params[p]["kernel"])[-1]) for p in chain)
+    kwargs["channels" if config.model.name == "cnn1d" else "widths"] = widths
+    return params, kwargs
+
+
+def check_shrink(config: ml_collections.ConfigDict) -> None:
+    """Physical shrinking (channel pruning, merging) needs an untied mlp or cnn1d."""
+    shrink = config.pruning.enabled and config.pruning.pattern == "channels"
+    if not (shrink or config.merging.enabled):
+        return
+    field = "config.merging.enabled" if config.merging.enabled else "config.pruning.pattern"
+    kwargs = config.model.get("kwargs", {})
+    if config.model.name not in ("mlp", "cnn1d"):
+        raise ValueError(f"{field}: physically shrinking layers supports the mlp and cnn1d "
+                         f"models, not config.model.name={config.model.name!r}")
+    if kwargs.get("tie_hidden") or kwargs.get("tie_convs"):
+        raise ValueError(f"{field}: tied layers (config.model.kwargs.tie_*) cannot shrink "
+                         "one at a time")
+    if config.quantization.enabled and config.quantization.method == "lsq":
+        raise ValueError(f"{field} with config.quantization.method='lsq' is not supported "
+                         "(the learned per-channel steps would need shrinking too)")
 
 
 def export_artifact(config: ml_collections.ConfigDict, model: nn.Module,
@@ -366,7 +419,10 @@ def export_artifact(config: ml_collections.ConfigDict, model: nn.Module,
     artifact holds integer weights, evaluated on the integer path (int8 x int8 -> int32).
     """
     qc = config.quantization
-    variables = model_variables(quant.strip_steps(state.params), state.batch_stats)
+    params, kwargs = shrink_for_export(config, quant.strip_steps(state.params), state.opt_state)
+    if kwargs != config.model.get("kwargs", {}).to_dict():
+        model = models.get_model(config.model.name, num_classes=info.num_classes, **kwargs)
+    variables = model_variables(params, state.batch_stats)
     ranges = None
     if qc.enabled:
         if qc.method == "lsq":  # the learned step sizes are part of the quantized model
@@ -378,9 +434,10 @@ def export_artifact(config: ml_collections.ConfigDict, model: nn.Module,
                                  percentile=qc.percentile)
     directory = os.path.join(workdir, ARTIFACT_DIR)
     if jax.process_index() == 0:
-        export.export(directory, config.model.name, config.model.get("kwargs", {}).to_dict(),
-                      info.num_classes, variables, qc if qc.enabled else None, ranges,
-                      extra_metrics, input_shape=info.input_shape, overwrite=True)
+        export.export(directory, config.model.name, kwargs, info.num_classes, variables,
+                      qc if qc.enabled else None, ranges,
+                      extra_metrics, input_shape=info.input_shape, overwrite=True,
+                      entropy_coding=bool(config.export.entropy_coding))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -389,6 +446,8 @@ def export_artifact(config: ml_collections.ConfigDict, model: nn.Module,
     artifact_eval = export.evaluate(predict, pipeline.eval_batches(
         config.data, split=config.data.eval_split, batch_size=config.eval_batch_size))
     return {"artifact_eval": artifact_eval, "artifact_bytes": export.artifact_bytes(directory),
+            "artifact_num_params": models.count_params(params),
+            "artifact_model_kwargs": kwargs,
             "eval_latency_ms": artifact_eval.get("eval_latency_ms")}
 
 
@@ -500,6 +559,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     Everything the config names is checked before anything is compiled; a ``workdir`` that
     holds checkpoints of a different config is refused unless ``allow_config_change``.
     """
+    if config.get("compression") is not None and config.compression.stages:
+        raise ValueError(f"config.compression.stages={list(config.compression.stages)} makes "
+                         "this a pipeline of runs: use jaxkd.compression.run_pipeline "
+                         "(launch.py does)")
     _check_batch_sizes(config)
     _check_workdir(workdir, config, allow_config_change)
     info = pipeline.get_info(config.data)
@@ -539,6 +602,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ensemble=config.distill.get("ensemble", "sum_losses"))
     lr, tx = build_optimizer(config, info)
 
+    check_shrink(config)
     if config.pruning.enabled:  # one-line errors naming config.pruning.<field>
         abstract_params = jax.eval_shape(lambda: model.init(
             jax.random.PRNGKey(0), jnp.zeros((1, *info.input_shape), jnp.float32)))["params"]
