@@ -3,9 +3,11 @@
     python -m jaxkd.report RUN_DIR... --out DIR [--baseline RUN_DIR]
 
 Reads ``RUN_DIR/summary.json`` of every run. Fields used (missing ones are tolerated):
-``accuracy`` (else ``eval.accuracy``), ``num_params``, ``artifact_bytes`` (bytes on disk of
-the exported artifact; else ``params_bytes``, the float weights file), ``method`` (the
-row's label; else the run directory's name) and ``eval_latency_ms``. Runs with the same
+``accuracy`` (else ``eval.accuracy``), ``artifact_num_params`` (else ``num_params``),
+``storage.nonzero_weights`` (the artifact's nonzero kernel weights, else read from its
+manifest), ``artifact_bytes`` (bytes on disk of the exported artifact; else
+``params_bytes``, the float weights file), ``method`` (the row's label; else the run
+directory's name) and ``eval_latency_ms``. Runs with the same
 method (e.g. three seeds) are one row: accuracy as mean ± sample std over the runs.
 
 Writes ``DIR/report.md`` (method, accuracy, params, bytes on disk, size relative to the
@@ -47,11 +49,20 @@ def read_run(run_dir: str) -> dict[str, Any]:
     if accuracy is None and isinstance(summary.get("eval"), dict):
         accuracy = summary["eval"].get("accuracy")
     size = summary.get("artifact_bytes") or summary.get("params_bytes")
+    storage = summary.get("storage")
+    last = summary["stage_order"][-1] if summary.get("stage_order") else ""  # a pipeline
+    manifest = os.path.join(run_dir, last, "artifact", "manifest.json")
+    if storage is None and os.path.isfile(manifest):  # summaries older than the field
+        with open(manifest) as f:
+            storage = json.load(f).get("storage")
     return {
         "run_dir": run_dir,
         "method": str(summary.get("method") or os.path.basename(os.path.normpath(run_dir))),
         "accuracy": None if accuracy is None else float(accuracy),
-        "num_params": summary.get("num_params"),
+        # The stored model's parameters (a channel-pruned or merged model is smaller), and
+        # its kernels' nonzero weights (pruning), when the summary has them.
+        "num_params": summary.get("artifact_num_params") or summary.get("num_params"),
+        "nonzero_weights": (storage or {}).get("nonzero_weights"),
         "bytes": None if size is None else int(size),
         "eval_latency_ms": summary.get("eval_latency_ms"),
     }
@@ -77,6 +88,7 @@ def group_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "accuracy": float(np.mean(accs)) if accs else None,
             "accuracy_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
             "num_params": _mean([m["num_params"] for m in members]),
+            "nonzero_weights": _mean([m.get("nonzero_weights") for m in members]),
             "bytes": _mean([m["bytes"] for m in members]),
             "eval_latency_ms": _mean([m["eval_latency_ms"] for m in members]),
         })
@@ -126,9 +138,9 @@ def _tick_bytes(n: float, _pos: Any = None) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
     """The report's table (one line per row; ``—`` where a value is missing)."""
     lines = [
-        "| method | runs | accuracy (%) | params | bytes on disk | size vs fp32 | compression "
-        "| eval latency (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | runs | accuracy (%) | params | nonzero weights | bytes on disk | size vs fp32 "
+        "| compression | eval latency (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = baseline["bytes"] if baseline else None
     for r in rows:
@@ -142,9 +154,12 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: dict[str, Any] | No
             size_ratio = f"{r['bytes'] / base:.3f}×"
             compression = f"{base / r['bytes']:.2f}×"
         params = MISSING if r["num_params"] is None else f"{int(round(r['num_params'])):,}"
+        nonzero = r.get("nonzero_weights")
+        nonzero = MISSING if nonzero is None else f"{int(round(nonzero)):,}"
         latency = MISSING if r["eval_latency_ms"] is None else f"{r['eval_latency_ms']:.2f}"
         name = r["method"] + (" (baseline)" if r is baseline else "")
-        lines.append(f"| {name} | {r['runs']} | {acc} | {params} | {_fmt_bytes(r['bytes'])} "
+        lines.append(f"| {name} | {r['runs']} | {acc} | {params} | {nonzero} "
+                     f"| {_fmt_bytes(r['bytes'])} "
                      f"| {size_ratio} | {compression} | {latency} |")
     return "\n".join(lines) + "\n"
 

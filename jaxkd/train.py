@@ -442,11 +442,12 @@ def export_artifact(config: ml_collections.ConfigDict, model: nn.Module,
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("jaxkd export")
-    predict, _ = export.load(directory)
+    predict, manifest = export.load(directory)
     artifact_eval = export.evaluate(predict, pipeline.eval_batches(
         config.data, split=config.data.eval_split, batch_size=config.eval_batch_size))
     return {"artifact_eval": artifact_eval, "artifact_bytes": export.artifact_bytes(directory),
             "artifact_num_params": models.count_params(params),
+            "storage": export.storage_report(manifest),
             "artifact_model_kwargs": kwargs,
             "eval_latency_ms": artifact_eval.get("eval_latency_ms")}
 

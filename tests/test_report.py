@@ -28,7 +28,7 @@ def runs(tmp_path):
         write_run(tmp_path, "fp32-s0", method="fp32", accuracy=0.94, eval_latency_ms=0.8, **base),
         write_run(tmp_path, "fp32-s1", method="fp32", accuracy=0.92, eval_latency_ms=1.0, **base),
         write_run(tmp_path, "int8", method="qat-int8", accuracy=0.935, artifact_bytes=8_344,
-                  **base),
+                  storage={"nonzero_weights": 2_600}, **base),
         write_run(tmp_path, "int4", method="qat-int4", accuracy=0.90, artifact_bytes=5_800,
                   **base),
         write_run(tmp_path, "ptq8", method="ptq-int8", accuracy=0.91, artifact_bytes=8_400,
@@ -63,11 +63,11 @@ def test_table_groups_seeds_and_divides_by_the_fp32_baseline(runs, tmp_path):
     lines = (out / "report.md").read_text().splitlines()
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in lines if line.startswith("| ") and "---" not in line}
-    assert table["fp32 (baseline)"] == ["2", "93.00 ± 1.41", "5,210", "22.9 kB (22,852 B)",
-                                        "1.000×", "1.00×", "0.90"]
-    assert table["qat-int8"] == ["1", "93.50", "5,210", "8.3 kB (8,344 B)",
+    assert table["fp32 (baseline)"] == ["2", "93.00 ± 1.41", "5,210", "—",
+                                        "22.9 kB (22,852 B)", "1.000×", "1.00×", "0.90"]
+    assert table["qat-int8"] == ["1", "93.50", "5,210", "2,600", "8.3 kB (8,344 B)",
                                  f"{8344 / 22852:.3f}×", f"{22852 / 8344:.2f}×", "—"]
-    assert table["legacy"] == ["1", "50.00", "—", "—", "—", "—", "—"]
+    assert table["legacy"] == ["1", "50.00", "—", "—", "—", "—", "—", "—"]
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
