@@ -19,11 +19,13 @@ Deep Compression prunes and clusters every layer):
   sparsity (gradual, Zhu & Gupta, over the first 3/4 of the fine-tuning); magnitude 2:4;
   50 % of the hidden neurons by L1 norm (exported physically smaller);
 - clustering with 16 / 8 / 4 shared values per layer (linear init, Han et al.);
-- similarity merging (Srinivas & Babu) of the dense model's hidden neurons, at export;
+- similarity merging (Srinivas & Babu) of the hidden neurons: of the fine-tuned model at
+  export (cosine > 0.6, data-free as in the paper), and of ``dense`` before the fine-tuning
+  (cosine > 0.5, ``merging.at='start'``);
 - cross-layer sharing: an MLP of 4 hidden layers of the same width whose ``hidden2..4``
   are one shared layer (``tie_hidden``; trained like ``dense``, from scratch: a different
   architecture, as many unique parameters as ``dense`` for twice its depth);
-- the full pipeline (``config.compression``): prune 90 % -> 16 clusters -> QAT int8
+- the full pipeline (``config.compression``): Fisher-prune 90 % -> 16 clusters -> QAT int8
   (per-tensor scales, so clusters stay clusters), with entropy coding of the artifact.
 """
 
@@ -110,11 +112,15 @@ def variants(setup: str, seed: int, dense: str, cnn: str | None):
     c = fine_tune(setup, seed, dense)
     c.merging.update(enabled=True, metric="cosine", threshold=MERGE_COSINE)
     out["merge"] = c
+    c = fine_tune(setup, seed, dense)
+    c.merging.update(enabled=True, metric="cosine", threshold=MERGE_COSINE_THEN_TRAIN,
+                     at="start")
+    out["merge_train"] = c
     width = SETUPS[setup][1][0]  # 4 hidden layers, hidden2..4 one shared layer
     c = base(setup, seed, widths=(width,) * 4, tie_hidden=True)
     out["tied"] = distilled(c, cnn) if cnn else c
     c = fine_tune(setup, seed, dense)
-    c.pruning.update(sparsity=0.9)
+    c.pruning.update(method="fisher", sparsity=0.9)  # the best 90 % scores in the table
     c.clustering.update(num_clusters=16)
     c.quantization.update(weight_bits=8, activation_bits=8, per_channel=False)
     c.compression.stages = ("prune", "cluster", "quantize")
@@ -123,7 +129,8 @@ def variants(setup: str, seed: int, dense: str, cnn: str | None):
     return out
 
 
-MERGE_COSINE = 0.6
+MERGE_COSINE = 0.6  # data-free, at export: only near-duplicates
+MERGE_COSINE_THEN_TRAIN = 0.5  # merged before the fine-tuning, which recovers
 
 
 def one_seed(setup: str, seed: int, root: str, only: str | None) -> list[str]:

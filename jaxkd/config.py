@@ -110,6 +110,10 @@ def smoke(c: ml_collections.ConfigDict, *, steps: int = 2, batch_size: int = 8
         run.log_every_steps = 1
         run.eval_every_steps = steps
         run.checkpoint_every_steps = steps
+        if run.get("pruning") is not None and run.pruning.end_step >= steps:
+            run.pruning.end_step = -1  # the ramp must end inside the shortened run
+        if run.get("compression") is not None and run.compression.num_steps:
+            run.compression.num_steps = (steps,) * len(run.compression.num_steps)
     return c
 
 

@@ -339,6 +339,13 @@ def init_from_teacher(config: ml_collections.ConfigDict, model: nn.Module,
         init, teacher_model=source.model, teacher_variables=source.variables,
         student_model=model, student_variables=model_variables(state.params, state.batch_stats),
         calibration_images=images)
+    return start_from(state, variables, tx, sharding)
+
+
+def start_from(state: TrainState, variables: dict[str, Any], tx: optax.GradientTransformation,
+               sharding: NamedSharding) -> TrainState:
+    """``state`` with the model ``variables`` put on the devices and a fresh optimizer
+    state for them (masks and codebooks are computed from these weights)."""
     variables = jax.device_put(variables, sharding)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     opt_state = jax.jit(tx.init, out_shardings=sharding)(
@@ -360,7 +367,8 @@ def method_name(config: ml_collections.ConfigDict, *, distilled: bool) -> str:
     if config.clustering.enabled:
         parts.append(f"cluster{config.clustering.num_clusters}")
     if config.merging.enabled:
-        parts.append(f"merge-{config.merging.metric}{config.merging.threshold:g}")
+        parts.append(f"merge-{config.merging.metric}{config.merging.threshold:g}"
+                     f"{'-then-train' if config.merging.at == 'start' else ''}")
     kwargs = config.model.get("kwargs", {})
     if kwargs.get("tie_hidden") or kwargs.get("tie_convs"):
         parts.append("tied")
@@ -372,24 +380,49 @@ def method_name(config: ml_collections.ConfigDict, *, distilled: bool) -> str:
     return ">".join(parts or ["fp32"]) + ("+kd" if distilled else "")
 
 
-def shrink_for_export(config: ml_collections.ConfigDict, params: Any, opt_state: Any
-                      ) -> tuple[Any, dict[str, Any]]:
+def _with_widths(config: ml_collections.ConfigDict, kwargs: dict[str, Any], params: Any
+                 ) -> dict[str, Any]:
+    """``kwargs`` with the hidden widths (``mlp``) or channels (``cnn1d``) of ``params``."""
+    chain = pruning.shrinkable_layers(params)
+    widths = tuple(int(np.shape(params[p]["kernel"])[-1]) for p in chain)
+    return {**kwargs, ("channels" if config.model.name == "cnn1d" else "widths"): widths}
+
+
+def shrink_for_export(config: ml_collections.ConfigDict, params: Any, opt_state: Any,
+                      kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The parameters and model kwargs of the physically smaller model that the artifact
     holds: channels removed by ``config.pruning.pattern='channels'`` (``shrink_channels``)
-    and neurons merged by ``config.merging`` (``merge_layers``). Unchanged otherwise."""
-    kwargs = config.model.get("kwargs", {}).to_dict()
+    and neurons merged by ``config.merging`` at export (``merge_layers``). Unchanged
+    otherwise. ``kwargs``: the trained model's."""
     shrink = config.pruning.enabled and config.pruning.pattern == "channels"
-    if not shrink and not config.merging.enabled:
+    merge = config.merging.enabled and config.merging.at == "export"
+    if not shrink and not merge:
         return params, kwargs
     params = jax.device_get(params)
     if shrink:
         params, _ = pruning.shrink_channels(params, pruning.get_masks(opt_state))
-    if config.merging.enabled:
+    if merge:
         params, _, _ = sharing.merge_layers(params, config.merging)
-    chain = pruning.shrinkable_layers(params)
-    widths = tuple(int(np.shape(params[p]["kernel"])[-1]) for p in chain)
-    kwargs["channels" if config.model.name == "cnn1d" else "widths"] = widths
-    return params, kwargs
+    return params, _with_widths(config, kwargs, params)
+
+
+def merge_at_start(config: ml_collections.ConfigDict, sharding: NamedSharding
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``config.merging.at='start'``: the variables that ``config.init`` copies, with their
+    similar neurons merged, and the model kwargs of that smaller model."""
+    init = config.init
+    if init.method != "copy":
+        raise ValueError("config.merging.at='start' merges the weights that config.init "
+                         f"copies: set config.init.method='copy' (got {init.method!r})")
+    workdir = init.teacher_workdir or config.distill.teacher.workdir
+    if not workdir:
+        raise ValueError("config.merging.at='start' needs config.init.teacher_workdir")
+    source = load_teacher(workdir, sharding=sharding, field="config.init.teacher_workdir")
+    params, _, _ = sharing.merge_layers(jax.device_get(source.variables["params"]),
+                                        config.merging)
+    kwargs = _with_widths(config, config.model.get("kwargs", {}).to_dict(), params)
+    variables = {**jax.device_get(source.variables), "params": params}
+    return variables, kwargs
 
 
 def check_shrink(config: ml_collections.ConfigDict) -> None:
@@ -412,15 +445,19 @@ def check_shrink(config: ml_collections.ConfigDict) -> None:
 
 def export_artifact(config: ml_collections.ConfigDict, model: nn.Module,
                     info: pipeline.DatasetInfo, state: TrainState, workdir: str,
-                    extra_metrics: dict[str, Any]) -> dict[str, Any]:
+                    extra_metrics: dict[str, Any], model_kwargs: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
     """Exports ``workdir/artifact`` and evaluates it as loaded from disk.
 
     With ``config.quantization.enabled`` the activations are calibrated first and the
     artifact holds integer weights, evaluated on the integer path (int8 x int8 -> int32).
     """
     qc = config.quantization
-    params, kwargs = shrink_for_export(config, quant.strip_steps(state.params), state.opt_state)
-    if kwargs != config.model.get("kwargs", {}).to_dict():
+    trained_kwargs = dict(config.model.get("kwargs", {}).to_dict() if model_kwargs is None
+                          else model_kwargs)
+    params, kwargs = shrink_for_export(config, quant.strip_steps(state.params), state.opt_state,
+                                       trained_kwargs)
+    if kwargs != trained_kwargs:
         model = models.get_model(config.model.name, num_classes=info.num_classes, **kwargs)
     variables = model_variables(params, state.batch_stats)
     ranges = None
@@ -571,8 +608,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
 
-    model = models.get_model(config.model.name, num_classes=info.num_classes,
-                             **config.model.get("kwargs", {}))
+    model_kwargs = config.model.get("kwargs", {}).to_dict()
+    start_variables = None
+    if config.merging.enabled and config.merging.at == "start":  # merge, then train
+        start_variables, model_kwargs = merge_at_start(config, replicated)
+    model = models.get_model(config.model.name, num_classes=info.num_classes, **model_kwargs)
     qc = config.quantization
     if qc.enabled:
         quant.settings(qc)  # one-line errors naming config.quantization.<field>
@@ -625,7 +665,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             {"model": params, "adapters": state.adapters}))
     abstract_state = checkpoint.abstract_like(state)
     initialised = False
-    if config.init.method and checkpoint.latest_step(workdir) is None:
+    if start_variables is not None and checkpoint.latest_step(workdir) is None:
+        state = start_from(state, start_variables, tx, replicated)
+        initialised = True
+    elif config.init.method and checkpoint.latest_step(workdir) is None:
         # A fresh run only (a resumed one has its own weights); before any file is written.
         state = init_from_teacher(config, model, tx, state, teachers, replicated)
         initialised = True
@@ -634,7 +677,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if restored is not None:
         state = restored
         print(f"Resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
-    elif config.init.method and not initialised:  # every checkpoint was unusable
+    elif start_variables is not None and not initialised:  # every checkpoint was unusable
+        state = start_from(state, start_variables, tx, replicated)
+    elif config.init.method and not initialised:
         state = init_from_teacher(config, model, tx, state, teachers, replicated)
     if restored is None and config.clustering.enabled:
         # Snap each clustered kernel to its codebook once; updates keep it clustered.
@@ -643,7 +688,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             state.params, clusters.codebooks, clusters.assignments))
     if jax.process_index() == 0:
         checkpoint.write_json(os.path.join(workdir, checkpoint.MODEL_FILE), {
-            "name": config.model.name, "kwargs": config.model.get("kwargs", {}).to_dict(),
+            "name": config.model.name, "kwargs": model_kwargs,
             "num_classes": info.num_classes, "input_shape": list(info.input_shape)})
         checkpoint.write_config(workdir, config)
 
@@ -725,7 +770,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     summary["method"] = method_name(config, distilled=bool(teachers or precomputed))
     # The accuracy reported is that of the exported artifact, as loaded back from disk.
     summary.update(export_artifact(config, model, info, state, workdir,
-                                   {"train_eval": final_eval}))
+                                   {"train_eval": final_eval}, model_kwargs))
     summary.update({
         "jaxkd_version": jaxkd.__version__,
         "model": config.model.name,

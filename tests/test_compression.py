@@ -248,3 +248,28 @@ def test_bad_compression_config_is_one_line(field, value, message):
     c.compression[field] = value
     with pytest.raises(ValueError, match=message):
         compression.stages(c)
+
+
+def test_merging_at_start_trains_the_smaller_model(data_dir, dense_dir, tmp_path):
+    c = small_run(data_dir, widths=(32, 32), steps=40)
+    c.merging.update(enabled=True, metric="cosine", threshold=0.3, at="start")
+    with pytest.raises(ValueError, match="config.merging.at='start' merges the weights that "
+                                         "config.init copies: set config.init.method='copy'"):
+        train.train_and_evaluate(c, str(tmp_path / "no_init"))
+    c.init.method, c.init.teacher_workdir = "copy", dense_dir
+    summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+    dense = load_weights(dense_dir)
+    merged, widths, _ = sharing.merge_layers(
+        {k.split("/")[1]: {"kernel": dense[f"params/{k.split('/')[1]}/kernel"],
+                           "bias": dense[f"params/{k.split('/')[1]}/bias"]}
+         for k in dense if k.endswith("/kernel")}, c.merging)
+    expected = [widths["hidden1"], widths["hidden2"]]
+    assert sum(expected) < 64  # something was merged
+    # The model trained (and exported) is the merged one: its kernels have the merged shapes.
+    w = load_weights(str(tmp_path / "run"))
+    assert [w[f"params/hidden{i}/kernel"].shape[-1] for i in (1, 2)] == expected
+    assert list(summary["artifact_model_kwargs"]["widths"]) == expected
+    assert summary["method"].startswith("merge-cosine0.3-then-train")
+    assert summary["num_params"] == summary["artifact_num_params"] < 40 * 32 + 32 * 32 + 32 * 10
+    dense_accuracy = train.metrics.read_summary(dense_dir)["accuracy"]
+    assert summary["accuracy"] > dense_accuracy - 0.1
