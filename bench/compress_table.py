@@ -22,9 +22,10 @@ Deep Compression prunes and clusters every layer):
 - similarity merging (Srinivas & Babu) of the hidden neurons: of the fine-tuned model at
   export (cosine > 0.6, data-free as in the paper), and of ``dense`` before the fine-tuning
   (cosine > 0.5, ``merging.at='start'``);
-- cross-layer sharing: an MLP of 4 hidden layers of the same width whose ``hidden2..4``
-  are one shared layer (``tie_hidden``; trained like ``dense``, from scratch: a different
-  architecture, as many unique parameters as ``dense`` for twice its depth);
+- cross-layer sharing (setups whose hidden widths are equal): an MLP of 4 hidden layers of
+  the same width whose ``hidden2..4`` are one shared layer (``tie_hidden``; trained like
+  ``dense``, from scratch: a different architecture, as many unique parameters as
+  ``dense`` for twice its depth);
 - the full pipeline (``config.compression``): Fisher-prune 90 % -> 16 clusters -> QAT int8
   (per-tensor scales, so clusters stay clusters), with entropy coding of the artifact.
 """
@@ -116,9 +117,10 @@ def variants(setup: str, seed: int, dense: str, cnn: str | None):
     c.merging.update(enabled=True, metric="cosine", threshold=MERGE_COSINE_THEN_TRAIN,
                      at="start")
     out["merge_train"] = c
-    width = SETUPS[setup][1][0]  # 4 hidden layers, hidden2..4 one shared layer
-    c = base(setup, seed, widths=(width,) * 4, tie_hidden=True)
-    out["tied"] = distilled(c, cnn) if cnn else c
+    widths = SETUPS[setup][1]
+    if len(set(widths)) == 1:  # 4 hidden layers of dense's width, hidden2..4 one layer
+        c = base(setup, seed, widths=widths[:1] * 4, tie_hidden=True)
+        out["tied"] = distilled(c, cnn) if cnn else c
     c = fine_tune(setup, seed, dense)
     c.pruning.update(method="fisher", sparsity=0.9)  # the best 90 % scores in the table
     c.clustering.update(num_clusters=16)
