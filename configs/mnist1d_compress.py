@@ -10,17 +10,19 @@ A chain of three stages, each in ``runs/mnist1d_compress/<stage>``:
   3. ``compressed``: ``config.compression.stages`` (default prune -> cluster -> quantize),
      each stage a run of its own in ``compressed/<stage>`` starting from the previous one
      and distilled from ``dense`` (the uncompressed model): Fisher pruning (g^2 w^2) of
-     every layer to 90 % (gradual, Zhu & Gupta, 2000 steps), then 16 shared values per layer (Han et
-     al.; 1000 steps; pruned weights stay 0), then QAT int8 with per-tensor scales (1000
-     steps; clusters stay <= 17 integers). The artifact stores sparse kernels as bitmask or
-     CSR and clustered ones as 4-bit indices into a codebook, then deflates its files.
+     every layer to 90 % (gradual, Zhu & Gupta, 2000 steps), then 16 shared values per
+     layer (Han et al.; 1000 steps; pruned weights stay 0), then QAT int8 with per-tensor
+     scales (1000 steps; clusters stay <= 17 integers). The artifact stores sparse kernels
+     as bitmask or CSR and clustered ones as 4-bit indices into a codebook, then deflates
+     its files.
 After each compression stage the run checks that the earlier stages' structure survived
 (zeros, distinct values, integer ranges) and stops with an error naming the layer if not.
 
-Expected (seed 0, 2 CPU cores, about 2 minutes): teacher about 93 %, dense about 84 %,
-compressed 62 kB -> 5.4 kB on disk (11x) at about 47 %: 90 % of this small MLP's weights
-are too many to remove at <= 0.5 pt loss (docs/compression/ has the whole table and the
-over-parameterised 300-100 MLP on digits, where they are not).
+Expected (2 CPU cores, about 2 minutes): teacher about 93 %, dense about 84 %, compressed
+62 kB -> 5.3 kB on disk (11.6x) at 63.1 +- 2.2 % (3 seeds, bench/compress_table.py): 90 %
+of this small MLP's weights are too many to remove at <= 0.5 pt loss; on the
+over-parameterised 300-100 MLP on digits the same pipeline loses 0.4 pt for 20x
+(docs/compression/).
 Smoke test: ``:smoke``.
 """
 
