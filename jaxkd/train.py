@@ -608,6 +608,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
 
+    check_shrink(config)
     model_kwargs = config.model.get("kwargs", {}).to_dict()
     start_variables = None
     if config.merging.enabled and config.merging.at == "start":  # merge, then train
@@ -643,7 +644,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ensemble=config.distill.get("ensemble", "sum_losses"))
     lr, tx = build_optimizer(config, info)
 
-    check_shrink(config)
     if config.pruning.enabled:  # one-line errors naming config.pruning.<field>
         abstract_params = jax.eval_shape(lambda: model.init(
             jax.random.PRNGKey(0), jnp.zeros((1, *info.input_shape), jnp.float32)))["params"]
