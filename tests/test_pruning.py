@@ -496,3 +496,17 @@ def test_wrapper_errors_are_one_line_and_name_the_field():
     tx = pruning.masked(optax.adam(1e-3), config(layers="conv.*"), total_steps=10)
     with pytest.raises(ValueError, match=r"^config\.pruning\.layers='conv\.\*' matches no"):
         tx.init(mlp()[1])
+
+
+def test_bisection_threshold_matches_the_sorting_reference():
+    """``unstructured_mask`` finds the k-th smallest score by bisection; it must equal the
+    two-argsort reference, ties (earlier first), -0/+0 and -inf (already pruned) included."""
+    fast, reference = jax.jit(pruning._keep_top_flat), jax.jit(pruning._keep_top)
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 300):
+        for trial in range(60):
+            x = (rng.integers(-4, 4, n) if trial % 2 else rng.normal(size=n)).astype(np.float32)
+            x[rng.integers(0, n, 3)] = -np.inf
+            x[rng.integers(0, n, 2)] = -0.0
+            k = jnp.int32(rng.integers(0, n + 1))
+            np.testing.assert_array_equal(fast(jnp.asarray(x), k), reference(jnp.asarray(x), k))
