@@ -388,13 +388,17 @@ def _with_widths(config: ml_collections.ConfigDict, kwargs: dict[str, Any], para
     return {**kwargs, ("channels" if config.model.name == "cnn1d" else "widths"): widths}
 
 
+def _prunes_channels(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.pruning.enabled) and config.pruning.pattern == "channels"
+
+
 def shrink_for_export(config: ml_collections.ConfigDict, params: Any, opt_state: Any,
                       kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The parameters and model kwargs of the physically smaller model that the artifact
     holds: channels removed by ``config.pruning.pattern='channels'`` (``shrink_channels``)
     and neurons merged by ``config.merging`` at export (``merge_layers``). Unchanged
     otherwise. ``kwargs``: the trained model's."""
-    shrink = config.pruning.enabled and config.pruning.pattern == "channels"
+    shrink = _prunes_channels(config)
     merge = config.merging.enabled and config.merging.at == "export"
     if not shrink and not merge:
         return params, kwargs
@@ -427,7 +431,7 @@ def merge_at_start(config: ml_collections.ConfigDict, sharding: NamedSharding
 
 def check_shrink(config: ml_collections.ConfigDict) -> None:
     """Physical shrinking (channel pruning, merging) needs an untied mlp or cnn1d."""
-    shrink = config.pruning.enabled and config.pruning.pattern == "channels"
+    shrink = _prunes_channels(config)
     if not (shrink or config.merging.enabled):
         return
     field = "config.merging.enabled" if config.merging.enabled else "config.pruning.pattern"
@@ -445,7 +449,7 @@ def check_shrink(config: ml_collections.ConfigDict) -> None:
 
 def export_artifact(config: ml_collections.ConfigDict, model: nn.Module,
                     info: pipeline.DatasetInfo, state: TrainState, workdir: str,
-                    extra_metrics: dict[str, Any], model_kwargs: dict[str, Any] | None = None
+                    extra_metrics: dict[str, Any], model_kwargs: dict[str, Any]
                     ) -> dict[str, Any]:
     """Exports ``workdir/artifact`` and evaluates it as loaded from disk.
 
@@ -453,11 +457,9 @@ def export_artifact(config: ml_collections.ConfigDict, model: nn.Module,
     artifact holds integer weights, evaluated on the integer path (int8 x int8 -> int32).
     """
     qc = config.quantization
-    trained_kwargs = dict(config.model.get("kwargs", {}).to_dict() if model_kwargs is None
-                          else model_kwargs)
     params, kwargs = shrink_for_export(config, quant.strip_steps(state.params), state.opt_state,
-                                       trained_kwargs)
-    if kwargs != trained_kwargs:
+                                       model_kwargs)
+    if kwargs != model_kwargs:
         model = models.get_model(config.model.name, num_classes=info.num_classes, **kwargs)
     variables = model_variables(params, state.batch_stats)
     ranges = None
