@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     try:
         if chain.is_chain(config):
             run = chain.run_chain
-        elif compression.stages(config):
+        elif compression.is_pipeline(config):
             run = compression.run_pipeline
         else:
             run = train.train_and_evaluate

@@ -58,13 +58,9 @@ def make_tx(prune_fields, cluster_fields, total_steps):
     """``adam`` wrapped as ``train.build_optimizer`` does: clustering inside, pruning outside."""
     tx = optax.adam(1e-3)
     if cluster_fields is not None:
-        c = sharing.default_clustering_config()
-        c.update({"enabled": True, **cluster_fields})
-        tx = sharing.cluster(tx, c, params_key="model")
+        tx = sharing.cluster(tx, **cluster_fields, params_key="model")
     if prune_fields is not None:
-        c = pruning.default_pruning_config()
-        c.update({"enabled": True, **prune_fields})
-        tx = pruning.masked(tx, c, total_steps=total_steps, params_key="model")
+        tx = pruning.masked(tx, **prune_fields, total_steps=total_steps, params_key="model")
     return tx
 
 

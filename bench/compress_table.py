@@ -85,7 +85,7 @@ def fine_tune(setup: str, seed: int, dense: str):
 
 def run(c, workdir):
     if metrics.read_summary(workdir) is None:
-        if compression.stages(c):
+        if compression.is_pipeline(c):
             compression.run_pipeline(c, workdir)
         else:
             train.train_and_evaluate(c, workdir)

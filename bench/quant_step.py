@@ -39,14 +39,12 @@ QAT = {
 
 
 def quant_config(**fields):
-    c = quant.default_quantization_config()
-    c.update(fields)
-    return c
+    return quant.settings(fields)
 
 
 class WithQATParams:
     """``model`` whose ``init`` also returns what QAT trains (LSQ's steps), for
-    ``train.init_state``; the trainer's own hook for this is the lead's to wire."""
+    ``train.init_state`` (the trainer does the same in ``jaxkd.methods.quantization``)."""
 
     def __init__(self, model, quant_config, sample):
         self.model, self.quant_config, self.sample = model, quant_config, sample
@@ -54,14 +52,14 @@ class WithQATParams:
     def init(self, *args, **kwargs):
         variables = self.model.init(*args, **kwargs)
         return {**variables, "params": quant.init_qat_params(self.model, variables, self.sample,
-                                                             self.quant_config)}
+                                                             **self.quant_config.kwargs())}
 
 
 def step_runner(model, input_shape, data, steps, quant_config=None, apply=None):
     tx = optax.adam(1e-3)
     terms = objective.parse_terms(supervised_losses(), has_teacher=False)
     if quant_config is not None:
-        apply = quant.qat_apply(model, quant_config)
+        apply = quant.qat_apply(model, **quant_config.kwargs())
     step = jax.jit(train.make_train_step(model, tx, objective.build_objective(
         terms, num_steps=steps), student_apply=apply), donate_argnums=(0,))
     init_model = model if quant_config is None else WithQATParams(model, quant_config,

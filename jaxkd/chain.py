@@ -15,37 +15,12 @@ from typing import Any
 
 import ml_collections
 
-from jaxkd import compression, metrics, train
-
-STAGE_PREFIX = "stage:"
+from jaxkd import compression, metrics, stages, train
+from jaxkd.schema import ConfigError
 
 
 def is_chain(config: ml_collections.ConfigDict) -> bool:
     return "stages" in config
-
-
-def resolve_teacher(run: ml_collections.ConfigDict, workdir: str, done: list[str], name: str
-                    ) -> ml_collections.ConfigDict:
-    """Replaces ``stage:NAME`` by that stage's workdir; it must be an earlier stage."""
-    run = ml_collections.ConfigDict(run.to_dict())
-
-    def resolve(value: str, field: str) -> str:
-        if not value.startswith(STAGE_PREFIX):
-            return value
-        ref = value[len(STAGE_PREFIX):]
-        if ref not in done:
-            raise ValueError(f"config.stages.{name}.{field}={value!r} must name an earlier "
-                             f"stage; earlier stages: {', '.join(done) or 'none'}")
-        return os.path.join(workdir, ref)
-
-    run.distill.teacher.workdir = resolve(run.distill.teacher.workdir,
-                                          "distill.teacher.workdir")
-    run.distill.teachers = tuple(
-        {**t, "workdir": resolve(t["workdir"], f"distill.teachers[{i}].workdir")}
-        for i, t in enumerate(run.distill.get("teachers", ())))
-    if "init" in run:
-        run.init.teacher_workdir = resolve(run.init.teacher_workdir, "init.teacher_workdir")
-    return run
 
 
 def run_chain(config: ml_collections.ConfigDict, workdir: str, *,
@@ -53,17 +28,17 @@ def run_chain(config: ml_collections.ConfigDict, workdir: str, *,
     """Runs (or resumes) every stage in order; returns and writes the per-stage table."""
     unknown = [n for n in config.stage_order if n not in config.stages]
     if unknown:
-        raise ValueError(f"config.stage_order names unknown stages {unknown}; "
-                         f"config.stages has: {', '.join(config.stages)}")
+        raise ConfigError(f"config.stage_order names unknown stages {unknown}; "
+                          f"config.stages has: {', '.join(config.stages)}")
     done: list[str] = []
     rows = {}
     for name in config.stage_order:
-        run = resolve_teacher(config.stages[name], workdir, done, name)
+        run = stages.resolve(config.stages[name], workdir, done, name)
         stage_dir = os.path.join(workdir, name)
         summary = metrics.read_summary(stage_dir)
         if summary is None:
             print(f"=== stage {name} -> {stage_dir}", flush=True)
-            runner = (compression.run_pipeline if compression.stages(run)
+            runner = (compression.run_pipeline if compression.is_pipeline(run)
                       else train.train_and_evaluate)
             summary = runner(run, stage_dir, allow_config_change=allow_config_change)
         else:

@@ -8,7 +8,7 @@ restored run continues exactly where it stopped.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
 import shutil
@@ -20,6 +20,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxkd import files
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -56,43 +58,19 @@ def finish(manager: ocp.CheckpointManager) -> None:
         for step in manager.all_steps():
             step_dir = os.path.join(str(manager.directory), str(step))
             if not os.path.exists(os.path.join(step_dir, SEAL_FILE)):
-                write_json(os.path.join(step_dir, SEAL_FILE), file_hashes(step_dir))
-
-
-def file_sha256(path: str) -> str:
-    """The sha256 of a file's bytes, as hex."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+                files.write_json(os.path.join(step_dir, SEAL_FILE), file_hashes(step_dir))
 
 
 def file_hashes(step_dir: str) -> dict[str, str]:
     """``{relative path: sha256}`` of every file of a checkpoint step but its seal."""
     hashes = {}
-    for root, _, files in os.walk(step_dir):
-        for name in sorted(files):
+    for root, _, names in os.walk(step_dir):
+        for name in sorted(names):
             path = os.path.join(root, name)
             rel = os.path.relpath(path, step_dir)
             if rel != SEAL_FILE:
-                hashes[rel] = file_sha256(path)
+                hashes[rel] = files.sha256(path)
     return hashes
-
-
-def read_json(path: str) -> Any:
-    """Reads a JSON file; a one-line FileNotFoundError naming it if it is missing."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist")
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, value: Any) -> None:
-    """Writes ``value`` as JSON atomically and durably (temp file, fsync, rename)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)  # in the caller's order: readers report fields in it
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def check_sealed(step_dir: str) -> str | None:
@@ -163,11 +141,8 @@ def abstract_like(state: Any) -> Any:
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes the resolved config as ``workdir/config.json`` (atomically)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    files.write_text(os.path.join(workdir, CONFIG_FILE),
+                     config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -199,12 +174,10 @@ def save_weights(workdir: str, variables: Any) -> int:
         "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))
     }
-    path = os.path.join(workdir, WEIGHTS_FILE)
     if jax.process_index() == 0:
-        with open(path + ".tmp", "wb") as f:
-            np.savez(f, **flat)
-        os.replace(path + ".tmp", path)
-        return os.path.getsize(path)
+        buffer = io.BytesIO()
+        np.savez(buffer, **flat)
+        return files.write_bytes(os.path.join(workdir, WEIGHTS_FILE), buffer.getvalue())
     return sum(v.nbytes for v in flat.values())
 
 

@@ -1,23 +1,158 @@
-"""The fields of a run's config, with their defaults, for ``configs/*.py`` to start from.
+"""Every field of a run's config: its typed block, default and rule, for configs to start from.
 
-A *run* config trains one model (optionally distilling from a teacher); a *chain* config
-(:func:`chain_config`) lists several run configs as stages, run in order by
-:mod:`jaxkd.chain`. Configs are plain ``ml_collections.ConfigDict``s (big_vision style):
-every field that changes a result lives here and is echoed into ``summary.json``.
+A *run* config trains one model (optionally distilling from teachers); a *chain* config
+(:func:`chain_config`) lists run configs as stages, run in order by :mod:`jaxkd.chain`.
+Configs are plain ``ml_collections.ConfigDict``s (big_vision style), built from
+:func:`run_config` and changed field by field; every field that changes a result lives
+here and is echoed into ``summary.json``.
+
+Each block of a run (``config.data``, ``config.pruning``, ...) is a frozen dataclass of
+:mod:`jaxkd.schema` below: its fields, their defaults and their rules. The trainer reads
+``parse_run(config)``: the typed blocks, checked once, with errors that name the field as
+the user wrote it (``config.pruning.sparsity=1.5 must be in [0, 1)``). Library functions
+take a block's fields as keyword arguments (``pruning.masked(tx, **settings.kwargs())``)
+and check them with the same block, so every rule lives once.
+
+This module imports only ``ml_collections`` and jaxkd's light modules: loading a config
+file imports neither jax nor tfds, grain or orbax.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
-from jaxkd.compression import default_compression_config
-from jaxkd.data import pipeline
-from jaxkd.pruning import default_pruning_config
-from jaxkd.quant import default_quantization_config
-from jaxkd.sharing import default_clustering_config, default_merging_config
-from jaxkd.student_init import default_init_config
+from jaxkd import schema
+from jaxkd.data import datasets
+from jaxkd.data.augment import AUGMENTATIONS
+from jaxkd.schema import Block, FieldError
+
+# ----------------------------------------------------------------------------- data, model
+
+
+@dataclasses.dataclass(frozen=True)
+class Data(Block):
+    """``config.data``: which tfds dataset, which splits, and how batches are made.
+
+    Fields:
+      name: a registered dataset (:mod:`jaxkd.data.datasets`).
+      builder_config: tfds builder config, '' = the default one.
+      data_dir: where tfds datasets live; None = ``$TFDS_DATA_DIR`` or
+        ``~/tensorflow_datasets``.
+      train_split, eval_split: the splits trained on and evaluated.
+      transfer_split: unlabelled extra training inputs (label -1), '' = none.
+      augment: 'none', 'jitter' or 'crop_flip' (:mod:`jaxkd.data.augment`).
+      jitter_pixels: the largest shift of 'jitter'.
+      image_size: side of variable-size images (imagenet2012) after resize and crop.
+      in_memory: hold the training examples in host memory.
+    """
+
+    name: str = "mnist1d"
+    builder_config: str = ""
+    data_dir: str | None = schema.text(None, optional=True)
+    train_split: str = "train"
+    eval_split: str = "test"
+    transfer_split: str = ""
+    augment: str = schema.choice("none", AUGMENTATIONS, noun="known")
+    jitter_pixels: int = schema.integer(2, minimum=0)
+    image_size: int = schema.integer(224, minimum=1)
+    in_memory: bool = True
+
+    def check(self) -> None:
+        datasets.get(self.name)
+
+
+def data_config(name: str) -> ml_collections.ConfigDict:
+    """Every ``config.data`` field, with the defaults of dataset ``name``."""
+    with schema.named("config.data"):
+        dataset = datasets.get(name)
+    c = schema.defaults(Data)
+    c.name, c.eval_split, c.in_memory = name, dataset.eval_split, dataset.in_memory
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Model(Block):
+    """``config.model``: a registered model (:mod:`jaxkd.models`) and its kwargs."""
+
+    name: str = "mlp"
+    kwargs: dict = schema.free({})
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer(Block):
+    """``config.optimizer`` (:mod:`jaxkd.optim`).
+
+    Fields: ``name`` (sgd, adam, adamw), ``learning_rate`` (the peak), ``momentum`` and
+    ``nesterov`` (SGD), ``b1``/``b2`` (Adam), ``weight_decay`` (coupled L2 for SGD and
+    Adam, decoupled for AdamW), ``grad_clip_norm`` (0 = off).
+    """
+
+    name: str = schema.choice("adam", OPTIMIZERS, noun="an optimizer")
+    learning_rate: float = schema.number(1e-3, lo=0.0, lo_open=True)
+    momentum: float = schema.number(0.9, lo=0.0, hi=1.0, hi_open=True)
+    nesterov: bool = False
+    b1: float = schema.number(0.9, lo=0.0, hi=1.0, hi_open=True)
+    b2: float = schema.number(0.999, lo=0.0, hi=1.0, hi_open=True)
+    weight_decay: float = schema.number(0.0, lo=0.0)
+    grad_clip_norm: float = schema.number(0.0, lo=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule(Block):
+    """``config.schedule``: the learning rate over the run (:mod:`jaxkd.optim`).
+
+    ``name`` constant, cosine (to 0 over the run) or step (times ``decay_factor`` at each
+    of ``boundaries_epochs``), after ``warmup_steps`` of linear warm-up.
+    """
+
+    name: str = schema.choice("constant", LR_SCHEDULES, noun="a schedule")
+    warmup_steps: int = schema.integer(0, minimum=0)
+    boundaries_epochs: tuple = schema.items((), schema.Number(lo=0.0))
+    decay_factor: float = schema.number(0.1, lo=0.0, lo_open=True)
+
+
+# ----------------------------------------------------------------------------- distillation
+
+ENSEMBLES = ("sum_losses", "probabilities")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRef(Block):
+    """One teacher: a finished run's workdir (``'stage:NAME'`` in a chain) and its weight."""
+
+    workdir: str = ""
+    weight: float = schema.number(1.0, lo=0.0, lo_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Distill(Block):
+    """``config.distill``: the teachers and the objective (:mod:`jaxkd.objective`).
+
+    Fields:
+      teacher: ``{workdir}`` of a finished run whose model is the teacher; '' = none.
+      teachers: several teachers, ``({workdir, weight}, ...)``; replaces ``teacher``.
+      ensemble: 'sum_losses' or 'probabilities' (how several teachers combine).
+      teacher_logits: a directory of precomputed logits (:mod:`jaxkd.teacher_logits`).
+      allow_augment_with_precomputed: use stored (un-augmented) logits with augmentation.
+      losses: the terms of the objective, checked by :func:`jaxkd.objective.parse_terms`.
+    """
+
+    teacher: TeacherRef = schema.nested(TeacherRef)
+    teachers: tuple = schema.items((), schema.Record(TeacherRef))
+    ensemble: str = schema.choice("sum_losses", ENSEMBLES, noun="an ensemble mode")
+    teacher_logits: str = ""
+    allow_augment_with_precomputed: bool = False
+    losses: Any = schema.free({"ce": {"name": "cross_entropy", "weight": 1.0}})
 
 
 def supervised_losses() -> ml_collections.ConfigDict:
@@ -34,61 +169,326 @@ def hinton_losses(alpha: float, temperature: float) -> ml_collections.ConfigDict
     })
 
 
-def run_config(dataset: str, model: str, **model_kwargs) -> ml_collections.ConfigDict:
+INIT_METHODS = ("", "copy", "layer_select", "prune_width")
+
+
+@dataclasses.dataclass(frozen=True)
+class Init(Block):
+    """``config.init``: how the student's weights start (:mod:`jaxkd.student_init`).
+
+    Fields:
+      method: '' (random), 'copy' (continue a finished run's model), 'layer_select' or
+        'prune_width' (a slice of a teacher).
+      teacher_workdir: the run whose weights seed the student; '' = the distillation
+        teacher.
+      keep_layers: layer_select's kept teacher layers (MLP) or blocks per stage (ResNets),
+        0-based, in order; () = every other one.
+      calibration_examples: prune_width's images over which the mean |activation| ranks
+        neurons and channels.
+    """
+
+    method: str = schema.choice("", INIT_METHODS, noun="an init method")
+    teacher_workdir: str = ""
+    keep_layers: Any = schema.free(())
+    calibration_examples: int = schema.integer(512, minimum=1)
+
+
+# ----------------------------------------------------------------------------- compression
+
+WEIGHT_BITS = (2, 4, 8)
+ACTIVATION_BITS = (0, 2, 4, 8)  # 0 = float activations
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization(Block):
+    """``config.quantization`` (:mod:`jaxkd.quant`): QAT or PTQ and the integer export.
+
+    Fields:
+      enabled: quantize this run: export an integer artifact (and train QAT if ``qat``).
+      qat: train with fake-quantized weights (quantization-aware training); False trains in
+        float and quantizes after training (post-training quantization, PTQ).
+      weight_bits: 8, 4 or 2.
+      activation_bits: 0 (float activations), 8, 4 or 2: fake-quantize the inputs of the
+        selected layers during QAT (the exported artifact always runs int8 or narrower).
+      per_channel: one weight scale per output channel (else one per tensor).
+      symmetric: symmetric weights (zero point 0); activations are always symmetric.
+      layers: regex, matched against the whole parameter path of each Dense/Conv layer.
+      keep_first_last_8bit: the first layer and the classifier ``head`` keep 8 bits.
+      method: 'minmax' (scale from the tensor's range) or 'lsq' (learned step size).
+      calibration: 'minmax' or 'percentile': the activation ranges of post-training
+        quantization and of the exported artifact's static activation scales.
+      percentile: for ``calibration='percentile'``, the upper percentile of the range.
+      calibration_batches: how many training batches calibrate the activation ranges.
+    """
+
+    enabled: bool = False
+    qat: bool = True
+    weight_bits: int = schema.choice(8, WEIGHT_BITS)
+    activation_bits: int = schema.choice(0, ACTIVATION_BITS)
+    per_channel: bool = True
+    symmetric: bool = True
+    layers: str = schema.regex(".*")
+    keep_first_last_8bit: bool = True
+    method: str = schema.choice("minmax", ("minmax", "lsq"), noun="a method")
+    calibration: str = schema.choice("minmax", ("minmax", "percentile"),
+                                     noun="a calibration method")
+    percentile: float = schema.number(99.99, lo=50.0, hi=100.0, lo_open=True)
+    calibration_batches: int = schema.integer(8, minimum=1)
+
+    def check(self) -> None:
+        if self.method == "lsq" and not self.symmetric:
+            raise FieldError("method", "='lsq' learns a symmetric step: set symmetric=True")
+
+
+PRUNING_METHODS = ("magnitude", "global_magnitude", "taylor", "snip", "fisher", "random")
+PATTERNS = ("unstructured", "n:m", "channels")
+SPARSITY_SCHEDULES = ("one_shot", "polynomial")
+GLOBAL_METHODS = ("global_magnitude", "snip")  # one threshold over layers (unstructured)
+GRADIENT_METHODS = ("taylor", "snip", "fisher")  # scores that need the gradients
+
+_OVERRIDE = schema.Keys((("layers", schema.Regex()),
+                         ("sparsity", schema.Number(0.0, 1.0, hi_open=True))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruning(Block):
+    """``config.pruning`` (:mod:`jaxkd.pruning`): masks kept in the optimizer state.
+
+    Fields:
+      enabled: prune this run.
+      method: importance score: 'magnitude', 'global_magnitude', 'taylor', 'snip', 'fisher'
+        or 'random' (see :mod:`jaxkd.pruning.scores`).
+      pattern: 'unstructured', 'n:m' or 'channels'.
+      n, m: for 'n:m', keep ``n`` of every ``m`` consecutive input weights (2:4).
+      sparsity: final fraction ``s_f`` of removed weights of each selected layer, in [0, 1)
+        (unused by 'n:m', whose sparsity is ``(m - n) / m``).
+      initial_sparsity: ``s_i`` of the polynomial schedule, in [0, sparsity].
+      schedule: 'one_shot' (``s_f`` from ``begin_step`` on) or 'polynomial' (Zhu & Gupta).
+      begin_step: first step that prunes.
+      end_step: last step of the polynomial ramp; -1 = the last training step
+        (``total_steps - 1``). Ending earlier (about 3/4 of the run) leaves steps to recover.
+      frequency: the polynomial schedule recomputes masks every ``frequency`` steps.
+      layers: regex, matched (``re.fullmatch``) against the path of each weight's layer
+        (``'hidden2'``, ``'stage1_block0/conv1'``).
+      overrides: tuple of ``{'layers': regex, 'sparsity': float}``: the first override whose
+        regex matches a layer sets its final sparsity, and selects the layer even when
+        ``layers`` or ``keep_first_last`` leave it out (sparsity 0 leaves it dense).
+      keep_first_last: leave the first layer and the classifier ``head`` dense
+        (:func:`jaxkd.layers.edge_layers`).
+      seed: the draw of method 'random'.
+      from_zeros: the masks start as ``params != 0`` of the selected weights at ``init``
+        (instead of all True), so the zeros of an already pruned model stay zero while it
+        is fine-tuned, clustered or quantized; the schedule may then prune further.
+    """
+
+    enabled: bool = False
+    method: str = schema.choice("magnitude", PRUNING_METHODS)
+    pattern: str = schema.choice("unstructured", PATTERNS)
+    n: int = schema.integer(2)
+    m: int = schema.integer(4, minimum=1)
+    sparsity: float = schema.number(0.5, lo=0.0, hi=1.0, hi_open=True)
+    initial_sparsity: float = schema.number(0.0, lo=0.0)
+    schedule: str = schema.choice("polynomial", SPARSITY_SCHEDULES)
+    begin_step: int = schema.integer(0, minimum=0)
+    end_step: int = schema.integer(-1, minimum=-1)
+    frequency: int = schema.integer(100, minimum=1)
+    layers: str = schema.regex(".*")
+    overrides: tuple = schema.items((), _OVERRIDE)
+    keep_first_last: bool = True
+    seed: int = schema.integer(0, minimum=0)
+    from_zeros: bool = False
+
+    def check(self) -> None:
+        if not 1 <= self.n <= self.m:
+            raise FieldError("n", f"={self.n!r} must be an integer in [1, m={self.m}]")
+        if self.initial_sparsity > self.sparsity:
+            raise FieldError("initial_sparsity", f"={self.initial_sparsity!r} must be in "
+                                                 f"[0, sparsity={self.sparsity}]")
+        if (self.schedule == "polynomial" and self.end_step != -1
+                and self.end_step <= self.begin_step):
+            raise FieldError("end_step", f"={self.end_step} must be > begin_step="
+                                         f"{self.begin_step} for the polynomial schedule (or "
+                                         "-1 for the last step)")
+        if self.method == "global_magnitude" and self.pattern != "unstructured":
+            raise FieldError("method", f"='global_magnitude' ranks single weights; it needs "
+                                       f"pattern='unstructured', not {self.pattern!r}")
+        if self.method == "snip" and self.schedule != "one_shot":
+            raise FieldError("schedule", f"={self.schedule!r}: method 'snip' prunes once, at "
+                                         "begin_step; use schedule='one_shot'")
+        if self.pattern == "n:m" and self.schedule != "one_shot":
+            raise FieldError("schedule", f"={self.schedule!r}: pattern 'n:m' has a fixed "
+                                         "sparsity (m - n) / m; use schedule='one_shot'")
+        if self.pattern == "n:m" and self.overrides:
+            raise FieldError("overrides", "must be empty with pattern 'n:m' (its sparsity is "
+                                          "(m - n) / m); select layers with layers")
+
+
+CLUSTER_INITS = ("linear", "kmeans++", "density")
+GRANULARITIES = ("layer", "channel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Clustering(Block):
+    """``config.clustering`` (:mod:`jaxkd.sharing.cluster`): k shared values per layer.
+
+    Fields:
+      enabled: cluster this run.
+      num_clusters: ``k >= 2`` shared values per layer (or per channel), plus a pinned zero
+        centroid for pruned weights; 16 gives 4-bit indices.
+      init: initial centroids: 'linear', 'kmeans++' or 'density'.
+      granularity: 'layer' (one codebook per kernel) or 'channel' (one per output channel).
+      layers: regex, matched (``re.fullmatch``) against the path of each weight's layer.
+      reassign_every: re-assign weights to their nearest centroid every this many steps
+        (from latent dense weights); 0 keeps the assignments made at init (Han et al.).
+        The latent kernels are trained by the optimizer too (TF-MOT style): about 1.3x the
+        plain step on a dense 784-800-800 MLP (bench/compress_step.py), against <= 1.0x
+        with fixed assignments.
+      keep_first_last: leave the first layer and the classifier ``head`` unclustered
+        (Deep Compression clusters every layer, hence False).
+      lloyd_iterations: Lloyd (k-means) steps after the initial centroids; 0 keeps them.
+      seed: the draw of 'kmeans++'.
+    """
+
+    enabled: bool = False
+    num_clusters: int = schema.integer(16, minimum=2)
+    init: str = schema.choice("linear", CLUSTER_INITS, noun="an init")
+    granularity: str = schema.choice("layer", GRANULARITIES, noun="a granularity")
+    layers: str = schema.regex(".*")
+    reassign_every: int = schema.integer(0, minimum=0)
+    keep_first_last: bool = False
+    lloyd_iterations: int = schema.integer(10, minimum=0)
+    seed: int = schema.integer(0, minimum=0)
+
+
+MERGE_METRICS = ("euclidean", "cosine")
+MERGE_AT = ("export", "start")
+
+
+@dataclasses.dataclass(frozen=True)
+class Merging(Block):
+    """``config.merging`` (:mod:`jaxkd.sharing.merge`): similarity merging of neurons.
+
+    Fields:
+      enabled: merge similar neurons (the layers shrink).
+      layers: regex over the layers that can shrink (``hidden*`` of ``mlp``, ``conv*`` of
+        ``cnn1d``-style models; never ``head``).
+      metric: 'euclidean' (merge when ``||v_i - v_j|| < threshold``) or 'cosine' (when the
+        cosine similarity ``> threshold``) of the incoming weights and bias.
+      threshold: >= 0 for 'euclidean' (0 merges nothing); in [-1, 1] for 'cosine' (1
+        merges nothing).
+      at: 'export' merges the trained model when it is exported (data-free, as in the
+        paper); 'start' merges the weights that ``config.init`` copies (``method='copy'``)
+        and then trains the smaller model (merge, then fine-tune).
+    """
+
+    enabled: bool = False
+    layers: str = schema.regex(".*")
+    metric: str = schema.choice("euclidean", MERGE_METRICS, noun="a metric")
+    threshold: float = schema.number(0.0)
+    at: str = schema.choice("export", MERGE_AT)
+
+    def check(self) -> None:
+        rule = (schema.Number(lo=0.0) if self.metric == "euclidean"
+                else schema.Number(lo=-1.0, hi=1.0))
+        try:
+            rule.convert("threshold", self.threshold)
+        except FieldError as e:
+            raise FieldError("threshold", f"{e.detail} for metric {self.metric!r}") from None
+
+
+COMPRESSION_STAGES = ("prune", "cluster", "quantize")
+
+
+@dataclasses.dataclass(frozen=True)
+class Compression(Block):
+    """``config.compression`` (:mod:`jaxkd.compression`): ordered stages of one run.
+
+    Fields:
+      stages: ordered stage names from 'prune', 'cluster', 'quantize' (each at most once;
+        'quantize' last).
+      num_steps: steps of each stage (same length as ``stages``); () = ``config.num_steps``.
+      learning_rates: peak learning rate of each stage; () = ``config.optimizer``'s.
+    """
+
+    stages: tuple = schema.items((), schema.Choice(COMPRESSION_STAGES, noun="a stage"))
+    num_steps: tuple = schema.items((), schema.Integer(minimum=1))
+    learning_rates: tuple = schema.items((), schema.Number(lo=0.0, lo_open=True))
+
+    def check(self) -> None:
+        names = list(self.stages)
+        if len(set(names)) != len(names):
+            raise FieldError("stages", f"={names} names a stage twice")
+        if "quantize" in names and names[-1] != "quantize":
+            raise FieldError("stages", f"={names}: 'quantize' must be the last stage (the "
+                                       "integer export follows it)")
+        for field in ("num_steps", "learning_rates"):
+            values = getattr(self, field)
+            if values and len(values) != len(names):
+                raise FieldError(field, f"has {len(values)} entries; it needs one per stage "
+                                        f"({len(names)}) or none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Export(Block):
+    """``config.export``: the artifact (:mod:`jaxkd.export`).
+
+    ``entropy_coding`` compresses its tensor files with zlib (Deep Compression's final
+    Huffman stage) when that makes them smaller.
+    """
+
+    entropy_coding: bool = False
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass(frozen=True)
+class Run(Block):
+    """A whole run: the blocks above and the loop's own fields.
+
+    Fields of the loop: ``seed``; ``batch_size`` (global, over every device and process)
+    and ``eval_batch_size``; ``num_steps`` (> 0 wins over ``num_epochs``); how often to
+    log, evaluate and checkpoint; ``max_to_keep`` checkpoints; and
+    ``skip_nonfinite_steps``: steps with a non-finite loss or gradient are never applied,
+    and more than this many stop the run with an error naming the first.
+    """
+
+    seed: int = schema.integer(0, minimum=0)
+    data: Data = schema.nested(Data)
+    model: Model = schema.nested(Model)
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    num_steps: int = schema.integer(0, minimum=0)
+    num_epochs: float = schema.number(10.0, lo=0.0)
+    optimizer: Optimizer = schema.nested(Optimizer)
+    schedule: Schedule = schema.nested(Schedule)
+    distill: Distill = schema.nested(Distill)
+    init: Init = schema.nested(Init)
+    quantization: Quantization = schema.nested(Quantization)
+    pruning: Pruning = schema.nested(Pruning)
+    clustering: Clustering = schema.nested(Clustering)
+    merging: Merging = schema.nested(Merging)
+    compression: Compression = schema.nested(Compression)
+    export: Export = schema.nested(Export)
+    log_every_steps: int = schema.integer(100, minimum=1)
+    eval_every_steps: int = schema.integer(1000, minimum=1)
+    checkpoint_every_steps: int = schema.integer(1000, minimum=1)
+    max_to_keep: int = schema.integer(3, minimum=1)
+    skip_nonfinite_steps: int = schema.integer(0, minimum=0)
+
+
+def run_config(dataset: str, model: str, **model_kwargs: Any) -> ml_collections.ConfigDict:
     """Every field of a single training run, with defaults; configs override what they need."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.data = pipeline.default_data_config(dataset)
+    c = schema.defaults(Run)
+    c.data = data_config(dataset)
     c.model = ml_collections.ConfigDict({"name": model, "kwargs": dict(model_kwargs)})
-
-    c.batch_size = 128  # global, over every device and process
-    c.eval_batch_size = 1000
-    c.num_steps = 0  # > 0 wins over num_epochs
-    c.num_epochs = 10.0
-
-    c.optimizer = ml_collections.ConfigDict({
-        "name": "adam", "learning_rate": 1e-3, "momentum": 0.9, "nesterov": False,
-        "b1": 0.9, "b2": 0.999, "weight_decay": 0.0, "grad_clip_norm": 0.0,
-    })
-    c.schedule = ml_collections.ConfigDict({
-        "name": "constant", "warmup_steps": 0, "boundaries_epochs": (), "decay_factor": 0.1,
-    })
-
-    c.distill = ml_collections.ConfigDict()
-    # Workdir of a finished run whose model is the teacher; '' = no teacher. In a chain,
-    # 'stage:NAME' names an earlier stage of the same chain.
-    c.distill.teacher = ml_collections.ConfigDict({"workdir": ""})
-    # Several teachers: a list of {workdir, weight}; when set it replaces teacher.workdir.
-    c.distill.teachers = ()
-    c.distill.ensemble = "sum_losses"  # or 'probabilities' (see jaxkd.objective)
-    # Precomputed teacher logits (python -m jaxkd.teacher_logits); '' = run a teacher.
-    c.distill.teacher_logits = ""
-    c.distill.allow_augment_with_precomputed = False
     c.distill.losses = supervised_losses()
-    # Student weights taken from a teacher ("parameter distillation"); method '' = random.
-    c.init = default_init_config()
-    # Quantization-aware training (or PTQ with qat=False) and the integer export.
-    c.quantization = default_quantization_config()
-    # Pruning: masks kept in the optimizer state (a wrapper around the optimizer).
-    c.pruning = default_pruning_config()
-    # Weight clustering (Deep Compression): the optimizer trains k centroids per layer.
-    c.clustering = default_clustering_config()
-    # Similarity merging (Srinivas & Babu 2015), applied to the trained model at export.
-    c.merging = default_merging_config()
-    # Ordered stages (prune -> cluster -> quantize), each a run continuing the previous.
-    c.compression = default_compression_config()
-    # The artifact: entropy_coding compresses its tensor files with zlib (Deep Compression's
-    # final Huffman stage) when that makes them smaller.
-    c.export = ml_collections.ConfigDict({"entropy_coding": False})
-
-    c.log_every_steps = 100
-    c.eval_every_steps = 1000
-    c.checkpoint_every_steps = 1000
-    c.max_to_keep = 3
-    # Steps with a non-finite loss/gradient are never applied; more than this many stop the
-    # run with an error naming the first one.
-    c.skip_nonfinite_steps = 0
     return c
+
+
+def parse_run(config: ml_collections.ConfigDict | Mapping[str, Any] | Run) -> Run:
+    """The typed blocks of a run config, every field checked (one line naming it)."""
+    return schema.parse(Run, config, "config")
 
 
 def chain_config(stages: Mapping[str, ml_collections.ConfigDict]) -> ml_collections.ConfigDict:

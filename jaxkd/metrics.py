@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxkd import files
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
@@ -105,10 +107,8 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
     """Writes ``summary.json`` atomically (process 0 only)."""
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, SUMMARY_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True, default=str)
-    os.replace(path + ".tmp", path)
+    files.write_json(os.path.join(workdir, SUMMARY_FILE), summary, indent=2, sort_keys=True,
+                     default=str)
 
 
 def read_summary(workdir: str) -> dict[str, Any] | None:

@@ -44,8 +44,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from jaxkd import losses
+from jaxkd.schema import ConfigError
+from jaxkd.tasks.base import Targets
 
 # kind: which inputs a loss takes.
 #   labels        fn(student_logits, labels)              per example, labelled only
@@ -109,8 +112,8 @@ def _as_term_list(spec: Any) -> list[tuple[str, Mapping[str, Any]]]:
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         return [(str(i), t.to_dict() if isinstance(t, ml_collections.ConfigDict) else t)
                 for i, t in enumerate(spec)]
-    raise ValueError("config.distill.losses must be a list of terms {name, weight, kwargs} or "
-                     f"a mapping label -> term, got {type(spec).__name__}")
+    raise ConfigError("config.distill.losses must be a list of terms {name, weight, kwargs} or "
+                      f"a mapping label -> term, got {type(spec).__name__}")
 
 
 def parse_terms(spec: Any, *, has_teacher: bool) -> list[Term]:
@@ -119,36 +122,36 @@ def parse_terms(spec: Any, *, has_teacher: bool) -> list[Term]:
     for label, raw in _as_term_list(spec):
         where = f"config.distill.losses.{label}"
         if not isinstance(raw, Mapping):
-            raise ValueError(f"{where} must be a dict {{name, weight, kwargs}}, got {raw!r}")
+            raise ConfigError(f"{where} must be a dict {{name, weight, kwargs}}, got {raw!r}")
         extra = set(raw) - set(TERM_FIELDS)
         if extra:
-            raise ValueError(f"{where} has unknown field(s) {sorted(extra)}; "
-                             f"allowed: {', '.join(TERM_FIELDS)}")
+            raise ConfigError(f"{where} has unknown field(s) {sorted(extra)}; "
+                              f"allowed: {', '.join(TERM_FIELDS)}")
         name = raw.get("name", label)
         if name not in LOSSES:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}.name={name!r} is not a loss; choose one of: {', '.join(sorted(LOSSES))}")
         kind = LOSSES[name][1]
         if kind != "labels" and not has_teacher:
-            raise ValueError(f"{where}.name={name!r} needs a teacher but config.distill has "
-                             "none (set distill.teacher.workdir, teachers or teacher_logits)")
+            raise ConfigError(f"{where}.name={name!r} needs a teacher but config.distill has "
+                              "none (set distill.teacher.workdir, teachers or teacher_logits)")
         kwargs = dict(raw.get("kwargs") or {})
         for key in ("temperature", "temperature_end"):
             value = kwargs.get(key) if key == "temperature" else raw.get(key)
             if value is not None and not float(value) > 0:
                 field = f"{where}.kwargs.{key}" if key == "temperature" else f"{where}.{key}"
-                raise ValueError(f"{field} must be > 0, got {value}")
+                raise ConfigError(f"{field} must be > 0, got {value}")
         schedule = raw.get("schedule") or "constant"
         if schedule not in SCHEDULES:
-            raise ValueError(f"{where}.schedule={schedule!r} is not a schedule; "
-                             f"choose one of: {', '.join(SCHEDULES)}")
+            raise ConfigError(f"{where}.schedule={schedule!r} is not a schedule; "
+                              f"choose one of: {', '.join(SCHEDULES)}")
         if raw.get("temperature_end") is not None and "temperature" not in kwargs:
-            raise ValueError(f"{where}.temperature_end needs kwargs.temperature to start from")
+            raise ConfigError(f"{where}.temperature_end needs kwargs.temperature to start from")
         default_feature = "embedding" if kind == "batch" else "logits"
         if kind == "batch" and name == "dist_loss":
             default_feature = "logits"
         if kind == "features" and not (raw.get("student_feature") and raw.get("teacher_feature")):
-            raise ValueError(f"{where} ({name}) needs student_feature and teacher_feature")
+            raise ConfigError(f"{where} ({name}) needs student_feature and teacher_feature")
         terms.append(Term(
             label=label, name=name, weight=float(raw.get("weight", 1.0)), kwargs=kwargs,
             student_feature=raw.get("student_feature") or default_feature,
@@ -160,21 +163,23 @@ def parse_terms(spec: Any, *, has_teacher: bool) -> list[Term]:
             adapter=bool(raw.get("adapter", name == "hint_mse")),
         ))
     if not terms:
-        raise ValueError("config.distill.losses is empty: give at least one term")
+        raise ConfigError("config.distill.losses is empty: give at least one term")
     if all(t.weight == 0 and not t.weight_end for t in terms):
-        raise ValueError("config.distill.losses: every term has weight 0, nothing would be learned")
+        raise ConfigError("config.distill.losses: every term has weight 0, nothing would be "
+                          "learned")
     return terms
 
 
-def scheduled(start: float, end: float | None, schedule: str, progress: jax.Array) -> jax.Array:
-    """``start`` moved towards ``end`` by ``progress`` in [0, 1]: linear or half-cosine."""
+def scheduled(start: float, end: float | None, schedule: str, step: jax.Array,
+              num_steps: int) -> jax.Array:
+    """``start`` moved towards ``end`` over ``num_steps``: optax's linear schedule, or its
+    half-cosine decay ``0.5 (1 + cos(pi t / T))`` taking ``start`` to ``end``."""
     if end is None or schedule == "constant":
         return jnp.asarray(start, jnp.float32)
+    num_steps = max(num_steps, 1)
     if schedule == "linear":
-        fraction = progress
-    else:
-        fraction = 0.5 * (1.0 - jnp.cos(math.pi * progress))
-    return start + (end - start) * fraction
+        return optax.linear_schedule(start, end, transition_steps=num_steps)(step)
+    return end + (start - end) * optax.cosine_decay_schedule(1.0, num_steps)(step)
 
 
 def feature(outputs: tuple[jax.Array, Mapping[str, jax.Array]], name: str) -> jax.Array:
@@ -195,20 +200,20 @@ def check_features(terms: Sequence[Term], student_out: Any, teacher_outs: Sequen
                 ("teacher", t, term.teacher_feature) for t in teacher_outs]:
             available = ["logits", *outputs[1]]
             if name not in available:
-                raise ValueError(f"{where}.{side}_feature={name!r} is not a feature of the "
-                                 f"{side}; choose one of: {', '.join(available)}")
+                raise ConfigError(f"{where}.{side}_feature={name!r} is not a feature of the "
+                                  f"{side}; choose one of: {', '.join(available)}")
         s = feature(student_out, term.student_feature).shape
         for t_out in teacher_outs:
             t = feature(t_out, term.teacher_feature).shape
             if term.name == "hint_mse" and s[:-1] != t[:-1]:
-                raise ValueError(f"{where}: student feature {term.student_feature} {s} and "
-                                 f"teacher feature {term.teacher_feature} {t} differ in more "
-                                 "than the channel axis; pick features of the same resolution")
+                raise ConfigError(f"{where}: student feature {term.student_feature} {s} and "
+                                  f"teacher feature {term.teacher_feature} {t} differ in more "
+                                  "than the channel axis; pick features of the same resolution")
             if term.name == "hint_mse" and not term.adapter and s != t:
-                raise ValueError(f"{where}: shapes {s} and {t} differ; set adapter=True")
+                raise ConfigError(f"{where}: shapes {s} and {t} differ; set adapter=True")
             if term.name == "attention_transfer" and s[:-1] != t[:-1]:
-                raise ValueError(f"{where}: attention maps need the same spatial size, got "
-                                 f"student {s} and teacher {t}")
+                raise ConfigError(f"{where}: attention maps need the same spatial size, got "
+                                  f"student {s} and teacher {t}")
 
 
 def init_adapters(terms: Sequence[Term], student_out: Any, teacher_outs: Sequence[Any],
@@ -246,17 +251,18 @@ def build_objective(
     terms: Sequence[Term], *, num_steps: int, teacher_weights: Sequence[float] = (1.0,),
     ensemble: str = "sum_losses",
 ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-    """Returns ``objective(adapters, student_out, teacher_outs, batch, step)``.
+    """Returns ``objective(adapters, student_out, teacher_outs, batch, step, targets=None)``.
 
     ``student_out`` and each of ``teacher_outs`` are ``(logits, features)``; ``batch`` holds
     ``label`` (-1 = unlabelled) and, with precomputed logits, ``teacher_topk_logits`` and
     ``teacher_topk_indices``. Returns ``(sum_k weight_k * mean(term_k), per-term means)``.
     """
     if ensemble not in ENSEMBLES:
-        raise ValueError(f"config.distill.ensemble={ensemble!r} is not an ensemble mode; "
-                         f"choose one of: {', '.join(ENSEMBLES)}")
+        raise ConfigError(f"config.distill.ensemble={ensemble!r} is not an ensemble mode; "
+                          f"choose one of: {', '.join(ENSEMBLES)}")
 
-    def term_value(term, kwargs, adapters, student_out, teacher_out, i, batch, labelled):
+    def term_value(term, kwargs, adapters, student_out, teacher_out, i, batch, labelled,
+                   mask):
         fn, kind = LOSSES[term.name]
         s_logits = student_out[0]
         if kind == "topk":
@@ -264,10 +270,10 @@ def build_objective(
                 values, indices = batch["teacher_topk_logits"], batch["teacher_topk_indices"]
             else:
                 values, indices = jax.lax.top_k(teacher_out[0], kwargs.pop("k", 8))
-            return losses.masked_mean(fn(s_logits, values, indices, **kwargs))
+            return losses.masked_mean(fn(s_logits, values, indices, **kwargs), mask)
         t_logits = teacher_out[0]
         if kind == "logits":
-            return losses.masked_mean(fn(s_logits, t_logits, **kwargs))
+            return losses.masked_mean(fn(s_logits, t_logits, **kwargs), mask)
         if kind == "logits_labels":
             per_example = fn(s_logits, t_logits, jnp.maximum(batch["label"], 0), **kwargs)
             return losses.masked_mean(per_example, labelled)
@@ -276,13 +282,16 @@ def build_objective(
         if term.adapter:
             s = apply_adapter(adapters[f"{term.label}_{i}"], s)
         if kind == "features":
-            return losses.masked_mean(fn(s, t, **kwargs))
+            return losses.masked_mean(fn(s, t, **kwargs), mask)
+        if mask is not None:
+            kwargs = {**kwargs, "mask": mask}
         return fn(s, t, **kwargs)  # batch-level: already a scalar
 
-    def objective(adapters, student_out, teacher_outs, batch, step):
-        labels = batch["label"]
-        labelled = (labels >= 0).astype(jnp.float32)
-        progress = jnp.minimum(step.astype(jnp.float32) / max(num_steps, 1), 1.0)
+    def objective(adapters, student_out, teacher_outs, batch, step, targets=None):
+        if targets is None:  # classification: label -1 marks a transfer-set input
+            labels = batch["label"]
+            targets = Targets(labels, (labels >= 0).astype(jnp.float32), None)
+        labels, labelled, mask = targets
         if not teacher_outs and "teacher_topk_logits" in batch:
             values, indices = batch["teacher_topk_logits"], batch["teacher_topk_indices"]
             if values.shape[-1] == student_out[0].shape[-1]:  # every class stored
@@ -292,23 +301,25 @@ def build_objective(
         total = jnp.zeros((), jnp.float32)
         values = {}
         for term in terms:
-            weight = scheduled(term.weight, term.weight_end, term.schedule, progress)
+            weight = scheduled(term.weight, term.weight_end, term.schedule, step, num_steps)
             kwargs = dict(term.kwargs)
             if term.temperature_end is not None:
                 kwargs["temperature"] = scheduled(kwargs["temperature"], term.temperature_end,
-                                                  term.schedule, progress)
+                                                  term.schedule, step, num_steps)
             if term.kind == "labels":
                 value = losses.masked_mean(LOSSES[term.name][0](student_out[0], labels, **kwargs),
                                            labelled)
             elif term.kind == "topk" and not teacher_outs:
-                value = term_value(term, kwargs, adapters, student_out, None, 0, batch, labelled)
+                value = term_value(term, kwargs, adapters, student_out, None, 0, batch, labelled,
+                                   mask)
             elif ensemble == "probabilities" and term.kind in ("logits", "logits_labels", "topk") \
                     and len(teacher_outs) > 1:
                 mixed = (ensemble_logits([t[0] for t in teacher_outs], teacher_weights), {})
-                value = term_value(term, kwargs, adapters, student_out, mixed, 0, batch, labelled)
+                value = term_value(term, kwargs, adapters, student_out, mixed, 0, batch, labelled,
+                                   mask)
             else:
                 value = sum(w * term_value(term, dict(kwargs), adapters, student_out, t, i, batch,
-                                           labelled)
+                                           labelled, mask)
                             for i, (w, t) in enumerate(zip(teacher_weights, teacher_outs,
                                                            strict=True)))
             values[term.label] = value

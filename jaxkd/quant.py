@@ -34,8 +34,9 @@ Layers are chosen by a regex over their parameter path (``'stage1_block0/conv1'`
 listed in call order by tracing the model once (``plan``); the first layer and the last
 (the classifier ``head``) keep 8 bits by default. Bit widths are 8, 4 and 2.
 
-The quantization config block is ``default_quantization_config()``; ``validate`` checks a
-block against a model's parameters and raises one-line errors naming the config field.
+The settings are the fields of :class:`jaxkd.config.Quantization`: ``qat_apply`` and
+``init_qat_params`` take them as keyword arguments; the lower-level ``plan``,
+``fake_quant_params`` and ``quantize_params`` take the checked block (``settings(...)``).
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import traverse_util
 
-WEIGHT_BITS = (2, 4, 8)
-ACTIVATION_BITS = (0, 2, 4, 8)  # 0 = float activations
-METHODS = ("minmax", "lsq")
+from jaxkd import layers, schema
+from jaxkd.config import ACTIVATION_BITS, WEIGHT_BITS, Quantization
+from jaxkd.schema import FieldError
+
 CALIBRATION_METHODS = ("minmax", "percentile")
 KERNEL_STEP = "kernel_step"  # LSQ's learned weight step, a sibling of the layer's kernel
 INPUT_STEP = "input_step"  # LSQ's learned step of the layer's input activations
@@ -64,159 +65,37 @@ STEP_NAMES = (KERNEL_STEP, INPUT_STEP)
 LAYER_TYPES = (nn.Dense, nn.Conv)
 
 
-# ----------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------- settings
 
 
-def default_quantization_config() -> ml_collections.ConfigDict:
-    """The ``config.quantization`` block, with its defaults (quantization off).
-
-    Fields:
-      enabled: quantize this run: export an integer artifact (and train QAT if ``qat``).
-      qat: train with fake-quantized weights (quantization-aware training); False trains in
-        float and quantizes after training (post-training quantization, PTQ).
-      weight_bits: 8, 4 or 2.
-      activation_bits: 0 (float activations), 8, 4 or 2: fake-quantize the inputs of the
-        selected layers during QAT (the exported artifact always runs int8 or narrower).
-      per_channel: one weight scale per output channel (else one per tensor).
-      symmetric: symmetric weights (zero point 0); activations are always symmetric.
-      layers: regex, matched against the whole parameter path of each Dense/Conv layer.
-      keep_first_last_8bit: the first layer and the classifier ``head`` keep 8 bits.
-      method: 'minmax' (scale from the tensor's range) or 'lsq' (learned step size).
-      calibration: 'minmax' or 'percentile': the activation ranges of post-training
-        quantization and of the exported artifact's static activation scales.
-      percentile: for ``calibration='percentile'``, the upper percentile of the range.
-      calibration_batches: how many training batches calibrate the activation ranges.
-    """
-    return ml_collections.ConfigDict({
-        "enabled": False,
-        "qat": True,
-        "weight_bits": 8,
-        "activation_bits": 0,
-        "per_channel": True,
-        "symmetric": True,
-        "layers": ".*",
-        "keep_first_last_8bit": True,
-        "method": "minmax",
-        "calibration": "minmax",
-        "percentile": 99.99,
-        "calibration_batches": 8,
-    })
-
-
-def _field(quant_config: Mapping[str, Any] | None, name: str) -> Any:
-    defaults = default_quantization_config()
-    if quant_config is not None and name in quant_config:
-        return quant_config[name]
-    return defaults[name]
+def settings(values: Mapping[str, Any] | Quantization | None = None) -> Quantization:
+    """The checked :class:`jaxkd.config.Quantization` of keyword fields (or as given)."""
+    if isinstance(values, Quantization):
+        return values
+    return schema.build(Quantization, values or {})
 
 
 def check_bits(bits: Any, *, field: str = "weight_bits") -> int:
-    """``bits`` as an int if ``config.quantization.<field>`` allows it, else a ValueError."""
+    """``bits`` as an int if ``field`` (weight_bits or activation_bits) allows it."""
     allowed = ACTIVATION_BITS if field == "activation_bits" else WEIGHT_BITS
-    if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or bits not in allowed:
-        raise ValueError(
-            f"config.quantization.{field}={bits!r} is not supported; "
-            f"allowed: {', '.join(str(b) for b in allowed)}"
-        )
-    return int(bits)
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """A checked ``config.quantization`` block (see ``default_quantization_config``)."""
-
-    weight_bits: int
-    activation_bits: int
-    per_channel: bool
-    symmetric: bool
-    layers: str
-    keep_first_last_8bit: bool
-    method: str
-    calibration: str
-    percentile: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def settings(quant_config: Mapping[str, Any] | Settings | None) -> Settings:
-    """Checks the fields of a ``config.quantization`` block that need no model.
-
-    Raises:
-      ValueError: in one line naming the field, for an unknown field, an unsupported bit
-        width, method, calibration, percentile or a regex that does not compile.
-    """
-    if isinstance(quant_config, Settings):
-        return quant_config
-    unknown = sorted(set(quant_config or {}) - set(default_quantization_config()))
-    if unknown:
-        raise ValueError(
-            f"config.quantization has unknown field(s) {', '.join(unknown)}; fields: "
-            f"{', '.join(default_quantization_config())}"
-        )
-    method = _field(quant_config, "method")
-    if method not in METHODS:
-        raise ValueError(
-            f"config.quantization.method={method!r} is not a method; allowed: {', '.join(METHODS)}"
-        )
-    calibration = _field(quant_config, "calibration")
-    if calibration not in CALIBRATION_METHODS:
-        raise ValueError(
-            f"config.quantization.calibration={calibration!r} is not a calibration method; "
-            f"allowed: {', '.join(CALIBRATION_METHODS)}"
-        )
-    percentile = float(_field(quant_config, "percentile"))
-    if not 50.0 < percentile <= 100.0:
-        raise ValueError(
-            f"config.quantization.percentile={percentile!r} must be in (50, 100]"
-        )
-    pattern = _field(quant_config, "layers")
-    try:
-        re.compile(pattern)
-    except (re.error, TypeError) as e:
-        raise ValueError(
-            f"config.quantization.layers={pattern!r} is not a valid regex: {e}"
-        ) from None
-    symmetric = bool(_field(quant_config, "symmetric"))
-    if method == "lsq" and not symmetric:
-        raise ValueError(
-            "config.quantization.method='lsq' learns a symmetric step: set "
-            "config.quantization.symmetric=True"
-        )
-    return Settings(
-        weight_bits=check_bits(_field(quant_config, "weight_bits"), field="weight_bits"),
-        activation_bits=check_bits(_field(quant_config, "activation_bits"),
-                                   field="activation_bits"),
-        per_channel=bool(_field(quant_config, "per_channel")),
-        symmetric=symmetric,
-        layers=pattern,
-        keep_first_last_8bit=bool(_field(quant_config, "keep_first_last_8bit")),
-        method=method,
-        calibration=calibration,
-        percentile=percentile,
-    )
+    return schema.Choice(allowed).convert(field, bits)
 
 
 def kernel_paths(params: Any) -> list[str]:
-    """Paths (``'a/b'``) of every parameter dict holding a ``kernel``, in flatten order."""
-    flat = traverse_util.flatten_dict(params)
-    return [_join(k[:-1]) for k in flat if k[-1] == "kernel"]
+    """Paths (``'a/b'``) of every Dense/Conv kernel (:func:`jaxkd.layers.find`)."""
+    return list(layers.find(params))
 
 
-def validate(quant_config: Mapping[str, Any], params: Any) -> Settings:
-    """Checks ``config.quantization`` against a model's parameters, before compiling.
+def validate(s: Quantization, params: Any) -> Quantization:
+    """Checks the settings against a model's parameters, before compiling.
 
     Raises:
-      ValueError: one line naming the field: unsupported bit width or method, a ``layers``
-        regex that does not compile or matches no layer of ``params``.
+      FieldError: one line naming ``layers`` when its regex matches no layer of ``params``.
     """
-    s = settings(quant_config)
     paths = kernel_paths(params)
     if not any(re.fullmatch(s.layers, p) for p in paths):
-        raise ValueError(
-            f"config.quantization.layers={s.layers!r} matches no layer; "
-            f"layers: {', '.join(paths) or '(none)'}"
-        )
+        raise FieldError("layers", f"={s.layers!r} matches no layer; "
+                                   f"layers: {', '.join(paths) or '(none)'}")
     return s
 
 
@@ -366,17 +245,13 @@ class LayerPlan:
     activation_bits: int  # 0 = float input
 
 
-def _join(keys: Iterable[Any]) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in keys)
-
-
 def layer_of(context: Any) -> tuple[str, str] | None:
     """``(path, kind)`` when an ``nn.intercept_methods`` context is a Dense/Conv call."""
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, LAYER_TYPES):
         return None
     kind = "dense" if isinstance(module, nn.Dense) else "conv"
-    return _join(module.path), kind
+    return layers.join(module.path), kind
 
 
 def _abstract(tree: Any) -> Any:
@@ -407,36 +282,32 @@ def find_layers(model: nn.Module, variables: Mapping[str, Any], sample: Any
 
 
 def plan(model: nn.Module, variables: Mapping[str, Any], sample: Any,
-         quant_config: Mapping[str, Any] | Settings) -> dict[str, LayerPlan]:
+         s: Quantization) -> dict[str, LayerPlan]:
     """The selected layers and their bit widths, in call order.
 
-    A layer is selected when ``re.fullmatch(config.quantization.layers, path)``; with
+    A layer is selected when ``re.fullmatch(s.layers, path)``; with
     ``keep_first_last_8bit`` the first layer called and the ``head`` (else the last layer
-    called) use 8 bits, for weights and, when activations are quantized, for their input.
+    called) use 8 bits (:func:`jaxkd.layers.edge_layers`), for weights and, when
+    activations are quantized, for their input.
 
     Raises:
-      ValueError: one line naming ``config.quantization.layers`` when the regex selects no
-        layer, or ``config.quantization.activation_bits`` when the model calls no Dense/Conv
-        layer that could be intercepted.
+      FieldError: one line naming ``layers`` when the regex selects no layer, or
+        ``activation_bits`` when the model calls no Dense/Conv layer that could be
+        intercepted.
     """
-    s = settings(quant_config)
     variables = dict(variables)
     variables["params"] = strip_steps(variables["params"])
-    layers = find_layers(model, variables, sample)
-    if not layers:
+    called = find_layers(model, variables, sample)
+    if not called:
         field = "activation_bits" if s.activation_bits else "layers"
-        raise ValueError(
-            f"config.quantization.{field}: model {type(model).__name__} calls no flax.linen "
-            "Dense or Conv layer that can be intercepted for quantization"
-        )
-    selected = [(p, k) for p, k in layers if re.fullmatch(s.layers, p)]
+        raise FieldError(field, f": model {type(model).__name__} calls no flax.linen Dense or "
+                                "Conv layer that can be intercepted for quantization")
+    selected = [(p, k) for p, k in called if re.fullmatch(s.layers, p)]
     if not selected:
-        raise ValueError(
-            f"config.quantization.layers={s.layers!r} matches no layer; "
-            f"layers: {', '.join(p for p, _ in layers)}"
-        )
-    paths = [p for p, _ in layers]
-    edges = {paths[0], "head" if "head" in paths else paths[-1]}
+        raise FieldError("layers", f"={s.layers!r} matches no layer; "
+                                   f"layers: {', '.join(p for p, _ in called)}")
+    paths = [p for p, _ in called]
+    edges = set(layers.edge_layers(paths, paths))
     out = {}
     for path, kind in selected:
         wb, ab = s.weight_bits, s.activation_bits
@@ -472,13 +343,12 @@ def weight_scale(kernel: jax.Array, *, bits: int, per_channel: bool, symmetric: 
 
 
 def fake_quant_params(params: Any, layer_plan: Mapping[str, LayerPlan],
-                      quant_config: Mapping[str, Any] | Settings) -> Any:
+                      s: Quantization) -> Any:
     """``params`` with every planned kernel fake-quantized (LSQ steps, if any, removed).
 
     ``'minmax'``: range from the kernel itself (no gradient), STE gradient. ``'lsq'``: the
     learned ``kernel_step`` sibling of each kernel (see ``init_qat_params``).
     """
-    s = settings(quant_config)
     flat = traverse_util.flatten_dict(params)
     out = {k: v for k, v in flat.items() if k[-1] not in STEP_NAMES}
     for path, layer in layer_plan.items():
@@ -487,10 +357,8 @@ def fake_quant_params(params: Any, layer_plan: Mapping[str, LayerPlan],
         if s.method == "lsq":
             step = _layer_get(flat, path, KERNEL_STEP)
             if step is None:
-                raise ValueError(
-                    f"config.quantization.method='lsq' but params have no {path}/{KERNEL_STEP}: "
-                    "initialise them with jaxkd.quant.init_qat_params"
-                )
+                raise FieldError("method", f"='lsq' but params have no {path}/{KERNEL_STEP}: "
+                                           "initialise them with jaxkd.quant.init_qat_params")
             n = kernel.size // (kernel.shape[-1] if s.per_channel else 1)
             out[key] = lsq_fake_quant(kernel, step, bits=layer.weight_bits,
                                       grad_scale=lsq_grad_scale(n, layer.weight_bits))
@@ -510,7 +378,7 @@ def dynamic_activation_scale(x: jax.Array, bits: int) -> jax.Array:
     return scale.reshape(())
 
 
-def qat_apply(model: nn.Module, quant_config: Mapping[str, Any]) -> Callable[..., Any]:
+def qat_apply(model: nn.Module, **quantization: Any) -> Callable[..., Any]:
     """A drop-in ``model.apply`` that runs the model quantization-aware (QAT).
 
     ``fn(variables, x, *, train=False, mutable=False, rngs=None, return_features=False)``
@@ -520,10 +388,10 @@ def qat_apply(model: nn.Module, quant_config: Mapping[str, Any]) -> Callable[...
     inputs are too (symmetric per tensor: dynamic ``max|x|`` for ``'minmax'``, the learned
     ``input_step`` for ``'lsq'``), via ``flax.linen.intercept_methods``. Gradients follow the
     straight-through estimator (LSQ's for ``'lsq'``). The layer plan is traced once per
-    input shape. Bad fields raise at once (``settings``); a ``layers`` regex that matches
-    nothing raises at the first call.
+    input shape. ``quantization``: the fields of :class:`jaxkd.config.Quantization`; bad
+    fields raise at once, a ``layers`` regex that matches nothing at the first call.
     """
-    s = settings(quant_config)
+    s = settings(quantization)
     plans: dict[Any, dict[str, LayerPlan]] = {}
 
     def apply(variables: Mapping[str, Any], x: Any, *, train: bool = False,
@@ -548,11 +416,9 @@ def qat_apply(model: nn.Module, quant_config: Mapping[str, Any]) -> Callable[...
             if s.method == "lsq":
                 step = _layer_get(flat, lp.path, INPUT_STEP)
                 if step is None:
-                    raise ValueError(
-                        f"config.quantization.method='lsq' with activation_bits but params have "
-                        f"no {lp.path}/{INPUT_STEP}: initialise them with "
-                        "jaxkd.quant.init_qat_params"
-                    )
+                    raise FieldError("method", f"='lsq' with activation_bits but params have "
+                                               f"no {lp.path}/{INPUT_STEP}: initialise them "
+                                               "with jaxkd.quant.init_qat_params")
                 g = lsq_grad_scale(math.prod(h.shape[1:]), lp.activation_bits)
                 h = lsq_fake_quant(h, step, bits=lp.activation_bits, grad_scale=g)
             else:
@@ -593,13 +459,14 @@ def capture_inputs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
 
 
 def init_qat_params(model: nn.Module, variables: Mapping[str, Any], sample: jax.Array,
-                    quant_config: Mapping[str, Any]) -> Any:
+                    **quantization: Any) -> Any:
     """``variables['params']`` ready for QAT: unchanged for ``'minmax'``; for ``'lsq'``
     with a ``kernel_step`` (and, with ``activation_bits``, an ``input_step``) added beside
     each selected kernel, initialised as LSQ prescribes: ``2 mean|v| / sqrt(Q_P)`` over the
     weights (per output channel when ``per_channel``) or over the layer's inputs on
-    ``sample`` (a representative batch). Call it before ``optimizer.init``."""
-    s = settings(quant_config)
+    ``sample`` (a representative batch). Call it before ``optimizer.init``. ``quantization``:
+    the fields of :class:`jaxkd.config.Quantization`."""
+    s = settings(quantization)
     params = variables["params"]
     if s.method != "lsq":
         return params
@@ -631,10 +498,8 @@ def calibrate(model: nn.Module, variables: Mapping[str, Any], batches: Iterable[
     Inference"). ``batches`` yields input arrays or dicts with an ``'image'`` entry.
     """
     if method not in CALIBRATION_METHODS:
-        raise ValueError(
-            f"config.quantization.calibration={method!r} is not a calibration method; "
-            f"allowed: {', '.join(CALIBRATION_METHODS)}"
-        )
+        raise FieldError("calibration", f"={method!r} is not a calibration method; "
+                                        f"allowed: {', '.join(CALIBRATION_METHODS)}")
     q = float(percentile)
 
     @jax.jit
@@ -698,7 +563,7 @@ def quantize_kernel(kernel: Any, *, bits: int, per_channel: bool = True,
                            zero_point=np.asarray(zero_point, np.int8), bits=int(bits))
 
 
-def quantize_params(params: Any, quant_config: Mapping[str, Any], *,
+def quantize_params(params: Any, s: Quantization, *,
                     layer_plan: Mapping[str, LayerPlan] | None = None
                     ) -> dict[str, QuantizedKernel]:
     """Post-training quantization of the selected kernels: ``{path: QuantizedKernel}``.
@@ -708,14 +573,11 @@ def quantize_params(params: Any, quant_config: Mapping[str, Any], *,
     ``weight_bits``; that needs ``keep_first_last_8bit=False`` because which layer is first
     is known only by tracing the model. LSQ-trained params use their learned steps.
     """
-    s = settings(quant_config)
     if layer_plan is None:
         if s.keep_first_last_8bit:
-            raise ValueError(
-                "config.quantization.keep_first_last_8bit=True needs the layer order: pass "
-                "layer_plan=jaxkd.quant.plan(model, variables, sample, config)"
-            )
-        validate(quant_config, params)
+            raise FieldError("keep_first_last_8bit", "=True needs the layer order: pass "
+                                                     "layer_plan=jaxkd.quant.plan(...)")
+        validate(s, params)
         layer_plan = {p: LayerPlan(p, "", s.weight_bits, s.activation_bits)
                       for p in kernel_paths(params) if re.fullmatch(s.layers, p)}
     flat = traverse_util.flatten_dict(params)

@@ -24,23 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxkd import quant
+from jaxkd import evaluation, quant, tasks
 
 TABLE_FILE = "sensitivity.md"
 PLOT_FILE = "sensitivity.png"
 
 
 def _accuracy(eval_fn, params: Any, batches: Sequence[Mapping[str, Any]]) -> float:
-    correct = count = 0.0
-    for batch in batches:
-        c, n = jax.device_get(eval_fn(params, batch))
-        correct, count = correct + float(c), count + float(n)
-    return correct / count if count else float("nan")
+    return evaluation.evaluate(lambda b: eval_fn(params, b), batches)["accuracy"]
 
 
 def sweep(model: nn.Module, variables: Mapping[str, Any], batches: Iterable[Mapping[str, Any]],
           *, bits: Sequence[int] = (8, 4, 2), per_channel: bool = True, symmetric: bool = True,
-          layers: Sequence[str] | None = None) -> dict[str, Any]:
+          layers: Sequence[str] | None = None,
+          task: tasks.Task = tasks.CLASSIFICATION) -> dict[str, Any]:
     """Accuracy with one layer at a time weight-quantized to each of ``bits``.
 
     ``batches`` yields ``image``, ``label`` and optionally ``mask`` (it is read into memory
@@ -51,7 +48,8 @@ def sweep(model: nn.Module, variables: Mapping[str, Any], batches: Iterable[Mapp
     if not batches:
         raise ValueError("sensitivity.sweep got no batches")
     bits = [quant.check_bits(b) for b in bits]
-    found = [p for p, _ in quant.find_layers(model, variables, batches[0]["image"])]
+    found = [p for p, _ in quant.find_layers(model, variables,
+                                             task.model_inputs(batches[0])[0])]
     if layers is not None:
         unknown = sorted(set(layers) - set(found))
         if unknown:
@@ -61,10 +59,9 @@ def sweep(model: nn.Module, variables: Mapping[str, Any], batches: Iterable[Mapp
 
     @jax.jit
     def eval_fn(params, batch):
-        logits = model.apply({**others, "params": params}, batch["image"], train=False)
-        mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
-        hits = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        return (hits * mask).sum(), mask.sum()
+        logits = model.apply({**others, "params": params}, *task.model_inputs(batch),
+                             train=False)
+        return task.eval_metrics(logits, batch)
 
     params = quant.strip_steps(variables["params"])
     flat = traverse_util.flatten_dict(params)

@@ -52,44 +52,28 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from jaxkd import schema, surgery
+from jaxkd.config import Init
 from jaxkd.models.cnn1d import CNN1D
 from jaxkd.models.lenet import LeNet5
 from jaxkd.models.mlp import MLP
 from jaxkd.models.resnet import BasicBlock, CifarResNet
 from jaxkd.models.wrn import WideResNet
-
-METHODS = ("", "copy", "layer_select", "prune_width")
+from jaxkd.schema import ConfigError
 
 _FAMILIES = {MLP: "mlp", CNN1D: "cnn1d", LeNet5: "lenet5", CifarResNet: "CIFAR ResNet",
              WideResNet: "WRN"}
 _SUPPORTED = {"layer_select": (MLP, CifarResNet, WideResNet),
               "prune_width": (MLP, CNN1D, CifarResNet)}
 
-# module path (names from the top, e.g. ('stage1_block0', 'conv1')) -> (kept inputs, kept
-# outputs); None keeps the whole axis.
-Plan = dict[tuple[str, ...], tuple[np.ndarray | None, np.ndarray | None]]
-
-
-def default_init_config() -> ml_collections.ConfigDict:
-    """``config.init``: how the student's weights start (random by default)."""
-    return ml_collections.ConfigDict({
-        "method": "",  # '' (random init) | 'copy' | 'layer_select' | 'prune_width'
-        # Finished run whose weights seed the student; '' = the distillation teacher.
-        "teacher_workdir": "",
-        # layer_select: kept teacher layers (MLP) or blocks per stage (ResNets), 0-based, in
-        # order; () = every other one.
-        "keep_layers": (),
-        # prune_width: images over which the mean |activation| ranks neurons and channels.
-        "calibration_examples": 512,
-    })
+Plan = surgery.Plan  # module path -> (kept inputs, kept outputs)
 
 
 def init_from_teacher(
-    init: ml_collections.ConfigDict,
+    init: Init | Mapping[str, Any],
     *,
     teacher_model: nn.Module,
     teacher_variables: Mapping[str, Any],
@@ -100,7 +84,7 @@ def init_from_teacher(
     """The student's variables filled from the teacher's, by ``init.method``.
 
     Args:
-      init: ``config.init`` (see :func:`default_init_config`).
+      init: ``config.init`` (:class:`jaxkd.config.Init`, or its fields).
       teacher_model, teacher_variables: the trained teacher (``{'params', ['batch_stats']}``).
       student_model, student_variables: the student and its freshly initialised variables
         (arrays or ``jax.ShapeDtypeStruct``s); only their tree, shapes and dtypes are used.
@@ -119,10 +103,8 @@ def init_from_teacher(
         depth for ``prune_width``, missing calibration images, or a student whose layers
         do not fit the teacher's slices.
     """
-    method = init.get("method") or ""
-    if method not in METHODS:
-        raise ValueError(f"config.init.method={method!r} is unknown; choose one of: "
-                         f"'' (random init), 'copy', 'layer_select', 'prune_width'")
+    init = schema.parse(Init, init, "config.init")
+    method = init.method
     if not method:
         return dict(student_variables)
     if method == "copy":
@@ -132,20 +114,20 @@ def init_from_teacher(
     if method == "layer_select":
         depth_t, depth_s = _depth(teacher_model), _depth(student_model)
         unit = "hidden layers" if isinstance(teacher_model, MLP) else "blocks per stage"
-        keep, field = _keep_layers(init.get("keep_layers", ()), depth_t, depth_s, unit)
+        keep, field = _keep_layers(init.keep_layers, depth_t, depth_s, unit)
         renamed = _layer_select_names(teacher_model, keep)
         flat = {(key[0], renamed[key[1]], *key[2:]): value
                 for key, value in teacher_flat.items() if key[1] in renamed}
         return _fit(flat, student_variables, field)
 
     field = "config.init.method='prune_width'"
-    if init.get("keep_layers"):
-        raise ValueError(f"config.init.keep_layers={init.keep_layers!r} is only for "
-                         f"layer_select; prune_width keeps every layer (set it to ())")
+    if init.keep_layers:
+        raise ConfigError(f"config.init.keep_layers={init.keep_layers!r} is only for "
+                          f"layer_select; prune_width keeps every layer (set it to ())")
     if _depth(teacher_model) != _depth(student_model):
-        raise ValueError(f"{field} keeps the teacher's depth, but the teacher has "
-                         f"{_depth(teacher_model)} and the student {_depth(student_model)} "
-                         f"layers (or blocks per stage); drop layers with layer_select")
+        raise ConfigError(f"{field} keeps the teacher's depth, but the teacher has "
+                          f"{_depth(teacher_model)} and the student {_depth(student_model)} "
+                          f"layers (or blocks per stage); drop layers with layer_select")
     images = _calibration_batch(init, calibration_images)
     importance = mean_abs_activations(teacher_model, teacher_variables, images)
     student_params = student_variables["params"]
@@ -155,7 +137,7 @@ def init_from_teacher(
         plan = _cnn1d_plan(importance, student_params, teacher_variables["params"])
     else:
         plan = _resnet_plan(importance, student_params, teacher_variables["params"])
-    return _fit(_slice(teacher_flat, plan), student_variables, field)
+    return _fit(surgery.slice_variables(teacher_flat, plan), student_variables, field)
 
 
 def mean_abs_activations(model: nn.Module, variables: Mapping[str, Any], images: Any, *,
@@ -213,13 +195,13 @@ def copy_variables(source: Mapping[str, Any], target: Mapping[str, Any]) -> dict
     if set(got) != set(want):
         missing = sorted("/".join(k) for k in set(want) - set(got))
         extra = sorted("/".join(k) for k in set(got) - set(want))
-        raise ValueError(f"config.init.method='copy' needs the same model: the source lacks "
-                         f"{missing or 'nothing'} and has extra {extra or 'nothing'}")
+        raise ConfigError(f"config.init.method='copy' needs the same model: the source lacks "
+                          f"{missing or 'nothing'} and has extra {extra or 'nothing'}")
     for key, leaf in want.items():
         if tuple(np.shape(got[key])) != tuple(leaf.shape):
-            raise ValueError(f"config.init.method='copy' needs the same model: "
-                             f"{'/'.join(key)} has shape {tuple(np.shape(got[key]))} in the "
-                             f"source and {tuple(leaf.shape)} here")
+            raise ConfigError(f"config.init.method='copy' needs the same model: "
+                              f"{'/'.join(key)} has shape {tuple(np.shape(got[key]))} in the "
+                              f"source and {tuple(leaf.shape)} here")
     return traverse_util.unflatten_dict(
         {k: np.asarray(v, want[k].dtype) for k, v in got.items()})
 
@@ -230,12 +212,12 @@ def _check_families(method: str, teacher_model: nn.Module, student_model: nn.Mod
     for role, model in (("teacher", teacher_model), ("student", student_model)):
         if not isinstance(model, supported):
             family = _FAMILIES.get(type(model), type(model).__name__)
-            raise ValueError(f"config.init.method={method!r} supports {names} models, "
-                             f"but the {role} is {family}")
+            raise ConfigError(f"config.init.method={method!r} supports {names} models, "
+                              f"but the {role} is {family}")
     if type(teacher_model) is not type(student_model):
-        raise ValueError(f"config.init.method={method!r} needs a student of the teacher's "
-                         f"family, but the teacher is {_FAMILIES[type(teacher_model)]} and the "
-                         f"student {_FAMILIES[type(student_model)]}")
+        raise ConfigError(f"config.init.method={method!r} needs a student of the teacher's "
+                          f"family, but the teacher is {_FAMILIES[type(teacher_model)]} and the "
+                          f"student {_FAMILIES[type(student_model)]}")
 
 
 def _depth(model: nn.Module) -> int:
@@ -256,28 +238,28 @@ def _keep_layers(value: Any, depth_t: int, depth_s: int, unit: str
         try:
             value = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
         except ValueError:
-            raise ValueError(f"config.init.keep_layers={value!r} must be integers, "
-                             f"e.g. (0, 2)") from None
+            raise ConfigError(f"config.init.keep_layers={value!r} must be integers, "
+                              f"e.g. (0, 2)") from None
     if not value:
         keep = tuple(range(0, depth_t, 2))
         field = f"config.init.keep_layers=() (every other one of the teacher's {unit}: {keep})"
     else:
         if any(isinstance(k, bool) or not isinstance(k, int | np.integer) for k in value):
-            raise ValueError(f"config.init.keep_layers={value!r} must be integers, e.g. (0, 2)")
+            raise ConfigError(f"config.init.keep_layers={value!r} must be integers, e.g. (0, 2)")
         keep = tuple(int(k) for k in value)
         field = f"config.init.keep_layers={keep}"
     if any(k < 0 or k >= depth_t for k in keep):
-        raise ValueError(f"{field} is out of range: the teacher has {depth_t} {unit} "
-                         f"(0..{depth_t - 1})")
+        raise ConfigError(f"{field} is out of range: the teacher has {depth_t} {unit} "
+                          f"(0..{depth_t - 1})")
     if any(a >= b for a, b in zip(keep, keep[1:], strict=False)):
-        raise ValueError(f"{field} must be strictly increasing (kept layers stay in order)")
+        raise ConfigError(f"{field} must be strictly increasing (kept layers stay in order)")
     if len(keep) != depth_s:
-        raise ValueError(f"{field} keeps {len(keep)} teacher {unit} but the student has "
-                         f"{depth_s}; list exactly {depth_s}")
+        raise ConfigError(f"{field} keeps {len(keep)} teacher {unit} but the student has "
+                          f"{depth_s}; list exactly {depth_s}")
     if keep and keep[0] != 0:
         first = ("the first hidden layer reads the input" if unit == "hidden layers"
                  else "a stage's first block holds its stride and projection")
-        raise ValueError(f"{field} must start with 0: {first}")
+        raise ConfigError(f"{field} must start with 0: {first}")
     return keep, field
 
 
@@ -292,25 +274,22 @@ def _layer_select_names(model: nn.Module, keep: Sequence[int]) -> dict[str, str]
             "head": "head"}
 
 
-def _calibration_batch(init: ml_collections.ConfigDict, images: Any) -> Any:
-    wanted = init.get("calibration_examples", 512)
-    if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
-        raise ValueError(f"config.init.calibration_examples={wanted!r} must be a positive "
-                         f"integer")
+def _calibration_batch(init: Init, images: Any) -> Any:
+    wanted = init.calibration_examples
     if images is None or len(images) == 0:
-        raise ValueError(f"config.init.method='prune_width' ranks units on calibration images "
-                         f"but none were given (config.init.calibration_examples={wanted})")
+        raise ConfigError(f"config.init.method='prune_width' ranks units on calibration images "
+                          f"but none were given (config.init.calibration_examples={wanted})")
     if len(images) < wanted:
-        raise ValueError(f"config.init.calibration_examples={wanted} but only {len(images)} "
-                         f"calibration images were given; lower it or pass more")
+        raise ConfigError(f"config.init.calibration_examples={wanted} but only {len(images)} "
+                          f"calibration images were given; lower it or pass more")
     return images[:wanted]
 
 
 def _top_units(importance: np.ndarray, k: int, layer: str) -> np.ndarray:
     """Indices of the ``k`` most important units, in the teacher's order (ties: lower first)."""
     if k > len(importance):
-        raise ValueError(f"config.init.method='prune_width' only narrows, but the student's "
-                         f"{layer} has {k} units and the teacher's {len(importance)}")
+        raise ConfigError(f"config.init.method='prune_width' only narrows, but the student's "
+                          f"{layer} has {k} units and the teacher's {len(importance)}")
     return np.sort(np.argsort(-importance, kind="stable")[:k])
 
 
@@ -343,9 +322,8 @@ def _cnn1d_plan(importance: dict[str, np.ndarray], student_params: Mapping[str, 
         kept = _top_units(importance[layer], _width(student_params, layer), layer)
         plan[(layer,)] = (kept_in, kept)
         kept_in = kept
-    channels = len(importance["conv3"])
-    positions = teacher_params["head"]["kernel"].shape[0] // channels
-    rows = (np.arange(positions)[:, None] * channels + kept_in[None, :]).reshape(-1)
+    rows = surgery.input_rows(kept_in, len(importance["conv3"]),
+                              teacher_params["head"]["kernel"].shape[0])
     plan[("head",)] = (rows, None)
     return plan
 
@@ -356,9 +334,9 @@ def _resnet_plan(importance: dict[str, np.ndarray], student_params: Mapping[str,
     blocks = [f"stage{s}_block{b}" for s in (1, 2, 3) for b in range(per_stage)]
     projects = "shortcut_conv" in teacher_params["stage1_block0"]
     if projects != ("shortcut_conv" in student_params["stage1_block0"]):
-        raise ValueError("config.init.method='prune_width' keeps the teacher's block structure, "
-                         "but stage1_block0 has a projection shortcut in only one of teacher "
-                         "and student (stem width != stage-1 width in one of them)")
+        raise ConfigError("config.init.method='prune_width' keeps the teacher's block structure, "
+                          "but stage1_block0 has a projection shortcut in only one of teacher "
+                          "and student (stem width != stage-1 width in one of them)")
     stream: dict[int, np.ndarray] = {}
     for s in (1, 2, 3):
         sites = [importance[b] for b in blocks if b.startswith(f"stage{s}_")]
@@ -387,24 +365,6 @@ def _resnet_plan(importance: dict[str, np.ndarray], student_params: Mapping[str,
     return plan
 
 
-def _slice(flat: dict[tuple[str, ...], Any], plan: Plan) -> dict[tuple[str, ...], Any]:
-    """Applies ``plan`` to flattened ``(collection, *module, leaf)`` variables.
-
-    A ``kernel`` (``[..., in, out]``) keeps its inputs on axis -2 and outputs on axis -1;
-    every other leaf (bias, BatchNorm scale/bias/mean/var) is per output unit.
-    """
-    out = {}
-    for key, value in flat.items():
-        kept_in, kept_out = plan.get(tuple(key[1:-1]), (None, None))
-        value = np.asarray(value)
-        if key[-1] == "kernel" and kept_in is not None:
-            value = np.take(value, kept_in, axis=-2)
-        if kept_out is not None:
-            value = np.take(value, kept_out, axis=-1)
-        out[key] = value
-    return out
-
-
 def _fit(flat: dict[tuple[str, ...], Any], student_variables: Mapping[str, Any], field: str
          ) -> dict[str, Any]:
     """``flat`` as a tree shaped like ``student_variables``, or a one-line error naming
@@ -413,13 +373,13 @@ def _fit(flat: dict[tuple[str, ...], Any], student_variables: Mapping[str, Any],
     only_student = sorted("/".join(k) for k in set(student_flat) - set(flat))
     only_teacher = sorted("/".join(k) for k in set(flat) - set(student_flat))
     if only_student or only_teacher:
-        raise ValueError(f"{field}: the student's layers do not match the teacher's; only in "
-                         f"the student: {', '.join(only_student[:3]) or '-'}; only in the "
-                         f"teacher's kept layers: {', '.join(only_teacher[:3]) or '-'}")
+        raise ConfigError(f"{field}: the student's layers do not match the teacher's; only in "
+                          f"the student: {', '.join(only_student[:3]) or '-'}; only in the "
+                          f"teacher's kept layers: {', '.join(only_teacher[:3]) or '-'}")
     out = {}
     for key, target in student_flat.items():
         if tuple(flat[key].shape) != tuple(target.shape):
-            raise ValueError(f"{field}: the student's {'/'.join(key)} is {tuple(target.shape)} "
-                             f"but the teacher's weights for it are {tuple(flat[key].shape)}")
+            raise ConfigError(f"{field}: the student's {'/'.join(key)} is {tuple(target.shape)} "
+                              f"but the teacher's weights for it are {tuple(flat[key].shape)}")
         out[key] = np.asarray(flat[key], dtype=target.dtype)
     return traverse_util.unflatten_dict(out)

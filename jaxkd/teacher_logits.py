@@ -75,8 +75,9 @@ import ml_dtypes
 import numpy as np
 from array_record.python import array_record_module
 
-from jaxkd import checkpoint
-from jaxkd.data import pipeline
+from jaxkd import checkpoint, files, teachers
+from jaxkd.data import pipeline, sources
+from jaxkd.schema import ConfigError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -155,8 +156,6 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
     Returns:
       The manifest (module docstring).
     """
-    from jaxkd import train  # here: the trainer imports this module
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     if top_k < 0 or batch_size <= 0 or chunk_size <= 0:
@@ -172,9 +171,8 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    teacher = train.load_teacher(teacher_workdir, sharding=replicated,
-                                 field="teacher_workdir")
-    model = checkpoint.read_json(os.path.join(teacher_workdir, checkpoint.MODEL_FILE))
+    teacher = teachers.load(teacher_workdir, sharding=replicated, field="teacher_workdir")
+    model = files.read_json(os.path.join(teacher_workdir, checkpoint.MODEL_FILE))
     inputs = pipeline.train_inputs(data)
     info = pipeline.get_info(data)
     if (model["num_classes"], tuple(model["input_shape"])) != (info.num_classes,
@@ -232,9 +230,9 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
               flush=True)
     for chunk in manifest["chunks"]:
         path = os.path.join(out_dir, chunk["file"])
-        chunk.update(bytes=os.path.getsize(path), sha256=checkpoint.file_sha256(path))
+        chunk.update(bytes=os.path.getsize(path), sha256=files.sha256(path))
     manifest["complete"] = True
-    checkpoint.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
+    files.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
     return manifest
 
 
@@ -275,9 +273,41 @@ def check(out_dir: str, data: ml_collections.ConfigDict, *, allow_augment: bool 
         if os.path.getsize(chunk_path) != chunk["bytes"]:
             raise ValueError(f"{chunk_path} has {os.path.getsize(chunk_path)} bytes, "
                              f"{path} says {chunk['bytes']}: truncated or corrupt")
-        if verify_checksums and checkpoint.file_sha256(chunk_path) != chunk["sha256"]:
+        if verify_checksums and files.sha256(chunk_path) != chunk["sha256"]:
             raise ValueError(f"{chunk_path}: its sha256 differs from {path}'s: corrupt")
     return manifest
+
+
+def check_terms(manifest: dict[str, Any], terms: Sequence[Any], *, num_classes: int,
+                where: str) -> None:
+    """The objective's terms must be able to use the stored logits: no feature terms, and
+    with top-k < C only top-k terms."""
+    k = int(manifest["k"]) or num_classes
+    for term in terms:
+        if term.kind in ("features", "batch"):
+            raise ConfigError(f"config.distill.losses.{term.label} ({term.name}) needs teacher "
+                              "features, which precomputed logits do not have")
+        if k < num_classes and term.kind in ("logits", "logits_labels"):
+            raise ConfigError(
+                f"config.distill.losses.{term.label} ({term.name}) needs all {num_classes} "
+                f"teacher logits but {where} stores the top {k}; use topk_soft_target_kl")
+
+
+def stream(out_dir: str, data: Any) -> Callable[[sources.Source],
+                                                Callable[[np.ndarray, np.ndarray], dict]]:
+    """The ``extra_fields`` of :func:`jaxkd.data.pipeline.train_batches` that stream the
+    logits of ``out_dir`` next to each batch: given the training source, a function of the
+    examples' stream indices and raw images. With ``data.in_memory`` every fingerprint is
+    checked once, up front; otherwise each batch's are checked as it is read."""
+
+    def fields_for(source: sources.Source) -> Callable[[np.ndarray, np.ndarray], dict]:
+        stored = StoredLogits.open(out_dir, data, in_memory=data.in_memory)
+        if data.in_memory:
+            stored.verify(np.arange(len(source)), source.images)
+            return lambda indices, images: stored.batch_fields(indices)
+        return stored.batch_fields
+
+    return fields_for
 
 
 def bytes_per_example(out_dir: str) -> float:
@@ -432,7 +462,7 @@ def _start_or_resume(out_dir: str, manifest: dict[str, Any]) -> None:
         raise ValueError(f"{out_dir} is not empty and holds no {MANIFEST_FILE}: choose an "
                          "empty or new output directory")
     os.makedirs(out_dir, exist_ok=True)
-    checkpoint.write_json(path, manifest)
+    files.write_json(path, manifest)
 
 
 def _first_difference(field: str, theirs: Any, ours: Any) -> str:

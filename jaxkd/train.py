@@ -1,7 +1,8 @@
 """The trainer: one jitted, data-parallel step for every mode, read top to bottom.
 
-``train_and_evaluate(config, workdir)`` builds the data, the student (and the teacher when
-``config.distill.teacher.workdir`` is set), the objective and the optimizer, then loops::
+``train_and_evaluate(config, workdir)`` checks the config (:func:`jaxkd.config.parse_run`),
+builds the data, the student and its teachers (:mod:`jaxkd.teachers`), the objective, the
+optimizer and the compression methods (:mod:`jaxkd.methods`), then loops::
 
     state, metrics = train_step(state, batch, teacher_variables)
 
@@ -9,7 +10,9 @@
 sharded over the ``data`` axis of a mesh of every device and the state is replicated, so
 XLA inserts the gradient all-reduce. A teacher runs inside the same step, in inference
 mode and under ``stop_gradient``, on the same (augmented) batch as the student: the
-"consistent teaching" of Beyer et al. 2022.
+"consistent teaching" of Beyer et al. 2022. What a batch holds and what is measured is the
+task's (:mod:`jaxkd.tasks`); what a compression method changes is the method's hooks, in
+:data:`jaxkd.methods.METHODS` order: the loop has no branch for either.
 
 The run resumes from the newest Orbax checkpoint in ``workdir``. Because the batch at step
 ``k`` and the dropout key of step ``k`` are pure functions of (config, seed, k), a resumed
@@ -19,12 +22,11 @@ run ends bit-identical to one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -40,8 +42,10 @@ from jax.sharding import PartitionSpec as P
 import jaxkd
 from jaxkd import (
     checkpoint,
+    evaluation,
     export,
-    losses,
+    files,
+    methods,
     metrics,
     models,
     objective,
@@ -51,8 +55,18 @@ from jaxkd import (
     quant,
     sharing,
     student_init,
+    tasks,
+    teacher_logits,
+    teachers,
 )
-from jaxkd.data import pipeline
+from jaxkd.config import Run, parse_run
+from jaxkd.data import datasets, pipeline
+from jaxkd.prefetch import device_prefetch, to_global
+from jaxkd.schema import ConfigError
+from jaxkd.workdir import check as check_workdir
+
+CLASSIFICATION = tasks.CLASSIFICATION
+ARTIFACT_DIR = "artifact"
 
 
 @struct.dataclass
@@ -71,21 +85,6 @@ class TrainState:
     first_nonfinite: jax.Array  # int32 [2]: (step, metric); (-1, 0) when none
 
 
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-    """A frozen teacher: its model and variables, read from a finished run's checkpoint."""
-
-    workdir: str
-    model: nn.Module
-    variables: dict[str, Any]
-    config: ml_collections.ConfigDict
-    weight: float = 1.0
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.variables["params"]["head"]["bias"].shape[-1])
-
-
 def model_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
     variables = {"params": params}
     if batch_stats:
@@ -94,13 +93,13 @@ def model_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...],
-               seed: int, init_adapters: Callable[[jax.Array], Any] | None = None
-               ) -> TrainState:
+               seed: int, init_adapters: Callable[[jax.Array], Any] | None = None, *,
+               task: tasks.Task = CLASSIFICATION) -> TrainState:
     """A fresh state: parameters drawn from ``seed``, optimizer state at step 0."""
     rng = jax.random.PRNGKey(seed)
     init_rng, params_rng, dropout_rng, adapters_rng = jax.random.split(rng, 4)
-    dummy = jnp.zeros((1, *input_shape), jnp.float32)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
+    inputs = task.example_inputs(tuple(input_shape), 1)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng}, *inputs, train=False)
     params = variables["params"]
     adapters = init_adapters(adapters_rng) if init_adapters else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -117,12 +116,13 @@ def make_train_step(
     teacher_models: Sequence[nn.Module] = (),
     *,
     student_apply: Callable[..., Any] | None = None,
+    task: tasks.Task = CLASSIFICATION,
 ) -> Callable[[TrainState, dict[str, jax.Array], Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure ``train_step(state, batch, teacher_variables) -> (state, metrics)``.
 
     ``teacher_variables`` is a list, one entry per model of ``teacher_models`` (empty for
     supervised training or precomputed teacher logits); ``objective_fn`` is built by
-    :func:`jaxkd.objective.build_objective`.
+    :func:`jaxkd.objective.build_objective`; ``task`` says what the batch holds.
 
     ``student_apply`` replaces ``model.apply`` for the student's forward pass (same
     signature); compression methods use it to run the student on transformed weights or
@@ -131,20 +131,20 @@ def make_train_step(
     apply = student_apply or model.apply
 
     def train_step(state, batch, teacher_variables):
-        images, labels = batch["image"], batch["label"]
+        inputs, targets = task.model_inputs(batch), task.targets(batch)
         teacher_outs = [
-            jax.lax.stop_gradient(m.apply(v, images, train=False, return_features=True))
+            jax.lax.stop_gradient(m.apply(v, *inputs, train=False, return_features=True))
             for m, v in zip(teacher_models, teacher_variables or (), strict=True)
         ]
         dropout_rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(trainable):
             (logits, features), updates = apply(
-                model_variables(trainable["model"], state.batch_stats), images, train=True,
+                model_variables(trainable["model"], state.batch_stats), *inputs, train=True,
                 return_features=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng},
             )
             loss, values = objective_fn(trainable["adapters"], (logits, features), teacher_outs,
-                                        batch, state.step)
+                                        batch, state.step, targets)
             return loss, (logits, updates.get("batch_stats", {}), values)
 
         trainable = {"model": state.params, "adapters": state.adapters}
@@ -167,10 +167,8 @@ def make_train_step(
         new_state = new_state.replace(step=state.step + 1, first_nonfinite=first_bad,
                                       nonfinite_steps=state.nonfinite_steps + (~ok).astype(
                                           jnp.int32))
-        labelled = (labels >= 0).astype(jnp.float32)
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * labelled
         step_metrics = {"loss_sum": loss, "loss_count": jnp.ones(()),
-                        "accuracy_sum": correct.sum(), "accuracy_count": labelled.sum(),
+                        **task.train_metrics(logits, targets),
                         "grad_norm_sum": grad_norm, "grad_norm_count": jnp.ones(())}
         for label, value in values.items():
             step_metrics[f"loss_{label}_sum"] = value
@@ -180,321 +178,299 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: nn.Module, apply: Callable[..., Any] | None = None
+def make_eval_step(model: nn.Module, apply: Callable[..., Any] | None = None, *,
+                   task: tasks.Task = CLASSIFICATION
                    ) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
-    """Returns ``eval_step(variables, batch) -> (sum, count) metrics`` honouring ``mask``.
-
-    ``apply`` replaces ``model.apply`` (e.g. the fake-quantized forward of QAT).
-    """
+    """Returns ``eval_step(variables, batch) -> (sum, count) metrics`` of the task (which
+    honours the batch's ``mask``). ``apply`` replaces ``model.apply`` (e.g. QAT's)."""
     apply = apply or model.apply
 
     def eval_step(variables, batch):
-        logits = apply(variables, batch["image"], train=False)
-        mask = batch["mask"]
-        ce = losses.cross_entropy(logits, batch["label"])
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        return {"loss_sum": (ce * mask).sum(), "loss_count": mask.sum(),
-                "accuracy_sum": (correct * mask).sum(), "accuracy_count": mask.sum()}
+        return task.eval_metrics(apply(variables, *task.model_inputs(batch), train=False), batch)
 
     return eval_step
 
 
-def evaluate(eval_step: Callable, variables: Any, config: ml_collections.ConfigDict,
-             sharding: NamedSharding) -> dict[str, float]:
-    """Accuracy and cross-entropy over the whole ``config.data.eval_split``."""
-    batches = pipeline.eval_batches(
-        config.data, split=config.data.eval_split, batch_size=config.eval_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
-    sums = [eval_step(variables, _to_global(b, sharding)) for b in batches]
-    return metrics.mean_of(metrics.sum_pairs(jax.device_get(sums)))
+# ----------------------------------------------------------------------------- building
 
 
-def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Host-local rows -> one global array per field, sharded over the ``data`` axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A run's parts, every one checked before anything is compiled."""
+
+    run: Run
+    info: pipeline.DatasetInfo
+    task: tasks.Task
+    replicated: NamedSharding
+    data_sharding: NamedSharding
+    methods: list[methods.Method]
+    model: nn.Module
+    model_kwargs: dict[str, Any]
+    init_source: teachers.Teacher | None  # the weights config.init starts from
+    start_variables: dict[str, Any] | None  # init_source's, after the methods' start hooks
+    teachers: list[teachers.Teacher]
+    precomputed: str
+    terms: list[objective.Term]
+    student_out: Any  # (logits, features) ShapeDtypeStructs
+    teacher_outs: list[Any]
+    objective_fn: Callable
+    lr: optax.Schedule
+    tx: optax.GradientTransformation
+    student_apply: Callable[..., Any]
+    ctx: methods.Context
+    num_steps: int
 
 
-def device_prefetch(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding,
-                    size: int = 2) -> Iterator[dict[str, jax.Array]]:
-    """Moves batches to the devices from a background thread, ``size`` batches ahead."""
-    q: queue.Queue = queue.Queue(maxsize=size)
-    stop = threading.Event()
-
-    def producer():
-        try:
-            for batch in batches:
-                item = _to_global(batch, sharding)
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as e:  # re-raised in the consumer
-            q.put(e)
-
-    thread = threading.Thread(target=producer, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-def load_teacher(workdir: str, *, sharding: NamedSharding, weight: float = 1.0,
-                 field: str = "config.distill.teacher.workdir") -> Teacher:
-    """Reads a finished run's model variables from its newest Orbax checkpoint.
-
-    Only ``params`` and ``batch_stats`` are read (a partial restore); the teacher's
-    checkpoint is never written to.
-    """
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"{field}={workdir!r} does not exist")
-    config = checkpoint.read_config(workdir)
-    step = checkpoint.latest_step(workdir)
-    if step is None:
-        raise FileNotFoundError(f"{field}={workdir!r} has no checkpoint: train the teacher first")
-    spec = checkpoint.read_json(os.path.join(workdir, checkpoint.MODEL_FILE))
-    model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
-    abstract = jax.eval_shape(lambda: dict(model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, *spec["input_shape"]), jnp.float32), train=False)))
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    variables = checkpoint.restore_variables(workdir, step, abstract, field=field)
-    return Teacher(workdir=workdir, model=model, config=config, variables=variables,
-                   weight=weight)
-
-
-def load_teachers(config: ml_collections.ConfigDict, *, sharding: NamedSharding
-                  ) -> list[Teacher]:
-    """The teachers of ``config.distill``: ``teachers`` (a list) or ``teacher.workdir``."""
-    distill = config.distill
-    if distill.get("teachers"):
-        return [load_teacher(t["workdir"], sharding=sharding, weight=float(t.get("weight", 1.0)),
-                             field=f"config.distill.teachers[{i}].workdir")
-                for i, t in enumerate(distill.teachers)]
-    if distill.teacher.workdir:
-        return [load_teacher(distill.teacher.workdir, sharding=sharding)]
-    return []
+def build(run: Run) -> Setup:
+    """Every part of the run, checked in the user's words before anything is compiled."""
+    info = pipeline.get_info(run.data)
+    task = tasks.get(datasets.get(run.data.name).task)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    enabled = methods.enabled(run)
+    model_kwargs = dict(run.model.kwargs)
+    source, start_variables = None, None
+    if run.init.method:
+        source = load_init_source(run, replicated)
+        if run.init.method == "copy":
+            start_variables = source.variables
+            for m in enabled:  # e.g. similarity merging shrinks the copied weights
+                start_variables, model_kwargs = m.start(start_variables, model_kwargs)
+    model = models.get_model(run.model.name, num_classes=info.num_classes, **model_kwargs)
+    loaded = teachers.load_all(run.distill, sharding=replicated)
+    teachers.check_fit(loaded, num_classes=info.num_classes, dataset=run.data.name)
+    precomputed = run.distill.teacher_logits
+    if precomputed and loaded:
+        raise ConfigError("config.distill.teacher_logits and a teacher model are both set; "
+                          "use one of them")
+    terms = objective.parse_terms(run.distill.losses, has_teacher=bool(loaded or precomputed))
+    student_out, teacher_outs = output_shapes(model, loaded, info.input_shape, task)
+    objective.check_features(terms, student_out, teacher_outs)
+    if precomputed:
+        teacher_logits.check_terms(
+            teacher_logits.check(precomputed, run.data,
+                                 allow_augment=run.distill.allow_augment_with_precomputed),
+            terms, num_classes=info.num_classes, where=precomputed)
+    num_steps, _ = schedule_lengths(run, info)
+    if num_steps <= 0:
+        raise ConfigError(f"config.num_steps={run.num_steps} and config.num_epochs="
+                          f"{run.num_epochs} give no training step")
+    objective_fn = objective.build_objective(
+        terms, num_steps=num_steps, teacher_weights=[t.weight for t in loaded] or (1.0,),
+        ensemble=run.distill.ensemble)
+    lr, tx = build_optimizer(run, info)
+    example = task.example_inputs(info.input_shape, 1)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example))
+    ctx = methods.Context(
+        run=run, model=model, model_kwargs=model_kwargs, info=info, task=task,
+        num_steps=num_steps, sharding=replicated,
+        layer_order=[p for p, _ in quant.find_layers(model, abstract, example[0])],
+        sample=functools.partial(_first_batches, run, 1, one=True),
+        batches=functools.partial(_first_batches, run))
+    for m in enabled:
+        m.check_params(abstract["params"], ctx)
+    for m in reversed(enabled):  # the first method wraps outermost
+        tx = m.optimizer(tx, ctx)
+    ctx = dataclasses.replace(ctx, tx=tx)
+    student_apply = model.apply
+    for m in enabled:
+        student_apply = m.apply(student_apply, ctx)
+    return Setup(run=run, info=info, task=task, replicated=replicated,
+                 data_sharding=data_sharding, methods=enabled, model=model,
+                 model_kwargs=model_kwargs, init_source=source, start_variables=start_variables,
+                 teachers=loaded, precomputed=precomputed, terms=terms,
+                 student_out=student_out, teacher_outs=teacher_outs, objective_fn=objective_fn,
+                 lr=lr, tx=tx, student_apply=student_apply, ctx=ctx, num_steps=num_steps)
 
 
-def output_shapes(model: nn.Module, teachers: Sequence[Teacher], input_shape: tuple[int, ...]
+def _first_batches(run: Run, n: int, *, one: bool = False) -> Any:
+    """The first ``n`` global training batches (all rows, on every process)."""
+    batches = pipeline.train_batches(run.data, batch_size=run.batch_size, seed=run.seed)
+    return next(batches) if one else itertools.islice(batches, n)
+
+
+def load_init_source(run: Run, sharding: NamedSharding) -> teachers.Teacher:
+    """The finished run whose weights ``config.init`` starts from."""
+    if run.init.teacher_workdir:
+        return teachers.load(run.init.teacher_workdir, sharding=sharding,
+                             field="config.init.teacher_workdir")
+    if run.distill.teachers or run.distill.teacher.workdir:
+        return teachers.load_all(run.distill, sharding=sharding)[0]
+    raise ConfigError(f"config.init.method={run.init.method!r} needs a teacher: set "
+                      "config.init.teacher_workdir or config.distill.teacher.workdir")
+
+
+def output_shapes(model: nn.Module, loaded: Sequence[teachers.Teacher],
+                  input_shape: tuple[int, ...], task: tasks.Task = CLASSIFICATION
                   ) -> tuple[Any, list[Any]]:
     """(logits, features) ShapeDtypeStructs of the student and of each teacher."""
-    x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+    x = jax.eval_shape(lambda: task.example_inputs(tuple(input_shape), 2))
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), *x), x)
     student = jax.eval_shape(
-        lambda v, x: model.apply(v, x, train=False, return_features=True), variables, x)
+        lambda v, x: model.apply(v, *x, train=False, return_features=True), variables, x)
     return student, [jax.eval_shape(
-        lambda v, x, m=t.model: m.apply(v, x, train=False, return_features=True),
-        t.variables, x) for t in teachers]
+        lambda v, x, m=t.model: m.apply(v, *x, train=False, return_features=True),
+        t.variables, x) for t in loaded]
 
 
-def check_precomputed(config: ml_collections.ConfigDict, terms: Sequence[objective.Term],
-                      info: pipeline.DatasetInfo) -> None:
-    """The logits file must match the data; with top-k < C only top-k terms can use it."""
-    from jaxkd import teacher_logits
-
-    manifest = teacher_logits.check(
-        config.distill.teacher_logits, config.data,
-        allow_augment=bool(config.distill.get("allow_augment_with_precomputed", False)))
-    k = int(manifest["k"]) or info.num_classes
-    for term in terms:
-        if term.kind in ("features", "batch"):
-            raise ValueError(f"config.distill.losses.{term.label} ({term.name}) needs teacher "
-                             "features, which precomputed logits do not have")
-        if k < info.num_classes and term.kind in ("logits", "logits_labels"):
-            raise ValueError(
-                f"config.distill.losses.{term.label} ({term.name}) needs all "
-                f"{info.num_classes} teacher logits but {config.distill.teacher_logits} "
-                f"stores the top {k}; use topk_soft_target_kl")
+def num_train_examples(run: Run, info: pipeline.DatasetInfo) -> int:
+    n = info.num_examples[run.data.train_split]
+    if run.data.transfer_split:
+        n += info.num_examples[run.data.transfer_split]
+    return n
 
 
-def init_from_teacher(config: ml_collections.ConfigDict, model: nn.Module,
-                      tx: optax.GradientTransformation, state: TrainState,
-                      teachers: Sequence[Teacher], sharding: NamedSharding) -> TrainState:
-    """A fresh state whose student weights come from a teacher (``config.init``)."""
-    init = config.init
-    if init.teacher_workdir:
-        source = load_teacher(init.teacher_workdir, sharding=sharding,
-                              field="config.init.teacher_workdir")
-    elif teachers:
-        source = teachers[0]
+def schedule_lengths(run: Run | ml_collections.ConfigDict, info: pipeline.DatasetInfo
+                     ) -> tuple[int, int]:
+    """(total steps, steps per epoch); ``num_steps`` wins over ``num_epochs`` when > 0."""
+    run = parse_run(run)
+    steps_per_epoch = max(num_train_examples(run, info) // run.batch_size, 1)
+    if run.num_steps > 0:
+        return run.num_steps, steps_per_epoch
+    return int(round(run.num_epochs * steps_per_epoch)), steps_per_epoch
+
+
+def build_optimizer(run: Run | ml_collections.ConfigDict, info: pipeline.DatasetInfo
+                    ) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """The learning-rate schedule and the optimizer, before any method wraps it."""
+    run = parse_run(run)
+    num_steps, steps_per_epoch = schedule_lengths(run, info)
+    lr = optim.learning_rate_schedule(run.schedule, peak=run.optimizer.learning_rate,
+                                      num_steps=num_steps, steps_per_epoch=steps_per_epoch)
+    return lr, optim.make_optimizer(run.optimizer, lr)
+
+
+# ----------------------------------------------------------------------------- the state
+
+
+def fresh_state(s: Setup, *, initialise: bool) -> TrainState:
+    """Step 0: random parameters drawn from the seed, with ``initialise`` the weights
+    ``config.init`` gives, then every method's starting state (LSQ steps, cluster snap)."""
+
+    def init_adapters(rng):
+        return objective.init_adapters(s.terms, s.student_out, s.teacher_outs, rng)
+
+    state = jax.jit(lambda: init_state(s.model, s.tx, s.info.input_shape, s.run.seed,
+                                       init_adapters, task=s.task),
+                    out_shardings=s.replicated)()
+    if initialise and s.run.init.method:
+        state = init_weights(s, state)
+    for m in s.methods:
+        state = m.prepare(state, s.ctx)
+    return state
+
+
+def init_weights(s: Setup, state: TrainState) -> TrainState:
+    """``state`` with the student's weights from ``config.init`` (:mod:`jaxkd.student_init`)
+    and a fresh optimizer state for them (masks and codebooks come from these weights)."""
+    student = model_variables(state.params, state.batch_stats)
+    if s.start_variables is not None:  # init.method == 'copy'
+        variables = student_init.copy_variables(s.start_variables, student)
     else:
-        raise ValueError(f"config.init.method={init.method!r} needs a teacher: set "
-                         "config.init.teacher_workdir or config.distill.teacher.workdir")
-    images = None
-    if init.method == "prune_width":  # the same batch in every process
-        images = next(pipeline.train_batches(config.data, batch_size=init.calibration_examples,
-                                             seed=config.seed))["image"]
-    variables = student_init.init_from_teacher(
-        init, teacher_model=source.model, teacher_variables=source.variables,
-        student_model=model, student_variables=model_variables(state.params, state.batch_stats),
-        calibration_images=images)
-    return start_from(state, variables, tx, sharding)
+        images = None
+        if s.run.init.method == "prune_width":  # the same batch in every process
+            images = next(pipeline.train_batches(
+                s.run.data, batch_size=s.run.init.calibration_examples, seed=s.run.seed))["image"]
+        variables = student_init.init_from_teacher(
+            s.run.init, teacher_model=s.init_source.model,
+            teacher_variables=s.init_source.variables, student_model=s.model,
+            student_variables=student, calibration_images=images)
+    variables = jax.device_put(variables, s.replicated)
+    state = state.replace(params=variables["params"],
+                          batch_stats=variables.get("batch_stats", {}))
+    return s.ctx.reinit_optimizer(state)
 
 
-def start_from(state: TrainState, variables: dict[str, Any], tx: optax.GradientTransformation,
-               sharding: NamedSharding) -> TrainState:
-    """``state`` with the model ``variables`` put on the devices and a fresh optimizer
-    state for them (masks and codebooks are computed from these weights)."""
-    variables = jax.device_put(variables, sharding)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    opt_state = jax.jit(tx.init, out_shardings=sharding)(
-        {"model": params, "adapters": state.adapters})
-    return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+def start_or_resume(s: Setup, workdir: str) -> tuple[TrainState, int, Any]:
+    """The state to train from and its step: the newest usable checkpoint, else step 0."""
+    fresh = checkpoint.latest_step(workdir) is None
+    state = fresh_state(s, initialise=fresh)
+    manager = checkpoint.make_manager(workdir, max_to_keep=s.run.max_to_keep)
+    restored, start_step = checkpoint.restore_latest(manager, workdir,
+                                                     checkpoint.abstract_like(state))
+    if restored is not None:
+        print(f"Resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
+        return restored, start_step, manager
+    if not fresh:  # every checkpoint was unusable: start over
+        state = fresh_state(s, initialise=True)
+    return state, 0, manager
 
 
-def method_name(config: ml_collections.ConfigDict, *, distilled: bool) -> str:
-    """A short name of what the run did, for reports: e.g. ``qat-w4a8+kd`` or
-    ``magnitude-90%>cluster16>qat-w8+kd``."""
-    parts = []
-    pc = config.pruning
-    if pc.enabled:
-        if pc.pattern == "n:m":
-            parts.append(f"{pc.method}-{pc.n}:{pc.m}")
-        else:
-            structured = "channels-" if pc.pattern == "channels" else ""
-            parts.append(f"{pc.method}-{structured}{round(100 * pc.sparsity)}%")
-    if config.clustering.enabled:
-        parts.append(f"cluster{config.clustering.num_clusters}")
-    if config.merging.enabled:
-        parts.append(f"merge-{config.merging.metric}{config.merging.threshold:g}"
-                     f"{'-then-train' if config.merging.at == 'start' else ''}")
-    kwargs = config.model.get("kwargs", {})
-    if kwargs.get("tie_hidden") or kwargs.get("tie_convs"):
-        parts.append("tied")
-    qc = config.quantization
-    if qc.enabled:
-        parts.append(f"{'qat' if qc.qat else 'ptq'}-w{qc.weight_bits}"
-                     f"{f'a{qc.activation_bits}' if qc.activation_bits else ''}"
-                     f"{'-lsq' if qc.method == 'lsq' else ''}")
-    return ">".join(parts or ["fp32"]) + ("+kd" if distilled else "")
+# ----------------------------------------------------------------------------- the loop
 
 
-def _with_widths(config: ml_collections.ConfigDict, kwargs: dict[str, Any], params: Any
-                 ) -> dict[str, Any]:
-    """``kwargs`` with the hidden widths (``mlp``) or channels (``cnn1d``) of ``params``."""
-    chain = pruning.shrinkable_layers(params)
-    widths = tuple(int(np.shape(params[p]["kernel"])[-1]) for p in chain)
-    return {**kwargs, ("channels" if config.model.name == "cnn1d" else "widths"): widths}
+def evaluate(eval_step: Callable, variables: Any, run: Run, sharding: NamedSharding
+             ) -> dict[str, float]:
+    """The task's metrics over the whole ``config.data.eval_split``."""
+    batches = pipeline.eval_batches(
+        run.data, split=run.data.eval_split, batch_size=run.eval_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    return evaluation.evaluate(lambda b: eval_step(variables, to_global(b, sharding)), batches)
 
 
-def _prunes_channels(config: ml_collections.ConfigDict) -> bool:
-    return bool(config.pruning.enabled) and config.pruning.pattern == "channels"
+def train_loop(s: Setup, state: TrainState, start_step: int, manager: Any, workdir: str
+               ) -> tuple[TrainState, float, int]:
+    """Trains from ``start_step`` to the end; returns the state, the timed seconds and the
+    number of timed steps (the first step of a process compiles and is not timed)."""
+    run = s.run
+    train_step = jax.jit(make_train_step(s.model, s.tx, s.objective_fn,
+                                         [t.model for t in s.teachers],
+                                         student_apply=s.student_apply, task=s.task),
+                         donate_argnums=(0,), out_shardings=(s.replicated, s.replicated))
+    eval_step = jax.jit(make_eval_step(s.model, s.student_apply, task=s.task))
+    teacher_variables = [t.variables for t in s.teachers]
+    writer = metrics.MetricWriter(workdir, total_steps=s.num_steps)
+    extra = teacher_logits.stream(s.precomputed, run.data) if s.precomputed else None
+    batches = device_prefetch(
+        pipeline.train_batches(run.data, batch_size=run.batch_size, seed=run.seed,
+                               start_step=start_step, process_index=jax.process_index(),
+                               process_count=jax.process_count(), extra_fields=extra),
+        s.data_sharding)
+    window: list[dict[str, jax.Array]] = []
+    timed_steps, timed_start = 0, None
+    step = start_step
+    try:
+        with preemption.StopSignal() as stop:
+            while step < s.num_steps:
+                state, step_metrics = train_step(state, next(batches), teacher_variables)
+                step += 1
+                window.append(step_metrics)
+                if timed_start is None:
+                    jax.block_until_ready(state)
+                    timed_start = time.perf_counter()
+                else:
+                    timed_steps += 1
+                at_log = step % run.log_every_steps == 0 or step == s.num_steps
+                at_checkpoint = step % run.checkpoint_every_steps == 0 or step == s.num_steps
+                if at_log:
+                    train_means = metrics.mean_of(metrics.sum_pairs(jax.device_get(window)))
+                    train_means["learning_rate"] = float(s.lr(step - 1))
+                    window = []
+                    writer.write(step, "train", train_means)
+                    writer.progress(step, {"loss": train_means["loss"],
+                                           "acc": train_means["accuracy"]})
+                if at_log or at_checkpoint:
+                    check_finite(state, run.skip_nonfinite_steps, manager, workdir)
+                if step % run.eval_every_steps == 0 and step != s.num_steps:
+                    writer.write(step, "eval", evaluate(
+                        eval_step, model_variables(state.params, state.batch_stats), run,
+                        s.data_sharding))
+                signum = stop.requested(sync=at_log)
+                if at_checkpoint or signum:
+                    checkpoint.save(manager, step, state)
+                if signum:
+                    checkpoint.finish(manager)
+                    raise preemption.Preempted(step, signum, workdir)
+    finally:
+        batches.close()  # stops and joins the prefetch thread
+        checkpoint.finish(manager)
+        manager.close()
+        writer.close()
+    jax.block_until_ready(state)
+    return state, (time.perf_counter() - timed_start if timed_start else 0.0), timed_steps
 
 
-def shrink_for_export(config: ml_collections.ConfigDict, params: Any, opt_state: Any,
-                      kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The parameters and model kwargs of the physically smaller model that the artifact
-    holds: channels removed by ``config.pruning.pattern='channels'`` (``shrink_channels``)
-    and neurons merged by ``config.merging`` at export (``merge_layers``). Unchanged
-    otherwise. ``kwargs``: the trained model's."""
-    shrink = _prunes_channels(config)
-    merge = config.merging.enabled and config.merging.at == "export"
-    if not shrink and not merge:
-        return params, kwargs
-    params = jax.device_get(params)
-    if shrink:
-        params, _ = pruning.shrink_channels(params, pruning.get_masks(opt_state))
-    if merge:
-        params, _, _ = sharing.merge_layers(params, config.merging)
-    return params, _with_widths(config, kwargs, params)
-
-
-def merge_at_start(config: ml_collections.ConfigDict, sharding: NamedSharding
-                   ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``config.merging.at='start'``: the variables that ``config.init`` copies, with their
-    similar neurons merged, and the model kwargs of that smaller model."""
-    init = config.init
-    if init.method != "copy":
-        raise ValueError("config.merging.at='start' merges the weights that config.init "
-                         f"copies: set config.init.method='copy' (got {init.method!r})")
-    workdir = init.teacher_workdir or config.distill.teacher.workdir
-    if not workdir:
-        raise ValueError("config.merging.at='start' needs config.init.teacher_workdir")
-    source = load_teacher(workdir, sharding=sharding, field="config.init.teacher_workdir")
-    params, _, _ = sharing.merge_layers(jax.device_get(source.variables["params"]),
-                                        config.merging)
-    kwargs = _with_widths(config, config.model.get("kwargs", {}).to_dict(), params)
-    variables = {**jax.device_get(source.variables), "params": params}
-    return variables, kwargs
-
-
-def check_shrink(config: ml_collections.ConfigDict) -> None:
-    """Physical shrinking (channel pruning, merging) needs an untied mlp or cnn1d."""
-    shrink = _prunes_channels(config)
-    if not (shrink or config.merging.enabled):
-        return
-    field = "config.merging.enabled" if config.merging.enabled else "config.pruning.pattern"
-    kwargs = config.model.get("kwargs", {})
-    if config.model.name not in ("mlp", "cnn1d"):
-        raise ValueError(f"{field}: physically shrinking layers supports the mlp and cnn1d "
-                         f"models, not config.model.name={config.model.name!r}")
-    if kwargs.get("tie_hidden") or kwargs.get("tie_convs"):
-        raise ValueError(f"{field}: tied layers (config.model.kwargs.tie_*) cannot shrink "
-                         "one at a time")
-    if config.quantization.enabled and config.quantization.method == "lsq":
-        raise ValueError(f"{field} with config.quantization.method='lsq' is not supported "
-                         "(the learned per-channel steps would need shrinking too)")
-
-
-def export_artifact(config: ml_collections.ConfigDict, model: nn.Module,
-                    info: pipeline.DatasetInfo, state: TrainState, workdir: str,
-                    extra_metrics: dict[str, Any], model_kwargs: dict[str, Any]
-                    ) -> dict[str, Any]:
-    """Exports ``workdir/artifact`` and evaluates it as loaded from disk.
-
-    With ``config.quantization.enabled`` the activations are calibrated first and the
-    artifact holds integer weights, evaluated on the integer path (int8 x int8 -> int32).
-    """
-    qc = config.quantization
-    params, kwargs = shrink_for_export(config, quant.strip_steps(state.params), state.opt_state,
-                                       model_kwargs)
-    if kwargs != model_kwargs:
-        model = models.get_model(config.model.name, num_classes=info.num_classes, **kwargs)
-    variables = model_variables(params, state.batch_stats)
-    ranges = None
-    if qc.enabled:
-        if qc.method == "lsq":  # the learned step sizes are part of the quantized model
-            variables = model_variables(state.params, state.batch_stats)
-        calibration = itertools.islice(
-            pipeline.train_batches(config.data, batch_size=config.batch_size, seed=config.seed),
-            qc.calibration_batches)
-        ranges = quant.calibrate(model, variables, calibration, method=qc.calibration,
-                                 percentile=qc.percentile)
-    directory = os.path.join(workdir, ARTIFACT_DIR)
-    if jax.process_index() == 0:
-        export.export(directory, config.model.name, kwargs, info.num_classes, variables,
-                      qc if qc.enabled else None, ranges,
-                      extra_metrics, input_shape=info.input_shape, overwrite=True,
-                      entropy_coding=bool(config.export.entropy_coding))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jaxkd export")
-    predict, manifest = export.load(directory)
-    artifact_eval = export.evaluate(predict, pipeline.eval_batches(
-        config.data, split=config.data.eval_split, batch_size=config.eval_batch_size))
-    return {"artifact_eval": artifact_eval, "artifact_bytes": export.artifact_bytes(directory),
-            "artifact_num_params": models.count_params(params),
-            "storage": export.storage_report(manifest),
-            "artifact_model_kwargs": kwargs,
-            "eval_latency_ms": artifact_eval.get("eval_latency_ms")}
-
-
-ARTIFACT_DIR = "artifact"
-
-
-class NonFiniteError(ValueError):
+class NonFiniteError(ConfigError):
     """The loss or the gradients stopped being finite."""
 
 
@@ -510,282 +486,84 @@ def check_finite(state: TrainState, allowed: int, manager: Any, workdir: str) ->
             f"{manager.latest_step()} in {workdir}")
 
 
-def num_train_examples(config: ml_collections.ConfigDict, info: pipeline.DatasetInfo) -> int:
-    n = info.num_examples[config.data.train_split]
-    if config.data.get("transfer_split"):
-        n += info.num_examples[config.data.transfer_split]
-    return n
+# ----------------------------------------------------------------------------- the end
 
 
-def schedule_lengths(config: ml_collections.ConfigDict, info: pipeline.DatasetInfo
-                     ) -> tuple[int, int]:
-    """(total steps, steps per epoch); ``num_steps`` wins over ``num_epochs`` when > 0."""
-    steps_per_epoch = max(num_train_examples(config, info) // config.batch_size, 1)
-    if config.get("num_steps", 0) > 0:
-        return int(config.num_steps), steps_per_epoch
-    return int(round(config.num_epochs * steps_per_epoch)), steps_per_epoch
-
-
-def build_optimizer(config: ml_collections.ConfigDict, info: pipeline.DatasetInfo
-                    ) -> tuple[optax.Schedule, optax.GradientTransformation]:
-    num_steps, steps_per_epoch = schedule_lengths(config, info)
-    lr = optim.learning_rate_schedule(config.schedule, peak=config.optimizer.learning_rate,
-                                      num_steps=num_steps, steps_per_epoch=steps_per_epoch)
-    tx = optim.make_optimizer(config.optimizer, lr)
-    if config.clustering.enabled:  # the optimizer trains the centroids
-        tx = sharing.cluster(tx, config.clustering, params_key="model")
-    if config.pruning.enabled:  # outermost: it needs the raw gradients (Taylor, Fisher, SNIP)
-        tx = pruning.masked(tx, config.pruning, total_steps=num_steps, params_key="model")
-    return lr, tx
-
-
-def _check_batch_sizes(config: ml_collections.ConfigDict) -> None:
-    for field in ("batch_size", "eval_batch_size"):
-        size = config[field]
-        if size <= 0 or size % jax.device_count():
-            raise ValueError(
-                f"config.{field}={size} must be a positive multiple of the device count "
-                f"({jax.device_count()})"
-            )
-
-
-def _check_workdir(workdir: str, config: ml_collections.ConfigDict,
-                   allow_config_change: bool) -> None:
-    """The workdir must be writable, and not hold another config's checkpoints."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".jaxkd-write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--workdir={workdir!r} is not writable ({e.strerror})") from None
-    if allow_config_change or checkpoint.latest_step(workdir) is None:
-        return
-    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
-        return
-    before = _flatten(checkpoint.read_config(workdir).to_dict())
-    now = _flatten(ml_collections.ConfigDict(config.to_dict()).to_dict())
-    changed = [k for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k) and not k.startswith(RESULT_NEUTRAL_FIELDS)]
-    if changed:
-        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
-        raise ValueError(
-            f"--workdir={workdir!r} holds checkpoints of a run with another config ({shown}"
-            f"{'; ...' if len(changed) > 5 else ''}); use another workdir, or pass "
-            "--allow_config_change to continue it with the new config")
-
-
-# Fields that change what is logged or kept, not the result: may change on relaunch.
-RESULT_NEUTRAL_FIELDS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                         "max_to_keep", "data.data_dir", "eval_batch_size")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(tree, tuple | list):
-        tree = [_flatten(v) if isinstance(v, dict) else v for v in tree]
-    return {prefix[:-1]: tree}
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False) -> dict[str, Any]:
-    """Trains (or resumes) the run described by ``config`` in ``workdir``; returns its summary.
-
-    Everything the config names is checked before anything is compiled; a ``workdir`` that
-    holds checkpoints of a different config is refused unless ``allow_config_change``.
-    """
-    if config.get("compression") is not None and config.compression.stages:
-        raise ValueError(f"config.compression.stages={list(config.compression.stages)} makes "
-                         "this a pipeline of runs: use jaxkd.compression.run_pipeline "
-                         "(launch.py does)")
-    _check_batch_sizes(config)
-    _check_workdir(workdir, config, allow_config_change)
-    info = pipeline.get_info(config.data)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
-
-    check_shrink(config)
-    model_kwargs = config.model.get("kwargs", {}).to_dict()
-    start_variables = None
-    if config.merging.enabled and config.merging.at == "start":  # merge, then train
-        start_variables, model_kwargs = merge_at_start(config, replicated)
-    model = models.get_model(config.model.name, num_classes=info.num_classes, **model_kwargs)
-    qc = config.quantization
-    if qc.enabled:
-        quant.settings(qc)  # one-line errors naming config.quantization.<field>
-    student_apply = quant.qat_apply(model, qc) if qc.enabled and qc.qat else None
-    teachers = load_teachers(config, sharding=replicated)
-    for t in teachers:
-        teacher_classes = t.num_classes
-        if teacher_classes != info.num_classes:
-            raise ValueError(
-                f"the teacher at {t.workdir!r} predicts {teacher_classes} classes but "
-                f"config.data.name={config.data.name!r} has {info.num_classes}")
-    precomputed = config.distill.get("teacher_logits", "")
-    if precomputed and teachers:
-        raise ValueError("config.distill.teacher_logits and a teacher model are both set; "
-                         "use one of them")
-    terms = objective.parse_terms(config.distill.losses,
-                                  has_teacher=bool(teachers) or bool(precomputed))
-    student_out, teacher_outs = output_shapes(model, teachers, info.input_shape)
-    objective.check_features(terms, student_out, teacher_outs)
-    if precomputed:
-        check_precomputed(config, terms, info)
-    num_steps, _ = schedule_lengths(config, info)
-    if num_steps <= 0:
-        raise ValueError(f"config.num_steps={config.get('num_steps')} and config.num_epochs="
-                         f"{config.get('num_epochs')} give no training step")
-    objective_fn = objective.build_objective(
-        terms, num_steps=num_steps, teacher_weights=[t.weight for t in teachers] or (1.0,),
-        ensemble=config.distill.get("ensemble", "sum_losses"))
-    lr, tx = build_optimizer(config, info)
-
-    if config.pruning.enabled:  # one-line errors naming config.pruning.<field>
-        abstract_params = jax.eval_shape(lambda: model.init(
-            jax.random.PRNGKey(0), jnp.zeros((1, *info.input_shape), jnp.float32)))["params"]
-        pruning.validate(config.pruning, abstract_params, total_steps=num_steps)
-
-    def init_adapters(rng):
-        return objective.init_adapters(terms, student_out, teacher_outs, rng)
-
-    state = jax.jit(lambda: init_state(model, tx, info.input_shape, config.seed, init_adapters),
-                    out_shardings=replicated)()
-    if qc.enabled:
-        quant.validate(qc, state.params)  # e.g. a layer regex that matches nothing
-    if student_apply is not None and qc.method == "lsq":  # learned step sizes join the params
-        sample = next(pipeline.train_batches(config.data, batch_size=config.batch_size,
-                                             seed=config.seed))["image"]
-        params = jax.device_put(quant.init_qat_params(
-            model, model_variables(state.params, state.batch_stats), sample, qc), replicated)
-        state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=replicated)(
-            {"model": params, "adapters": state.adapters}))
-    abstract_state = checkpoint.abstract_like(state)
-    initialised = False
-    if start_variables is not None and checkpoint.latest_step(workdir) is None:
-        state = start_from(state, start_variables, tx, replicated)
-        initialised = True
-    elif config.init.method and checkpoint.latest_step(workdir) is None:
-        # A fresh run only (a resumed one has its own weights); before any file is written.
-        state = init_from_teacher(config, model, tx, state, teachers, replicated)
-        initialised = True
-    manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
-    restored, start_step = checkpoint.restore_latest(manager, workdir, abstract_state)
-    if restored is not None:
-        state = restored
-        print(f"Resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
-    elif start_variables is not None and not initialised:  # every checkpoint was unusable
-        state = start_from(state, start_variables, tx, replicated)
-    elif config.init.method and not initialised:
-        state = init_from_teacher(config, model, tx, state, teachers, replicated)
-    if restored is None and config.clustering.enabled:
-        # Snap each clustered kernel to its codebook once; updates keep it clustered.
-        clusters = sharing.find_cluster_state(state.opt_state)
-        state = state.replace(params=jax.jit(sharing.materialize, out_shardings=replicated)(
-            state.params, clusters.codebooks, clusters.assignments))
+def export_artifact(s: Setup, state: TrainState, workdir: str, extra_metrics: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """Exports ``workdir/artifact`` (what the methods made of the trained model: smaller,
+    quantized) and evaluates it as loaded from disk."""
+    artifact = methods.Artifact(params=quant.strip_steps(state.params),
+                                batch_stats=state.batch_stats, model_kwargs=s.model_kwargs)
+    for m in s.methods:
+        artifact = m.export(artifact, state, s.ctx)
+    directory = os.path.join(workdir, ARTIFACT_DIR)
     if jax.process_index() == 0:
-        checkpoint.write_json(os.path.join(workdir, checkpoint.MODEL_FILE), {
-            "name": config.model.name, "kwargs": model_kwargs,
-            "num_classes": info.num_classes, "input_shape": list(info.input_shape)})
-        checkpoint.write_config(workdir, config)
+        export.export(directory, s.run.model.name, artifact.model_kwargs, s.info.num_classes,
+                      model_variables(artifact.params, artifact.batch_stats),
+                      artifact.quantization, artifact.activation_ranges, extra_metrics,
+                      input_shape=s.info.input_shape, overwrite=True,
+                      entropy_coding=s.run.export.entropy_coding)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    train_step = jax.jit(make_train_step(model, tx, objective_fn, [t.model for t in teachers],
-                                         student_apply=student_apply),
-                         donate_argnums=(0,), out_shardings=(replicated, replicated))
-    eval_step = jax.jit(make_eval_step(model, student_apply))
-    teacher_variables = [t.variables for t in teachers]
+        multihost_utils.sync_global_devices("jaxkd export")
+    predict, manifest = export.load(directory)
+    task = s.task
+    artifact_eval = evaluation.evaluate(
+        jax.jit(lambda b: task.eval_metrics(predict(*task.model_inputs(b)), b)),
+        pipeline.eval_batches(s.run.data, split=s.run.data.eval_split,
+                              batch_size=s.run.eval_batch_size), timed=True)
+    return {"artifact_eval": artifact_eval, "artifact_bytes": export.artifact_bytes(directory),
+            "artifact_num_params": models.count_params(quant.strip_steps(artifact.params)),
+            "storage": export.storage_report(manifest),
+            "artifact_model_kwargs": artifact.model_kwargs,
+            "eval_latency_ms": artifact_eval.get("eval_latency_ms")}
 
-    writer = metrics.MetricWriter(workdir, total_steps=num_steps)
-    summary: dict[str, Any] = {}
-    for i, t in enumerate(teachers):
-        teacher_eval = evaluate(jax.jit(make_eval_step(t.model)), t.variables, config,
-                                data_sharding)
+
+def evaluate_teachers(s: Setup) -> dict[str, Any]:
+    """Each teacher's eval metrics (printed), as ``summary.json`` records them."""
+    summary = {}
+    for i, t in enumerate(s.teachers):
+        teacher_eval = evaluate(jax.jit(make_eval_step(t.model, task=s.task)), t.variables,
+                                s.run, s.data_sharding)
         summary["teacher" if i == 0 else f"teacher_{i}"] = {
             "workdir": t.workdir, "eval": teacher_eval, "model": t.config.model.name,
             "num_params": models.count_params(t.variables["params"])}
         print(f"teacher {t.workdir} eval accuracy {teacher_eval['accuracy']:.4f}", flush=True)
+    return summary
 
-    stream_kwargs = {"teacher_logits": precomputed} if precomputed else {}
-    batches = device_prefetch(
-        pipeline.train_batches(config.data, batch_size=config.batch_size, seed=config.seed,
-                               start_step=start_step, process_index=jax.process_index(),
-                               process_count=jax.process_count(), **stream_kwargs),
-        data_sharding,
-    )
-    window: list[dict[str, jax.Array]] = []
-    timed_steps, timed_start = 0, None
-    step = start_step
-    allowed_nonfinite = int(config.get("skip_nonfinite_steps", 0))
-    try:
-        with preemption.StopSignal() as stop:
-            while step < num_steps:
-                state, step_metrics = train_step(state, next(batches), teacher_variables)
-                step += 1
-                window.append(step_metrics)
-                if timed_start is None:  # the first step of a process compiles: not timed.
-                    jax.block_until_ready(state)
-                    timed_start = time.perf_counter()
-                else:
-                    timed_steps += 1
-                at_log = step % config.log_every_steps == 0 or step == num_steps
-                at_checkpoint = step % config.checkpoint_every_steps == 0 or step == num_steps
-                if at_log:
-                    train_means = metrics.mean_of(metrics.sum_pairs(jax.device_get(window)))
-                    train_means["learning_rate"] = float(lr(step - 1))
-                    window = []
-                    writer.write(step, "train", train_means)
-                    writer.progress(step, {"loss": train_means["loss"],
-                                           "acc": train_means["accuracy"]})
-                if at_log or at_checkpoint:
-                    check_finite(state, allowed_nonfinite, manager, workdir)
-                if step % config.eval_every_steps == 0 and step != num_steps:
-                    eval_means = evaluate(eval_step, model_variables(state.params,
-                                                                     state.batch_stats),
-                                          config, data_sharding)
-                    writer.write(step, "eval", eval_means)
-                signum = stop.requested(sync=at_log)
-                if at_checkpoint or signum:
-                    checkpoint.save(manager, step, state)
-                if signum:
-                    checkpoint.finish(manager)
-                    raise preemption.Preempted(step, signum, workdir)
-    finally:
-        batches.close()  # stops and joins the prefetch thread
-        checkpoint.finish(manager)
-        manager.close()
-        writer.close()
-    jax.block_until_ready(state)
-    train_time = time.perf_counter() - timed_start if timed_start else 0.0
 
-    final_eval = evaluate(eval_step, model_variables(state.params, state.batch_stats), config,
-                          data_sharding)
-    metrics.append_jsonl(workdir, {"step": num_steps,
-                                   **{f"eval/{k}": v for k, v in final_eval.items()}})
-    weights_bytes = checkpoint.save_weights(
-        workdir, model_variables(state.params, state.batch_stats)
-    )
-    summary["method"] = method_name(config, distilled=bool(teachers or precomputed))
+def summarise(s: Setup, state: TrainState, workdir: str, teacher_summary: dict[str, Any], *,
+              train_time: float, timed_steps: int, start_step: int,
+              config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Final eval, ``weights.npz``, the artifact and ``summary.json``."""
+    run = s.run
+    eval_step = jax.jit(make_eval_step(s.model, s.student_apply, task=s.task))
+    final_eval = evaluate(eval_step, model_variables(state.params, state.batch_stats), run,
+                          s.data_sharding)
+    metrics.append_jsonl(workdir, {"step": s.num_steps,
+                                    **{f"eval/{k}": v for k, v in final_eval.items()}})
+    weights_bytes = checkpoint.save_weights(workdir, model_variables(state.params,
+                                                                      state.batch_stats))
+    summary: dict[str, Any] = dict(teacher_summary)
+    summary["method"] = methods.label(s.methods, distilled=bool(s.teachers or s.precomputed))
     # The accuracy reported is that of the exported artifact, as loaded back from disk.
-    summary.update(export_artifact(config, model, info, state, workdir,
-                                   {"train_eval": final_eval}, model_kwargs))
+    summary.update(export_artifact(s, state, workdir, {"train_eval": final_eval}))
+    params = quant.strip_steps(state.params)
     summary.update({
         "jaxkd_version": jaxkd.__version__,
-        "model": config.model.name,
-        "dataset": config.data.name,
+        "model": run.model.name,
+        "dataset": run.data.name,
         "eval": final_eval,
         "accuracy": summary.get("artifact_eval", final_eval)["accuracy"],
-        "num_params": models.count_params(quant.strip_steps(state.params)),
-        "sparsity": pruning.sparsity_report(quant.strip_steps(state.params)),
-        "unique_values": sharing.unique_values(quant.strip_steps(state.params)),
+        "num_params": models.count_params(params),
+        "sparsity": pruning.sparsity_report(params),
+        "unique_values": sharing.unique_values(params),
         "params_bytes": weights_bytes,
-        "num_steps": num_steps,
+        "num_steps": s.num_steps,
         "train_steps_per_sec": timed_steps / train_time if train_time else None,
-        "train_examples_per_sec": timed_steps * config.batch_size / train_time
+        "train_examples_per_sec": timed_steps * run.batch_size / train_time
         if train_time else None,
         "resumed_from_step": start_step,
         "devices": jax.device_count(),
@@ -796,3 +574,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     metrics.write_summary(workdir, summary)
     print(f"final eval accuracy {final_eval['accuracy']:.4f} ({workdir})", flush=True)
     return summary
+
+
+def _check_batch_sizes(run: Run) -> None:
+    for field in ("batch_size", "eval_batch_size"):
+        size = getattr(run, field)
+        if size <= 0 or size % jax.device_count():
+            raise ConfigError(f"config.{field}={size} must be a positive multiple of the "
+                              f"device count ({jax.device_count()})")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
+    """Trains (or resumes) the run described by ``config`` in ``workdir``; returns its summary.
+
+    Everything the config names is checked before anything is compiled; a ``workdir`` that
+    holds checkpoints of a different config is refused unless ``allow_config_change``.
+    """
+    run = parse_run(config)
+    if run.compression.stages:
+        raise ConfigError(f"config.compression.stages={list(run.compression.stages)} makes "
+                          "this a pipeline of runs: use jaxkd.compression.run_pipeline "
+                          "(launch.py does)")
+    _check_batch_sizes(run)
+    check_workdir(workdir, config, allow_config_change)
+    s = build(run)
+    teacher_summary = evaluate_teachers(s)
+    state, start_step, manager = start_or_resume(s, workdir)
+    if jax.process_index() == 0:
+        files.write_json(os.path.join(workdir, checkpoint.MODEL_FILE), {
+            "name": run.model.name, "kwargs": s.model_kwargs,
+            "num_classes": s.info.num_classes, "input_shape": list(s.info.input_shape)})
+        checkpoint.write_config(workdir, config)
+    state, train_time, timed_steps = train_loop(s, state, start_step, manager, workdir)
+    return summarise(s, state, workdir, teacher_summary, train_time=train_time,
+                     timed_steps=timed_steps, start_step=start_step, config=config)

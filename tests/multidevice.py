@@ -5,7 +5,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxkd import models, objective, train
+from jaxkd import models, objective, teachers, train
 from jaxkd.config import hinton_losses, run_config
 from jaxkd.data import pipeline
 
@@ -22,7 +22,7 @@ def three_steps(data_dir: str, teacher_dir: str) -> dict[str, np.ndarray]:
     mesh = Mesh(np.array(jax.devices()), ("data",))
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     model = models.get_model("mlp", num_classes=info.num_classes, widths=(32, 32))
-    teacher = train.load_teacher(teacher_dir, sharding=replicated)
+    teacher = teachers.load(teacher_dir, sharding=replicated)
     _, tx = train.build_optimizer(c, info)
     objective_fn = objective.build_objective(
         objective.parse_terms(c.distill.losses, has_teacher=True), num_steps=c.num_steps)

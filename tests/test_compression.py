@@ -81,9 +81,8 @@ def test_pruning_from_zeros_keeps_an_already_pruned_model_pruned():
     w = w.at[:, :3].set(0.0)  # half of the weights are already 0
     params = {"hidden1": {"kernel": jnp.ones((4, 8))}, "hidden2": {"kernel": w},
               "head": {"kernel": jnp.ones((6, 2))}}
-    c = pruning.default_pruning_config()
-    c.update(enabled=True, from_zeros=True, schedule="one_shot", sparsity=0.25)
-    tx = pruning.masked(__import__("optax").sgd(0.1), c, total_steps=10)
+    tx = pruning.masked(__import__("optax").sgd(0.1), from_zeros=True, schedule="one_shot",
+                        sparsity=0.25, total_steps=10)
     state = tx.init(params)
     masks = pruning.get_masks(state)
     np.testing.assert_array_equal(masks["hidden2"]["kernel"], np.asarray(w) != 0)
@@ -217,23 +216,21 @@ def test_a_stage_that_revives_pruned_weights_is_stopped():
     later = {"layers": {"hidden2": {**layers["hidden2"], "zeros": np.arange(6),
                                     "sparsity": 6 / 16}}}
     run = run_config("mnist1d", "mlp", widths=(4, 4))
-    run.pruning.update(enabled=True, sparsity=0.5)
+    run.pruning.update(enabled=True, sparsity=0.5, keep_first_last=False)
     with pytest.raises(compression.StructureError,
                        match="stage 'cluster' broke stage 'prune': layer 'hidden2' has 2 "
                              "nonzero weight"):
-        compression.check(later, {"layers": layers}, run, stage="cluster", earlier=["prune"])
+        compression.check(later, {"layers": layers}, run, stage="cluster")
     run.clustering.update(enabled=True, num_clusters=4, layers="hidden2")
     with pytest.raises(compression.StructureError,
                        match="broke stage 'cluster': layer 'hidden2' has 8 distinct nonzero "
                              "values > config.clustering.num_clusters=4"):
-        compression.check({"layers": layers}, {"layers": layers}, run, stage="quantize",
-                          earlier=["prune", "cluster"])
+        compression.check({"layers": layers}, {"layers": layers}, run, stage="quantize")
     ints = {"hidden2": {"bits": 4, "min": -9, "max": 7, "distinct": 3,
                         "distinct_per_channel": 3}}
     run.clustering.num_clusters = 8
     with pytest.raises(compression.StructureError, match=r"spans \[-9, 7\], outside the 4-bit"):
-        compression.check({"layers": layers, "integers": ints}, None, run, stage="quantize",
-                          earlier=["prune"])
+        compression.check({"layers": layers, "integers": ints}, None, run, stage="quantize")
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -247,7 +244,7 @@ def test_bad_compression_config_is_one_line(field, value, message):
     c.compression.stages = ("prune", "cluster")
     c.compression[field] = value
     with pytest.raises(ValueError, match=message):
-        compression.stages(c)
+        compression.stages_of(c)
 
 
 def test_merging_at_start_trains_the_smaller_model(data_dir, dense_dir, tmp_path):
@@ -262,7 +259,8 @@ def test_merging_at_start_trains_the_smaller_model(data_dir, dense_dir, tmp_path
     merged, widths, _ = sharing.merge_layers(
         {k.split("/")[1]: {"kernel": dense[f"params/{k.split('/')[1]}/kernel"],
                            "bias": dense[f"params/{k.split('/')[1]}/bias"]}
-         for k in dense if k.endswith("/kernel")}, c.merging)
+         for k in dense if k.endswith("/kernel")},
+        **{k: v for k, v in c.merging.to_dict().items() if k != "enabled"})
     expected = [widths["hidden1"], widths["hidden2"]]
     assert sum(expected) < 64  # something was merged
     # The model trained (and exported) is the merged one: its kernels have the merged shapes.

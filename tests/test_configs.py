@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from jaxkd import chain, train
+from jaxkd import chain, stages, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -43,7 +43,7 @@ def test_config_smoke_runs(path, tmp_path, mock_tfds):
     # A separate student config points at its teacher's default workdir: train that first.
     for run in runs_of(config):
         teacher = run.distill.teacher.workdir
-        if teacher and not teacher.startswith(chain.STAGE_PREFIX):
+        if teacher and not teacher.startswith(stages.PREFIX):
             teacher_config = load(os.path.join(ROOT, "configs", os.path.basename(teacher) + ".py"))
             run.distill.teacher.workdir = str(tmp_path / "teacher")
             train.train_and_evaluate(teacher_config, run.distill.teacher.workdir)

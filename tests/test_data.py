@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxkd.data import augment, pipeline
+from jaxkd.config import data_config
+from jaxkd.data import augment, datasets, pipeline
 from jaxkd.data import digits as digits_builder
 from jaxkd.data import mnist1d as mnist1d_builder
 
 
 def config(name, **overrides):
-    c = pipeline.default_data_config(name)
+    c = data_config(name)
     c.update(overrides)
     return c
 
@@ -116,8 +117,8 @@ def test_normalisation_constants_are_the_train_statistics(paper_mnist1d):
     from sklearn.datasets import load_digits
 
     train = load_digits().images[np.random.default_rng(0).permutation(1797)[:1437]]
-    assert pipeline.DATASETS["digits"].mean == pytest.approx((train.mean(),), abs=1e-3)
-    assert pipeline.DATASETS["digits"].std == pytest.approx((train.std(),), abs=1e-3)
+    assert datasets.DATASETS["digits"].mean == pytest.approx((train.mean(),), abs=1e-3)
+    assert datasets.DATASETS["digits"].std == pytest.approx((train.std(),), abs=1e-3)
     assert paper_mnist1d["x"].mean() == pytest.approx(0.0, abs=0.01)
     assert paper_mnist1d["x"].std() == pytest.approx(1.0, abs=0.01)
 
@@ -243,7 +244,7 @@ def test_crop_flip_keeps_the_shape_and_only_moves_and_mirrors_pixels():
     plain = take(pipeline.train_batches(config("digits"), batch_size=64, seed=0), 1)[0]
     out = take(pipeline.train_batches(c, batch_size=64, seed=0), 1)[0]
     assert out["image"].shape == plain["image"].shape == (64, 8, 8, 1)
-    background = (0 - pipeline.DATASETS["digits"].mean[0]) / pipeline.DATASETS["digits"].std[0]
+    background = (0 - datasets.DATASETS["digits"].mean[0]) / datasets.DATASETS["digits"].std[0]
     raw = plain["image"] - np.float32(background)  # translate's zero fill is the background
     flipped = 0
     for x, y in zip(raw, out["image"] - np.float32(background), strict=True):
@@ -356,7 +357,7 @@ def test_bad_fields_are_one_line_errors_naming_the_field(field, value, words):
 
 def test_unknown_dataset_in_default_config_names_the_allowed_ones():
     with pytest.raises(ValueError, match="config.data.name='svhn'.*mnist1d, digits, mnist"):
-        pipeline.default_data_config("svhn")
+        data_config("svhn")
 
 
 def test_global_batch_must_split_evenly_over_processes():

@@ -54,7 +54,7 @@ def test_weight_and_temperature_schedules():
         kd = temp**2 * (np.exp(pt) * (pt - ps)).sum(-1).mean()
         np.testing.assert_allclose(values["kd"], kd, rtol=1e-5)
         np.testing.assert_allclose(loss, w * kd, rtol=1e-5, atol=1e-7)
-    cosine = objective.scheduled(2.0, 0.0, "cosine", jnp.float32(0.25))
+    cosine = objective.scheduled(2.0, 0.0, "cosine", jnp.int32(25), num_steps=100)
     np.testing.assert_allclose(cosine, 2.0 - 2.0 * 0.5 * (1 - np.cos(np.pi / 4)), rtol=1e-6)
 
 

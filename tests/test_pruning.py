@@ -10,13 +10,19 @@ import numpy as np
 import optax
 import pytest
 
-from jaxkd import models, pruning
+from jaxkd import layers as jaxkd_layers
+from jaxkd import models, pruning, schema
+from jaxkd.config import Pruning
+from jaxkd.pruning import patterns
 
 
 def config(**fields):
-    c = pruning.default_pruning_config()
-    c.update(fields)
-    return c
+    """The fields of a pruning config (the defaults of jaxkd.config.Pruning otherwise)."""
+    return dict(fields)
+
+
+def plan_of(c, params, **kwargs):
+    return pruning.make_plan(params, Pruning(**c), **kwargs)
 
 
 def init_params(model, x, seed):
@@ -72,7 +78,7 @@ def test_polynomial_schedule_matches_zhu_gupta_and_updates_every_frequency_steps
     assert got[steps.index(31)] == got[steps.index(49)] < got[steps.index(50)]  # held, then up
     assert got[steps.index(100)] == pytest.approx(s_f) and got[steps.index(99)] < s_f
 
-    plan = pruning.validate(config(sparsity=s_f, initial_sparsity=s_i, begin_step=begin,
+    plan = plan_of(config(sparsity=s_f, initial_sparsity=s_i, begin_step=begin,
                                    end_step=end, frequency=freq), mlp()[1])
     hits = np.flatnonzero(pruning.is_update_step(plan, jnp.arange(200)))
     assert hits.tolist() == [10, 30, 50, 70, 90, 100]
@@ -81,7 +87,7 @@ def test_polynomial_schedule_matches_zhu_gupta_and_updates_every_frequency_steps
     np.testing.assert_allclose(target, masked_before, rtol=1e-6)
 
     one = config(schedule="one_shot", sparsity=0.6, begin_step=7)
-    plan = pruning.validate(one, mlp()[1])
+    plan = plan_of(one, mlp()[1])
     np.testing.assert_allclose(pruning.target_sparsity(plan, jnp.arange(10))["hidden2"],
                                [0.0] * 7 + [0.6] * 3, rtol=1e-6)
     assert np.flatnonzero(pruning.is_update_step(plan, jnp.arange(50))).tolist() == [7]
@@ -173,7 +179,7 @@ def test_gradient_scores_use_the_mean_of_the_accumulated_gradients(method):
     _, params, _ = mlp()
     c = config(method=method, schedule="one_shot", begin_step=3, sparsity=0.6,
                keep_first_last=False)
-    tx = pruning.masked(optax.sgd(0.0), c)
+    tx = pruning.masked(optax.sgd(0.0), **c)
     state = tx.init(params)
     update = jax.jit(tx.update)
     rng = np.random.default_rng(5)
@@ -208,15 +214,15 @@ def test_gradient_scores_use_the_mean_of_the_accumulated_gradients(method):
         assert np.asarray(state.masks[k]["bias"]).all()
     assert int(state.stats_count) == 0 and all(
         float(jnp.abs(v).sum()) == 0 for v in jax.tree.leaves(state.grad_stats))
-    assert set(pruning.kernels(state.grad_stats)) == set(layers)
+    assert set(jaxkd_layers.find(state.grad_stats, jaxkd_layers.Weights(min_ndim=0))) == set(layers)
 
 
 def _wrapped(kind, c):
     if kind == "masked-adam":
-        return pruning.masked(optax.adam(1e-2), c, total_steps=30)
+        return pruning.masked(optax.adam(1e-2), **c, total_steps=30)
     if kind == "masked-sgd":
-        return pruning.masked(optax.sgd(0.1, momentum=0.9), c, total_steps=30)
-    return optax.chain(optax.adam(1e-2), pruning.prune(c, total_steps=30))
+        return pruning.masked(optax.sgd(0.1, momentum=0.9), **c, total_steps=30)
+    return optax.chain(optax.adam(1e-2), pruning.prune(**c, total_steps=30))
 
 
 @pytest.mark.parametrize("kind", ["masked-adam", "masked-sgd", "chain-adam"])
@@ -260,7 +266,7 @@ def test_pruned_weights_stay_zero_and_sparsity_follows_the_schedule(kind):
 def test_random_pruning_is_seeded_nested_and_exact():
     _, params, _ = mlp()
     c = config(method="random", sparsity=0.7, begin_step=0, end_step=20, frequency=10)
-    plan = pruning.validate(c, params)
+    plan = plan_of(c, params)
     ones = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
     m10 = pruning.compute_masks(plan, params, ones, {}, 10)
     m20 = pruning.compute_masks(plan, params, m10, {}, 20)
@@ -270,7 +276,7 @@ def test_random_pruning_is_seeded_nested_and_exact():
     assert not (h20 & ~h10).any()
     np.testing.assert_array_equal(
         h10, pruning.compute_masks(plan, params, ones, {}, 10)["hidden2"]["kernel"])
-    other = pruning.validate(config(method="random", sparsity=0.7, begin_step=0, end_step=20,
+    other = plan_of(config(method="random", sparsity=0.7, begin_step=0, end_step=20,
                                     frequency=10, seed=1), params)
     assert (np.asarray(pruning.compute_masks(other, params, ones, {}, 10)["hidden2"]["kernel"])
             != h10).any()
@@ -284,7 +290,7 @@ def test_masks_only_shrink_with_exact_counts_when_live_weights_tie_with_pruned_o
     params = {**params, "hidden2": {**params["hidden2"], "kernel": kernel.reshape(32, 32)}}
     old = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
     old["hidden2"]["kernel"] = jnp.asarray(np.arange(1024) < 1024 - 300).reshape(32, 32)
-    plan = pruning.validate(config(schedule="one_shot", sparsity=0.5), params)
+    plan = plan_of(config(schedule="one_shot", sparsity=0.5), params)
     new = np.asarray(pruning.compute_masks(plan, params, old, {}, 0)["hidden2"]["kernel"])
     assert (~new).sum() == 512
     assert not new.ravel()[-300:].any()  # still pruned
@@ -295,7 +301,7 @@ def test_the_inner_optimizer_sees_only_the_gradients_of_live_weights():
     _, params, _ = mlp()
     inner = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0))
     c = config(schedule="one_shot", sparsity=0.5, layers="hidden2")
-    tx = pruning.masked(inner, c)
+    tx = pruning.masked(inner, **c)
     updates, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), tx.init(params),
                                         params)
     keep = np.asarray(state.masks["hidden2"]["kernel"])
@@ -311,11 +317,11 @@ def test_params_key_prunes_only_the_model_entry_of_a_trainer_tree():
     trainable = {"model": params, "adapters": adapters}
     c = config(schedule="one_shot", sparsity=0.5, layers="hidden2|head",
                keep_first_last=False)
-    tx = pruning.masked(optax.sgd(0.1), c, params_key="model")
+    tx = pruning.masked(optax.sgd(0.1), **c, params_key="model")
     updates, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, trainable),
                                         tx.init(trainable), trainable)
     new = optax.apply_updates(trainable, updates)
-    assert set(pruning.kernels(state.masks)) == {"hidden1", "hidden2", "head"}
+    assert set(jaxkd_layers.find(state.masks)) == {"hidden1", "hidden2", "head"}
     assert pruning.sparsity_report(new["model"]) == {"hidden1": 0.0, "hidden2": 0.5,
                                                      "head": 0.5}
     np.testing.assert_allclose(new["adapters"]["proj"]["kernel"], 0.9)
@@ -328,7 +334,7 @@ def test_sparse_mlp_learns_a_synthetic_task_at_75_percent_sparsity():
     y_train, y_test = (jnp.argmax(x @ teacher, -1) for x in (x_train, x_test))
     model, params, _ = mlp(num_classes=4)
     c = config(sparsity=0.75, begin_step=0, end_step=150, frequency=10, keep_first_last=False)
-    tx = pruning.masked(optax.adam(1e-2), c, total_steps=250)
+    tx = pruning.masked(optax.adam(1e-2), **c, total_steps=250)
 
     def accuracy(p):
         return float(jnp.mean(jnp.argmax(model.apply({"params": p}, x_test), -1) == y_test))
@@ -359,7 +365,7 @@ def test_shrink_channels_mlp_gives_the_masked_logits_with_fewer_parameters():
     model, params, x = mlp(batch=8)
     c = config(pattern="channels", schedule="one_shot", sparsity=0.5, layers="hidden.*",
                keep_first_last=False, overrides=({"layers": "hidden1", "sparsity": 0.25},))
-    tx = pruning.masked(optax.adam(1e-2), c)
+    tx = pruning.masked(optax.adam(1e-2), **c)
     opt_state = tx.init(params)
     grads, update = jax.tree.map(jnp.ones_like, params), jax.jit(tx.update)
     for _ in range(3):
@@ -399,7 +405,7 @@ def test_shrink_channels_cnn1d_gives_the_masked_logits():
     params = init_params(model, x, 1)
     c = config(pattern="channels", schedule="one_shot", sparsity=0.5, layers="conv.*",
                keep_first_last=False)
-    tx = pruning.masked(optax.sgd(0.01), c)
+    tx = pruning.masked(optax.sgd(0.01), **c)
     opt_state = tx.init(params)
     updates, opt_state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), opt_state,
                                             params)
@@ -437,7 +443,7 @@ def test_check_sparsity_names_the_layer_a_later_stage_broke():
         pruning.check_sparsity(broken, {}, masks=masks)
     with pytest.raises(ValueError, match="layer 'hidden2' has sparsity 0.4990 < expected"):
         pruning.check_sparsity(broken, {"hidden2": 0.5})
-    with pytest.raises(ValueError, match="'hidden9' is no kernel"):
+    with pytest.raises(ValueError, match="'hidden9' is no weight"):
         pruning.check_sparsity(broken, {"hidden9": 0.5})
 
 
@@ -479,29 +485,31 @@ RESNET_LIKE = {"stem_conv": {"kernel": np.ones((3, 3, 3, 16))},
     ({"sparsty": 0.5}, "", None),
 ])
 def test_bad_config_is_a_one_line_error_naming_the_field(fields, field, params):
-    c = pruning.default_pruning_config().to_dict()
-    c.update(fields)
     with pytest.raises(ValueError) as e:
-        pruning.validate(c, params or mlp()[1], total_steps=10)
+        settings = schema.parse(Pruning, fields, "config.pruning")
+        with schema.named("config.pruning"):
+            pruning.make_plan(params or mlp()[1], settings, total_steps=10)
     message = str(e.value)
     assert "\n" not in message
     assert message.startswith(f"config.pruning.{field}" if field else "config.pruning has")
 
 
 def test_wrapper_errors_are_one_line_and_name_the_field():
-    with pytest.raises(ValueError, match=r"^config\.pruning\.end_step=-1 .*total_steps$"):
-        pruning.masked(optax.adam(1e-3), config())
-    with pytest.raises(ValueError, match=r"^config\.pruning\.method='taylor' .*masked"):
-        pruning.prune(config(method="taylor"), total_steps=10)
-    tx = pruning.masked(optax.adam(1e-3), config(layers="conv.*"), total_steps=10)
-    with pytest.raises(ValueError, match=r"^config\.pruning\.layers='conv\.\*' matches no"):
+    with pytest.raises(ValueError, match=r"^end_step=-1 .*total_steps$"):
+        pruning.masked(optax.adam(1e-3), **config())
+    with pytest.raises(ValueError, match=r"^method='taylor' .*masked"):
+        pruning.prune(**config(method="taylor"), total_steps=10)
+    with pytest.raises(ValueError, match=r"^Pruning has unknown field\(s\) sparsty"):
+        pruning.masked(optax.adam(1e-3), sparsty=0.5)
+    tx = pruning.masked(optax.adam(1e-3), **config(layers="conv.*"), total_steps=10)
+    with pytest.raises(ValueError, match=r"^layers='conv\.\*' matches no"):
         tx.init(mlp()[1])
 
 
 def test_bisection_threshold_matches_the_sorting_reference():
     """``unstructured_mask`` finds the k-th smallest score by bisection; it must equal the
     two-argsort reference, ties (earlier first), -0/+0 and -inf (already pruned) included."""
-    fast, reference = jax.jit(pruning._keep_top_flat), jax.jit(pruning._keep_top)
+    fast, reference = jax.jit(patterns._keep_top_flat), jax.jit(patterns._keep_top)
     rng = np.random.default_rng(0)
     for n in (1, 7, 300):
         for trial in range(60):

@@ -7,14 +7,18 @@ import numpy as np
 import optax
 import pytest
 
-from jaxkd import models, objective, quant, train
-from jaxkd.config import supervised_losses
+from jaxkd import models, objective, quant, schema, train
+from jaxkd.config import Quantization, supervised_losses
 
 
 def config(**fields):
-    c = quant.default_quantization_config()
-    c.update(fields)
-    return c
+    """A checked quantization block (the defaults of jaxkd.config.Quantization otherwise)."""
+    return quant.settings(fields)
+
+
+def named(fields):
+    """The block as the trainer reads ``config.quantization``: errors name the field."""
+    return schema.parse(Quantization, fields, "config.quantization")
 
 
 def np_scale_zp(lo, hi, bits, symmetric):
@@ -123,29 +127,29 @@ def test_lsq_forward_and_gradients_match_the_paper():
                                          ("weight_bits", 0), ("activation_bits", 6)])
 def test_unsupported_bit_width_is_a_one_line_error(field, value):
     with pytest.raises(ValueError) as e:
-        quant.settings(config(**{field: value}))
+        named({field: value})
     message = str(e.value)
     assert f"config.quantization.{field}={value}" in message and "\n" not in message
     allowed = "0, 2, 4, 8" if field == "activation_bits" else "2, 4, 8"
     assert allowed in message
-    with pytest.raises(ValueError, match="config.quantization.weight_bits"):
+    with pytest.raises(ValueError, match="^weight_bits=5 is not supported"):
         quant.scale_zero_point(0.0, 1.0, bits=5)
 
 
 def test_layer_regex_matching_nothing_names_the_field():
     model, variables, x = mlp_and_vars()
-    with pytest.raises(ValueError, match=r"config.quantization.layers='conv.\*' matches no layer"):
+    with pytest.raises(ValueError, match=r"^layers='conv.\*' matches no layer"):
         quant.validate(config(layers="conv.*"), variables["params"])
-    apply = quant.qat_apply(model, config(layers="conv.*"))  # fields check at once,
-    with pytest.raises(ValueError, match="config.quantization.layers") as e:  # layers at call
+    apply = quant.qat_apply(model, layers="conv.*")  # fields check at once,
+    with pytest.raises(ValueError, match="^layers=") as e:  # layers at call
         apply(variables, x)
     assert "hidden1, hidden2, head" in str(e.value)
     with pytest.raises(ValueError, match="config.quantization has unknown field.s. weight_bit;"):
-        quant.settings({"weight_bit": 4})
-    with pytest.raises(ValueError, match="config.quantization.method='fancy'"):
-        quant.qat_apply(model, config(method="fancy"))
+        named({"weight_bit": 4})
+    with pytest.raises(ValueError, match="^method='fancy'"):
+        quant.qat_apply(model, method="fancy")
     with pytest.raises(ValueError, match="config.quantization.layers='\\('"):
-        quant.validate(config(layers="("), variables["params"])
+        named({"layers": "("})
     assert quant.validate(config(layers="hidden.*"), variables["params"]).layers == "hidden.*"
 
 
@@ -162,9 +166,9 @@ def test_activation_quant_on_a_model_that_cannot_be_intercepted():
     model = RawMatmul()
     x = jnp.ones((2, 5))
     variables = model.init(jax.random.PRNGKey(0), x)
-    with pytest.raises(ValueError, match="config.quantization.activation_bits: model RawMatmul "
+    with pytest.raises(ValueError, match="^activation_bits: model RawMatmul "
                                          "calls no flax.linen Dense or Conv"):
-        quant.qat_apply(model, config(activation_bits=8))(variables, x)
+        quant.qat_apply(model, activation_bits=8)(variables, x)
 
 
 # ----------------------------------------------------------------------------- plan and QAT
@@ -217,7 +221,7 @@ def test_qat_forward_matches_a_numpy_fake_quant_mlp():
         return h
 
     for act_bits in (0, 4):
-        out = jax.jit(quant.qat_apply(model, config(weight_bits=4, activation_bits=act_bits)))(
+        out = jax.jit(quant.qat_apply(model, weight_bits=4, activation_bits=act_bits))(
             variables, x)
         np.testing.assert_allclose(out, np_forward(act_bits), rtol=1e-4, atol=1e-5)
         assert np.abs(np.asarray(out) - np.asarray(model.apply(variables, x))).max() > 1e-3
@@ -227,7 +231,7 @@ def test_qat_gradient_is_the_float_gradient_at_the_quantized_weights():
     model, variables, x = mlp_and_vars()
     labels = jnp.arange(x.shape[0]) % 10
     c = config(weight_bits=4)
-    apply = quant.qat_apply(model, c)
+    apply = quant.qat_apply(model, **c.kwargs())
 
     def loss(logits):
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -248,7 +252,7 @@ class WithQATParams:
     def init(self, *args, **kwargs):
         variables = self.model.init(*args, **kwargs)
         return {**variables, "params": quant.init_qat_params(self.model, variables, self.sample,
-                                                             self.quant_config)}
+                                                             **self.quant_config.kwargs())}
 
 
 @pytest.mark.parametrize("name,kwargs,shape,method", [("mlp", {"widths": (32,)}, (40,), "minmax"),
@@ -265,7 +269,7 @@ def test_qat_train_step_learns_and_trains_lsq_steps(name, kwargs, shape, method)
     terms = objective.parse_terms(supervised_losses(), has_teacher=False)
     step = jax.jit(train.make_train_step(
         model, tx, objective.build_objective(terms, num_steps=40),
-        student_apply=quant.qat_apply(model, c)))
+        student_apply=quant.qat_apply(model, **c.kwargs())))
     losses = []
     for _ in range(40):
         state, m = step(state, batch, [])
@@ -307,7 +311,7 @@ def test_calibrate_minmax_and_percentile_match_numpy():
         hi = np.mean([np.percentile(b[layer], 99.0) for b in per_batch])
         np.testing.assert_allclose(ranges[layer], (lo, hi), rtol=1e-4, atol=1e-5)
     assert ranges["hidden1"][1] < max(b["hidden1"].max() for b in per_batch)
-    with pytest.raises(ValueError, match="config.quantization.calibration='mean'"):
+    with pytest.raises(ValueError, match="^calibration='mean'"):
         quant.calibrate(model, variables, batches, method="mean")
 
 

@@ -51,5 +51,5 @@ def test_sweep_matches_numpy_and_writes_table_and_plot(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no layer fc9; layers: hidden1, head"):
         sensitivity.sweep(model, variables, batches, layers=["fc9"])
-    with pytest.raises(ValueError, match="config.quantization.weight_bits=3"):
+    with pytest.raises(ValueError, match="weight_bits=3"):
         sensitivity.sweep(model, variables, batches, bits=(3,))

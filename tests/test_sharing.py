@@ -8,15 +8,15 @@ import numpy as np
 import optax
 import pytest
 
-from jaxkd import models, sharing
+from jaxkd import bitpack, models, schema, sharing
+from jaxkd.config import Clustering
 
 K = 8  # clusters in most tests: small layers, visible structure
 
 
 def config(**fields):
-    c = sharing.default_clustering_config()
-    c.update(fields)
-    return c
+    """The fields of a clustering config (the defaults of jaxkd.config.Clustering otherwise)."""
+    return dict(fields)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_centroid_gradient_is_the_segment_sum_of_member_gradients(granularity):
 @pytest.mark.parametrize("method", ["linear", "kmeans++", "density"])
 def test_clustering_keeps_zeros_and_has_k_values(mlp, method):
     _, params, _ = mlp
-    codebooks, assignments = sharing.init_clusters(params, config(num_clusters=K, init=method))
+    codebooks, assignments = sharing.init_clusters(params, **config(num_clusters=K, init=method))
     clustered = sharing.materialize(params, codebooks, assignments)
     zero = np.asarray(params["hidden1"]["kernel"]) == 0
     assert zero.sum() == 30
@@ -192,7 +192,7 @@ def trainer_step(model, x, tx):
 def test_cluster_wrapper_sgd_step_matches_numpy(mlp):
     model, params, x = mlp
     lr = 0.5
-    tx = sharing.cluster(optax.sgd(lr), config(num_clusters=K), params_key="model")
+    tx = sharing.cluster(optax.sgd(lr), **config(num_clusters=K), params_key="model")
     opt_state = tx.init({"model": params, "adapters": {}})
     state = sharing.find_cluster_state(opt_state)
     params = sharing.materialize(params, state.codebooks, state.assignments)
@@ -223,7 +223,7 @@ def test_cluster_wrapper_sgd_step_matches_numpy(mlp):
 def test_cluster_wrapper_with_adam_keeps_structure(mlp, granularity):
     model, params, x = mlp
     tx = sharing.cluster(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)),
-                         config(num_clusters=K, granularity=granularity), params_key="model")
+                         **config(num_clusters=K, granularity=granularity), params_key="model")
     opt_state = tx.init({"model": params, "adapters": {}})
     state = sharing.find_cluster_state(opt_state)
     trainable = {"model": sharing.materialize(params, state.codebooks, state.assignments),
@@ -254,7 +254,7 @@ def test_cluster_wrapper_with_adam_keeps_structure(mlp, granularity):
 def test_reassignment_uses_the_nearest_centroid_of_the_latent_weights(mlp):
     model, dense, x = mlp
     lr = 0.2  # the centroids move by lr * (sum over ~80 members): weights change clusters
-    tx = sharing.cluster(optax.sgd(lr), config(num_clusters=K, reassign_every=2))
+    tx = sharing.cluster(optax.sgd(lr), **config(num_clusters=K, reassign_every=2))
     opt_state = tx.init(dense)
     state = sharing.find_cluster_state(opt_state)
     params = sharing.materialize(dense, state.codebooks, state.assignments)
@@ -299,50 +299,37 @@ def test_reassignment_uses_the_nearest_centroid_of_the_latent_weights(mlp):
 
 def test_keep_first_last_and_layer_order(mlp):
     _, params, _ = mlp
-    assert sharing.select_layers(params, config(keep_first_last=True)) == ["hidden2"]
-    assert sharing.select_layers(params, config(keep_first_last=False)) == [
+    assert sharing.select_layers(params, Clustering(keep_first_last=True)) == ["hidden2"]
+    assert sharing.select_layers(params, Clustering(keep_first_last=False)) == [
         "head", "hidden1", "hidden2"]
     order = ["hidden2", "hidden1", "head"]  # a model that calls hidden2 first
-    assert sharing.select_layers(params, config(keep_first_last=True),
+    assert sharing.select_layers(params, Clustering(keep_first_last=True),
                                  layer_order=order) == ["hidden1"]
-    codebooks, _ = sharing.init_clusters(params, config(keep_first_last=True))
+    codebooks, _ = sharing.init_clusters(params, **config(keep_first_last=True))
     assert set(codebooks) == {"hidden2"}
 
 
 # ----------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
-def test_pack_indices_round_trip_and_byte_count(bits):
-    a = np.random.default_rng(bits).integers(0, 2**bits, size=(37,))
-    packed = sharing.pack_indices(a, bits)
-    assert packed.dtype == np.uint8 and packed.size == -(-37 * bits // 8)
-    np.testing.assert_array_equal(sharing.unpack_indices(packed, bits, (37,)), a)
-
-
-def test_pack_indices_layout_and_clustered_kernel_bytes(mlp):
-    np.testing.assert_array_equal(sharing.pack_indices(np.array([1, 2, 15, 0]), 4),
-                                  [0x21, 0x0F])  # little-endian: first index, low nibble
-    np.testing.assert_array_equal(sharing.pack_indices(np.array([1, 2]), 3), [0b010001])
+def test_clustered_kernel_indices_pack_at_log2_k_bits(mlp):
     _, params, _ = mlp
-    codebooks, assignments = sharing.init_clusters(params, config(num_clusters=16))
+    codebooks, assignments = sharing.init_clusters(params, **config(num_clusters=16))
     a = np.asarray(assignments["hidden2"]["kernel"])  # [16, 16], no zeros: 4 bits
-    assert sharing.index_bits(16) == 4 and sharing.index_bits(17) == 5
-    packed = sharing.pack_indices(a, sharing.index_bits(16))
+    assert bitpack.index_bits(16) == 4 and bitpack.index_bits(17) == 5
+    packed = bitpack.pack(a, bitpack.index_bits(16))
     assert packed.size == 128  # 256 indices * 4 bits
-    np.testing.assert_array_equal(sharing.unpack_indices(packed, 4, a.shape), a)
+    np.testing.assert_array_equal(bitpack.unpack(packed, 4, a.shape), a)
     a1 = np.asarray(assignments["hidden1"]["kernel"])  # [40, 16] with zeros: 17 values
-    assert sharing.pack_indices(a1, 5).size == 400
-    with pytest.raises(ValueError, match="do not fit in 4 bits"):
-        sharing.pack_indices(a1, 4)
-    with pytest.raises(ValueError, match="bytes do not hold"):
-        sharing.unpack_indices(packed[:-1], 4, a.shape)
+    assert bitpack.pack(a1, 5).size == 400
+    with pytest.raises(ValueError, match="do not fit in 4 unsigned bits"):
+        bitpack.pack(a1, 4)
 
 
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
 def test_extract_codebook_inverts_clustered_weights(mlp, granularity):
     _, params, _ = mlp
-    codebooks, assignments = sharing.init_clusters(params, config(num_clusters=K,
+    codebooks, assignments = sharing.init_clusters(params, **config(num_clusters=K,
                                                                   granularity=granularity))
     kernel = np.asarray(sharing.materialize(params, codebooks, assignments)["hidden1"]["kernel"])
     codebook, indices = sharing.extract_codebook(kernel, granularity=granularity)
@@ -373,8 +360,8 @@ def test_extract_codebook_inverts_clustered_weights(mlp, granularity):
 ])
 def test_bad_clustering_config_is_one_line_naming_the_field(mlp, fields, field):
     _, params, _ = mlp
-    with pytest.raises(ValueError) as e:
-        tx = sharing.cluster(optax.sgd(0.1), {**config().to_dict(), **fields})
+    with pytest.raises(ValueError) as e, schema.named("config.clustering"):
+        tx = sharing.cluster(optax.sgd(0.1), **fields)
         tx.init(params)
     message = str(e.value)
     assert "\n" not in message
@@ -417,7 +404,7 @@ def test_merging_exact_duplicates_keeps_logits_exactly(mlp):
     np.testing.assert_array_equal(small.apply({"params": merged}, x), logits)
 
     via_config, widths, all_pairs = sharing.merge_layers(
-        params, {"layers": "hidden.*", "threshold": 0.5})
+        params, layers="hidden.*", threshold=0.5)
     assert widths == {"hidden1": 14, "hidden2": 15}
     assert all_pairs == {"hidden1": [(2, 5), (2, 9)], "hidden2": [(3, 7)]}
     np.testing.assert_array_equal(via_config["head"]["kernel"], merged["head"]["kernel"])
@@ -471,8 +458,7 @@ def test_merging_cnn1d_channels_keeps_logits_exactly():
     params = random_params(big, x, 4, integers=True)
     params = set_neuron(set_neuron(params, "conv1", 4, 0), "conv3", 5, 2)
     logits = big.apply({"params": params}, x)
-    merged, widths, pairs = sharing.merge_layers(params, {"layers": "conv.*",
-                                                          "threshold": 0.5})
+    merged, widths, pairs = sharing.merge_layers(params, layers="conv.*", threshold=0.5)
     assert widths == {"conv1": 5, "conv2": 6, "conv3": 5}
     assert pairs == {"conv1": [(0, 4)], "conv2": [], "conv3": [(2, 5)]}
     assert merged["head"]["kernel"].shape == (5 * 5, 10)
@@ -489,7 +475,7 @@ def test_merging_cnn1d_channels_keeps_logits_exactly():
 ])
 def test_bad_merging_input_is_one_line_naming_the_field(mlp, kwargs, field):
     _, params, _ = mlp
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError) as e, schema.named("config.merging"):
         sharing.merge_similar_neurons(params, **kwargs)
     assert "\n" not in str(e.value) and f"config.merging.{field}" in str(e.value)
 

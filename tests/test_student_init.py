@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jaxkd import config as config_module
 from jaxkd import student_init
 from jaxkd.models import get_model
 from jaxkd.models.lenet import LeNet5
@@ -43,11 +44,7 @@ def random_variables(model, input_shape, seed=0):
 
 
 def config(method, **fields):
-    init = student_init.default_init_config()
-    init.method = method
-    for key, value in fields.items():
-        init[key] = value
-    return init
+    return config_module.Init(method=method, **fields)
 
 
 def run(init, teacher, teacher_vars, student, student_vars, images=None):
@@ -102,7 +99,7 @@ def assert_fits(out, student_vars):
 
 
 def test_default_is_random_init():
-    init = student_init.default_init_config()
+    init = config_module.Init()
     assert init.method == "" and tuple(init.keep_layers) == () and init.teacher_workdir == ""
     teacher = get_model("mlp", num_classes=3, widths=(8,))
     student = get_model("mlp", num_classes=3, widths=(4,))
@@ -328,7 +325,7 @@ def cnn(channels):
 CALIBRATION = np.zeros((8, 40), np.float32)
 ERRORS = {  # id -> (config fields, teacher, student, calibration images, message)
     "unknown method": ({"method": "distil"}, mlp((8,)), mlp((8,)), None,
-                       r"config\.init\.method='distil' is unknown"),
+                       r"config\.init\.method='distil' is not an init method"),
     "keep out of range": ({"method": "layer_select", "keep_layers": (0, 3)}, mlp((8, 8, 8)),
                           mlp((8, 8)), None, r"config\.init\.keep_layers=\(0, 3\) is out of range"),
     "keep wrong count": ({"method": "layer_select", "keep_layers": (0,)}, mlp((8, 8, 8)),
@@ -402,7 +399,7 @@ def test_errors_name_the_config_field(case):
     shape = {CifarResNet: IMAGE, LeNet5: (28, 28, 1)}.get(type(teacher), (40,))
     if isinstance(teacher, LeNet5):
         images = np.zeros((8, *shape), np.float32)
-    init = ml_collections.ConfigDict({**student_init.default_init_config().to_dict(), **fields})
+    init = ml_collections.ConfigDict({**config_module.Init().to_dict(), **fields})
     with pytest.raises(ValueError, match=message) as error:
         run(init, teacher, random_variables(teacher, shape),
             student, random_variables(student, shape), images)

@@ -14,9 +14,9 @@ import pytest
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
-from jaxkd import teacher_logits, train
+from jaxkd import config, teacher_logits, train
 from jaxkd.config import run_config
-from jaxkd.data import pipeline, sources
+from jaxkd.data import datasets, pipeline, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = 5000  # 24,000 examples -> 5 files, the last one short
@@ -24,7 +24,7 @@ NUM_TRAIN, NUM_UNLABELLED = 4000, 20000
 
 
 def data_config(data_dir, **overrides):
-    c = pipeline.default_data_config("mnist1d")
+    c = config.data_config("mnist1d")
     c.data_dir = str(data_dir)
     c.transfer_split = "unlabelled"
     c.update(overrides)
@@ -165,7 +165,7 @@ def test_other_value_types(teacher, data_dir, tmp_path, numpy_teacher, stream_in
 def test_the_teacher_sees_the_training_normalisation(teacher, data_dir, tmp_path, monkeypatch,
                                                      numpy_teacher, stream_inputs):
     """mnist1d's constants are 0 and 1: make them 0.5 and 2 to see them applied."""
-    monkeypatch.setitem(pipeline.DATASETS, "mnist1d", pipeline.Dataset(mean=(0.5,), std=(2.0,)))
+    monkeypatch.setitem(datasets.DATASETS, "mnist1d", datasets.Dataset(mean=(0.5,), std=(2.0,)))
     data = data_config(data_dir, transfer_split="")
     manifest = teacher_logits.write(teacher, data, str(tmp_path), dtype="float32")
     assert (manifest["inputs"]["mean"], manifest["inputs"]["std"]) == ([0.5], [2.0])
@@ -209,7 +209,7 @@ def test_streamed_fields_are_those_of_the_batch_examples(written, data_dir, nump
     """Batch size 110 over 24,000 examples: steps 216..219 straddle the first epoch's end."""
     data = data_config(data_dir, in_memory=in_memory)
     stream = pipeline.train_batches(data, batch_size=110, seed=3, start_step=216,
-                                    teacher_logits=written[kind])
+                                    extra_fields=teacher_logits.stream(written[kind], data))
     plain = pipeline.train_batches(data, batch_size=110, seed=3, start_step=216)
     for _ in range(4):
         batch, reference = next(stream), next(plain)
@@ -229,7 +229,8 @@ def test_streamed_fields_are_those_of_the_batch_examples(written, data_dir, nump
 
 def test_streamed_fields_resume_and_split_over_processes_like_the_batch(written, data_dir):
     data = data_config(data_dir, augment="jitter", in_memory=False)
-    kwargs = dict(batch_size=64, seed=1, teacher_logits=written["top3"])
+    kwargs = dict(batch_size=64, seed=1,
+                  extra_fields=teacher_logits.stream(written["top3"], data))
     from_zero = pipeline.train_batches(data, **kwargs)
     batches = [next(from_zero) for _ in range(5)]
     resumed = next(pipeline.train_batches(data, start_step=3, **kwargs))
@@ -260,8 +261,9 @@ def test_examples_that_changed_since_the_write_are_refused(written, data_dir, mo
 
     monkeypatch.setattr(sources, "load", reversed_load)
     with pytest.raises(ValueError) as excinfo:
-        pipeline.train_batches(data_config(data_dir), batch_size=10, seed=0,
-                               teacher_logits=written["top3"])
+        data = data_config(data_dir)
+        pipeline.train_batches(data, batch_size=10, seed=0,
+                               extra_fields=teacher_logits.stream(written["top3"], data))
     one_line_error(excinfo, "example 0", "another input")
 
 
@@ -418,7 +420,8 @@ def test_missing_or_corrupt_files_are_named(written, data_dir, tmp_path):
     one_line_error(excinfo, manifest, "corrupt")
     os.remove(manifest)
     with pytest.raises(FileNotFoundError) as excinfo:
-        pipeline.train_batches(data, batch_size=10, seed=0, teacher_logits=out)
+        pipeline.train_batches(data, batch_size=10, seed=0,
+                               extra_fields=teacher_logits.stream(out, data))
     one_line_error(excinfo, manifest, "does not exist")
 
 

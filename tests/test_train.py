@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -111,6 +112,7 @@ def load_weights_after(c, workdir):
 
 EIGHT_DEVICE_SCRIPT = r"""
 import sys
+import flax.linen as nn
 import jax
 import numpy as np
 sys.path.insert(0, {root!r})
@@ -232,3 +234,37 @@ def test_pruned_then_clustered_training_keeps_zeros_and_clusters(data_dir, tmp_p
     losses = [json.loads(x)["train/loss"] for x in open(tmp_path / "metrics.jsonl")
               if "train/loss" in x]
     assert losses[-1] < 0.9 * losses[0]  # the centroids learn
+
+
+class TinyNet(nn.Module):
+    """A model written outside jaxkd, following the documented contract."""
+
+    num_classes: int
+    width: int = 24
+
+    @nn.compact
+    def __call__(self, x, *, train=False, return_features=False):
+        h = nn.relu(nn.Dense(self.width, name="body")(x.reshape(x.shape[0], -1)))
+        logits = nn.Dense(self.num_classes, name="head")(h)
+        return (logits, {"embedding": h}) if return_features else logits
+
+
+def test_a_registered_user_model_trains_exports_and_reloads(data_dir, teacher_dir, tmp_path):
+    from jaxkd import export, models
+
+    models.register("test_tiny_net", TinyNet, replace=True)
+    c = small_run(data_dir, model="test_tiny_net", steps=150, width=24)
+    c.optimizer.learning_rate = 1e-2
+    c.distill.teacher.workdir = teacher_dir
+    c.distill.losses = hinton_losses(alpha=0.5, temperature=2.0)
+    c.quantization.update(enabled=True, weight_bits=8, activation_bits=8)
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    assert summary["model"] == "test_tiny_net" and summary["num_params"] == 40 * 24 + 24 + 250
+    assert summary["accuracy"] > 0.2  # chance is 0.1
+    predict, manifest = export.load(str(tmp_path / "artifact"))
+    assert manifest["model"]["name"] == "test_tiny_net"
+    assert [entry["path"] for entry in manifest["layers"]] == ["body", "head"]  # int8 layers
+    x = np.random.default_rng(0).normal(size=(5, 40)).astype(np.float32)
+    assert np.asarray(predict(x)).shape == (5, 10)
+    with pytest.raises(ValueError, match="already registered"):
+        models.register("test_tiny_net", lambda num_classes: TinyNet(num_classes))

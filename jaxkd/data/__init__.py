@@ -1,15 +1,7 @@
-"""Datasets as tfds data sources and the batches the trainer reads from them.
+"""Datasets and the batches the trainer reads from them.
 
-``import jaxkd.data`` registers the offline tfds datasets ``mnist1d`` and ``digits``; the
-batches of every dataset come from :mod:`jaxkd.data.pipeline`.
+- :mod:`jaxkd.data.datasets`: the registry of dataset constants (light; configs use it);
+- :mod:`jaxkd.data.pipeline`: tfds data sources through grain, training and eval batches
+  (importing it registers the offline tfds builders ``mnist1d`` and ``digits``);
+- :mod:`jaxkd.data.sources`, :mod:`jaxkd.data.augment`: reading and augmenting examples.
 """
-
-from jaxkd.data.pipeline import (
-    DatasetInfo,
-    default_data_config,
-    eval_batches,
-    get_info,
-    train_batches,
-)
-
-__all__ = ["DatasetInfo", "default_data_config", "eval_batches", "get_info", "train_batches"]

@@ -36,21 +36,19 @@ reads only its own rows.
 ``batch_size`` (process ``p`` gets its rows of each), the last one padded with zeros;
 ``'mask'`` is 1 for real rows and 0 for padding.
 
-**Precomputed teacher logits** (``train_batches(..., teacher_logits=DIR)``, written by
-:mod:`jaxkd.teacher_logits`): each batch also carries the stored logits of its examples,
-looked up by their index in the training stream, so they follow the shuffle, the
+**More fields per example** (``train_batches(..., extra_fields=...)``, e.g. the stored
+logits of :func:`jaxkd.teacher_logits.stream`): each batch also carries fields looked up by
+the examples' index in the training stream, so they follow the shuffle, the
 ``start_step`` and the per-process rows exactly as the images do.
 
-**Normalisation** is built in: ``(x - mean) / std`` per channel with the constants of
-:data:`DATASETS`, after augmentation (so augmentation fills with the raw background):
+**Normalisation** is built in: ``(x - mean) / std`` per channel with the constants of the
+dataset registry (:mod:`jaxkd.data.datasets`), after augmentation (so augmentation fills
+with the raw background). Images of varying size (``imagenet2012``) are first resized
+(shorter side to ``image_size / 0.875``, bilinear) and centre-cropped to ``image_size``
+(the usual 87.5 % central crop).
 
-- ``mnist1d``: 0 and 1 (the generator already standardises its signals);
-- ``digits``: 4.887 and 6.017 (pixels of the train split, in the raw 0..16 units);
-- ``mnist``: 0.1307 and 0.3081 times 255 (the usual MNIST train statistics);
-- ``cifar10`` / ``cifar100``: per-channel train statistics times 255;
-- ``imagenet2012``: the usual ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224,
-  0.225) times 255; images are first resized (shorter side to ``image_size / 0.875``,
-  bilinear) and centre-cropped to ``image_size`` (the usual 87.5 % central crop).
+Every function takes ``config.data``: a ``ConfigDict`` or the typed
+:class:`jaxkd.config.Data`, checked once (one-line errors naming the field).
 """
 
 from __future__ import annotations
@@ -66,10 +64,14 @@ import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from ml_collections import config_dict
+
+from jaxkd import schema
+from jaxkd.config import Data
+from jaxkd.data import augment, datasets, sources
+from jaxkd.schema import ConfigError
 
 # Importing the builders registers `mnist1d` and `digits` with tfds.
-from jaxkd.data import augment, digits, mnist1d, sources  # noqa: F401
+from jaxkd.data import digits, mnist1d  # noqa: F401 isort: skip
 
 NUM_THREADS = 2
 PREFETCH_BATCHES = 4
@@ -94,53 +96,13 @@ class DatasetInfo:
     num_examples: dict[str, int]
 
 
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """Per-dataset constants: normalisation (raw units, per channel) and defaults."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    eval_split: str = "test"
-    in_memory: bool = True
+def _settings(data: Any) -> Data:
+    return schema.parse(Data, data, "config.data")
 
 
-def _times_255(*values: float) -> tuple[float, ...]:
-    return tuple(255.0 * v for v in values)
-
-
-DATASETS: dict[str, Dataset] = {
-    "mnist1d": Dataset(mean=(0.0,), std=(1.0,)),
-    "digits": Dataset(mean=(4.887,), std=(6.017,)),
-    "mnist": Dataset(mean=_times_255(0.1307), std=_times_255(0.3081)),
-    "cifar10": Dataset(mean=_times_255(0.4914, 0.4822, 0.4465),
-                       std=_times_255(0.2470, 0.2435, 0.2616)),
-    "cifar100": Dataset(mean=_times_255(0.5071, 0.4865, 0.4409),
-                        std=_times_255(0.2673, 0.2564, 0.2762)),
-    "imagenet2012": Dataset(mean=_times_255(0.485, 0.456, 0.406),
-                            std=_times_255(0.229, 0.224, 0.225),
-                            eval_split="validation", in_memory=False),
-}
-
-
-def default_data_config(name: str) -> ml_collections.ConfigDict:
-    """Every ``config.data`` field, with the defaults for dataset ``name``."""
-    dataset = _dataset(name)
-    return ml_collections.ConfigDict({
-        "name": name,
-        "builder_config": "",  # tfds builder config, '' = the default one
-        "data_dir": config_dict.placeholder(str),  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-        "train_split": "train",
-        "eval_split": dataset.eval_split,
-        "transfer_split": "",  # unlabelled extra training inputs, '' = none
-        "augment": "none",  # one of augment.AUGMENTATIONS
-        "jitter_pixels": 2,
-        "image_size": 224,  # side of variable-size images (imagenet2012) after resize + crop
-        "in_memory": dataset.in_memory,  # hold the training examples in host memory
-    })
-
-
-def get_info(data: ml_collections.ConfigDict) -> DatasetInfo:
+def get_info(data: Data | ml_collections.ConfigDict) -> DatasetInfo:
     """Checks ``config.data`` (preparing the dataset if needed) and describes the dataset."""
+    data = _settings(data)
     builder = _prepared_builder(data)
     splits = list(builder.info.splits)
     for split in (data.train_split, data.eval_split, data.transfer_split):
@@ -175,13 +137,14 @@ class TrainInputs:
     spec: dict[str, Any]
 
 
-def train_inputs(data: ml_collections.ConfigDict) -> TrainInputs:
+def train_inputs(data: Data | ml_collections.ConfigDict) -> TrainInputs:
     """The training stream's index space, its normalisation and its spec (``TrainInputs``)."""
+    data = _settings(data)
     builder = _prepared_builder(data)
     parts = {role: _split_source(builder, data, split, labelled=role == "train")
              for role, split in [("train", data.train_split), ("transfer", data.transfer_split)]
              if split}
-    dataset = _dataset(data.name)
+    dataset = datasets.get(data.name)
     varying_size = None in builder.info.features["image"].shape
     spec = {
         "name": data.name,
@@ -200,9 +163,10 @@ def train_inputs(data: ml_collections.ConfigDict) -> TrainInputs:
                        normalise=_normaliser(data), spec=spec)
 
 
-def train_batches(data: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+def train_batches(data: Data | ml_collections.ConfigDict, *, batch_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                  teacher_logits: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  extra_fields: Callable[[sources.Source], Callable[..., dict]] | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
     """The infinite training stream from global batch ``start_step`` on (module docstring).
 
     Args:
@@ -212,36 +176,28 @@ def train_batches(data: ml_collections.ConfigDict, *, batch_size: int, seed: int
       start_step: index of the first global batch to yield.
       process_index, process_count: this process's rows are ``[process_index * b,
         (process_index + 1) * b)`` of each global batch, ``b = batch_size / process_count``.
-      teacher_logits: a directory written by :func:`jaxkd.teacher_logits.write` for this
-        training stream (its manifest must match ``data``, see
-        :func:`jaxkd.teacher_logits.check`; the augmentation policy is the caller's).
-        Each batch then also carries the stored logits of its examples, read by their
-        index in the stream (held in memory when ``data.in_memory``, else batched
-        array_record reads) inside the same grain map, and checked against each example's
+      extra_fields: given the training source (in memory when ``data.in_memory``), a
+        function ``fields(indices, raw_images) -> {name: [b, ...]}`` of the batch's stream
+        indices and raw (un-augmented) images, whose fields join each batch, computed in
+        the same grain map: :func:`jaxkd.teacher_logits.stream` adds the stored
+        ``teacher_topk_logits`` float32 ``[b, k]`` and ``teacher_topk_indices`` int32
+        ``[b, k]`` of a directory written for this stream, checked against each example's
         fingerprint.
 
     Yields:
-      ``{'image': float32 [b, *input_shape], 'label': int32 [b]}``; labels of the transfer
-      split are -1. With ``teacher_logits`` also ``'teacher_topk_logits'`` float32 ``[b, k]``
-      and ``'teacher_topk_indices'`` int32 ``[b, k]`` (full logits: ``k = num_classes`` and
-      the indices are ``0 .. k - 1``).
+      ``{'image': float32 [b, *input_shape], 'label': int32 [b], **extra}``; labels of the
+      transfer split are -1.
     """
+    data = _settings(data)
     local_size = _local_batch_size(batch_size, process_index, process_count)
     if seed < 0:
-        raise ValueError(f"seed={seed} must be >= 0")
+        raise ConfigError(f"seed={seed} must be >= 0")
     inputs = train_inputs(data)
     train, normalise = inputs.source, inputs.normalise
     if data.in_memory:
         train = sources.load(train)
     num_examples, offset = len(train), process_index * local_size
-    stored = None
-    if teacher_logits:
-        from jaxkd import teacher_logits as stored_logits  # lazy: that module runs teachers
-
-        stored = stored_logits.StoredLogits.open(teacher_logits, data,
-                                                 in_memory=data.in_memory)
-        if data.in_memory:  # check every example's fingerprint once, not every batch
-            stored.verify(np.arange(num_examples), train.images)
+    fields_of = extra_fields(train) if extra_fields is not None else None
 
     @functools.lru_cache(maxsize=2)  # a batch needs at most two epochs' orders
     def epoch_order(epoch: int) -> np.ndarray:
@@ -254,9 +210,7 @@ def train_batches(data: ml_collections.ConfigDict, *, batch_size: int, seed: int
         for e in np.unique(epoch):
             record[epoch == e] = epoch_order(int(e))[index[epoch == e]]
         images, labels = train.read(record)
-        fields = {}
-        if stored is not None:
-            fields = stored.batch_fields(record, None if data.in_memory else images)
+        fields = fields_of(record, images) if fields_of is not None else {}
         images = augment.random_augment(
             data.augment, images, np.random.default_rng([_AUGMENT_STREAM, seed, step]),
             offset=offset, global_batch_size=batch_size, jitter_pixels=data.jitter_pixels)
@@ -266,7 +220,7 @@ def train_batches(data: ml_collections.ConfigDict, *, batch_size: int, seed: int
     return _iterate(steps)
 
 
-def eval_batches(data: ml_collections.ConfigDict, *, split: str, batch_size: int,
+def eval_batches(data: Data | ml_collections.ConfigDict, *, split: str, batch_size: int,
                  process_index: int = 0, process_count: int = 1
                  ) -> Iterator[dict[str, np.ndarray]]:
     """The whole of ``split`` once, in order, with a ``'mask'`` for the padded last batch.
@@ -282,6 +236,7 @@ def eval_batches(data: ml_collections.ConfigDict, *, split: str, batch_size: int
       [b], 'mask': float32 [b]}`` (``b = batch_size / process_count``); padding rows have
       zero images, label 0 and mask 0.
     """
+    data = _settings(data)
     local_size = _local_batch_size(batch_size, process_index, process_count)
     builder = _prepared_builder(data)
     _check_split(builder, split, "split")
@@ -310,44 +265,32 @@ def _iterate(batches: grain.MapDataset) -> Iterator[dict[str, np.ndarray]]:
     return iter(batches.to_iter_dataset(options))
 
 
-def _dataset(name: str) -> Dataset:
-    if name not in DATASETS:
-        raise ValueError(f"config.data.name={name!r} is not a known dataset; allowed: "
-                         f"{', '.join(DATASETS)}")
-    return DATASETS[name]
-
-
 def _local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
     if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(f"batch_size={batch_size} must be a positive multiple of the "
-                         f"process count ({process_count})")
+        raise ConfigError(f"batch_size={batch_size} must be a positive multiple of the "
+                          f"process count ({process_count})")
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+        raise ConfigError(f"process_index={process_index} is not in [0, {process_count})")
     return batch_size // process_count
 
 
-def _data_dir(data: ml_collections.ConfigDict) -> str:
+def _data_dir(data: Data) -> str:
     """``config.data.data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
     path = data.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     return os.path.expanduser(path)
 
 
-def _check_config(data: ml_collections.ConfigDict) -> None:
-    _dataset(data.name)
-    if data.augment not in augment.AUGMENTATIONS:
-        raise ValueError(f"config.data.augment={data.augment!r} is not known; allowed: "
-                         f"{', '.join(augment.AUGMENTATIONS)}")
-    if data.augment == "jitter" and data.jitter_pixels < 0:
-        raise ValueError(f"config.data.jitter_pixels={data.jitter_pixels} must be >= 0")
+def _check_config(data: Data) -> None:
+    """What the typed block cannot check without tfds: the builder config."""
     if data.builder_config:
         configs = tfds.builder_cls(data.name).builder_configs
         if data.builder_config not in configs:
-            raise ValueError(f"config.data.builder_config={data.builder_config!r} is not a "
-                             f"config of {data.name}; available: "
-                             f"{', '.join(configs) or 'none'}")
+            raise ConfigError(f"config.data.builder_config={data.builder_config!r} is not a "
+                              f"config of {data.name}; available: "
+                              f"{', '.join(configs) or 'none'}")
 
 
-def _prepared_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def _prepared_builder(data: Data) -> tfds.core.DatasetBuilder:
     """The dataset's tfds builder, its array_record files prepared (once) in the data dir."""
     _check_config(data)
     builder = _open_builder(data)
@@ -365,19 +308,19 @@ def _prepared_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
                     f"--data_dir={_data_dir(data)}) or set config.data.data_dir"
                 ) from e
     for field in ("train_split", "eval_split", "transfer_split"):
-        _check_split(builder, data[field], f"config.data.{field}")
+        _check_split(builder, getattr(data, field), f"config.data.{field}")
     return builder
 
 
-def _tfds_name(data: ml_collections.ConfigDict) -> str:
+def _tfds_name(data: Data) -> str:
     return f"{data.name}/{data.builder_config}" if data.builder_config else data.name
 
 
-def _open_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def _open_builder(data: Data) -> tfds.core.DatasetBuilder:
     try:
         return tfds.builder(_tfds_name(data), data_dir=_data_dir(data), file_format="array_record")
     except ValueError as e:  # e.g. prepared earlier as tfrecord
-        raise ValueError(
+        raise ConfigError(
             f"config.data.name={data.name!r}: tfds cannot open it as array_record in "
             f"{_data_dir(data)} ({_first_line(e)}); convert a tfrecord copy with tfds "
             f"convert_format --out_file_format=array_record, or set config.data.data_dir"
@@ -396,11 +339,11 @@ def _check_split(builder: tfds.core.DatasetBuilder, split: str, field: str) -> N
     """
     known = list(builder.info.splits)
     if split and known and split not in known:
-        raise ValueError(f"{field}={split!r} is not a split of {builder.name}; available: "
-                         f"{', '.join(sorted(known))}")
+        raise ConfigError(f"{field}={split!r} is not a split of {builder.name}; available: "
+                          f"{', '.join(sorted(known))}")
 
 
-def _split_source(builder: tfds.core.DatasetBuilder, data: ml_collections.ConfigDict,
+def _split_source(builder: tfds.core.DatasetBuilder, data: Data,
                   split: str, *, labelled: bool) -> sources.TfdsSplit:
     image_fn = None
     if None in builder.info.features["image"].shape:  # images of varying size
@@ -410,15 +353,15 @@ def _split_source(builder: tfds.core.DatasetBuilder, data: ml_collections.Config
 
 
 def _input_shape(builder: tfds.core.DatasetBuilder,
-                 data: ml_collections.ConfigDict) -> tuple[int, ...]:
+                 data: Data) -> tuple[int, ...]:
     shape = tuple(builder.info.features["image"].shape)
     if None in shape:
         return (data.image_size, data.image_size) + shape[2:]
     return shape
 
 
-def _normaliser(data: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
-    dataset = _dataset(data.name)
+def _normaliser(data: Data) -> Callable[[np.ndarray], np.ndarray]:
+    dataset = datasets.get(data.name)
     mean = np.asarray(dataset.mean, np.float32)
     inv_std = 1.0 / np.asarray(dataset.std, np.float32)
 

@@ -7,7 +7,8 @@ intermediates (``hidden1..``/``conv1..``/``stage1..`` and ``embedding``, the vec
 the classifier ``head``). BatchNorm statistics live in collection ``batch_stats`` and are
 updated only when ``train=True``; dropout draws from rng stream ``'dropout'``, only in train.
 
-Registry names and their kwargs besides ``num_classes``:
+:func:`register` adds a model defined elsewhere (any Linen module that follows this
+contract). Registry names and their kwargs besides ``num_classes``:
 
 - ``mlp``: ReLU MLP (Hinton et al. 2015); widths, dropout_rate, input_dropout_rate,
   tie_hidden.
@@ -126,6 +127,24 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def register(name: str, builder: Callable[..., nn.Module], *, replace: bool = False) -> None:
+    """Makes ``config.model.name=name`` build ``builder(num_classes=..., **kwargs)``.
+
+    The module must follow the zoo's contract (module docstring): ``apply(variables, x,
+    train=False, return_features=False)`` returns float logits ``[B, num_classes]``, or
+    ``(logits, features)`` with ``return_features``; BatchNorm statistics live in
+    ``batch_stats``; dropout draws from the rng stream ``'dropout'``. Its Dense/Conv layers
+    are what quantization, pruning and clustering act on; the classifier layer should be
+    named ``head`` (:mod:`jaxkd.layers`). The builder's keyword arguments besides
+    ``num_classes`` are the model's ``config.model.kwargs``; a process that loads a
+    teacher or an artifact of this model must register it too.
+    """
+    if name in MODELS and not replace and MODELS[name] is not builder:
+        raise ValueError(f"model {name!r} is already registered; pass replace=True to "
+                         "replace it")
+    MODELS[name] = builder
+
+
 def model_kwargs(name: str) -> list[str]:
     """The keyword arguments, besides ``num_classes``, that model ``name`` accepts (sorted)."""
     params = inspect.signature(MODELS[name]).parameters
@@ -173,4 +192,5 @@ __all__ = [
     "count_params",
     "get_model",
     "model_kwargs",
+    "register",
 ]

@@ -1,0 +1,83 @@
+"""Teachers: frozen models read from finished runs, checked against the student's data.
+
+A teacher is a finished run's workdir: its ``model.json`` (registry name, kwargs, classes,
+input shape) rebuilds the model and its newest Orbax checkpoint gives the variables (a
+partial restore of ``params`` and ``batch_stats``; the teacher's checkpoint is never
+written to). ``config.distill.teachers`` lists several, each with a weight; with
+``ensemble='probabilities'`` they are mixed in probability space
+(:func:`jaxkd.objective.ensemble_logits`), else their losses add up. Teachers run inside
+the student's jitted step under ``stop_gradient`` (:mod:`jaxkd.train`). Precomputed logits
+instead of a teacher model are :mod:`jaxkd.teacher_logits`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding
+
+from jaxkd import checkpoint, files, models
+from jaxkd.config import Distill
+from jaxkd.schema import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A frozen teacher: its model and variables, read from a finished run's checkpoint."""
+
+    workdir: str
+    model: nn.Module
+    variables: dict[str, Any]
+    config: ml_collections.ConfigDict
+    spec: dict[str, Any]  # model.json: name, kwargs, num_classes, input_shape
+    weight: float = 1.0
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.spec["num_classes"])
+
+
+def load(workdir: str, *, sharding: NamedSharding, weight: float = 1.0,
+         field: str = "config.distill.teacher.workdir") -> Teacher:
+    """Reads a finished run's model variables from its newest Orbax checkpoint; errors name
+    ``field``."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"{field}={workdir!r} does not exist")
+    config = checkpoint.read_config(workdir)
+    step = checkpoint.latest_step(workdir)
+    if step is None:
+        raise FileNotFoundError(f"{field}={workdir!r} has no checkpoint: train the teacher first")
+    spec = files.read_json(os.path.join(workdir, checkpoint.MODEL_FILE))
+    model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
+    abstract = jax.eval_shape(lambda: dict(model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *spec["input_shape"]), jnp.float32), train=False)))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+    variables = checkpoint.restore_variables(workdir, step, abstract, field=field)
+    return Teacher(workdir=workdir, model=model, config=config, variables=variables,
+                   spec=spec, weight=weight)
+
+
+def load_all(distill: Distill, *, sharding: NamedSharding) -> list[Teacher]:
+    """The teachers of ``config.distill``: ``teachers`` (a list) or ``teacher.workdir``."""
+    if distill.teachers:
+        return [load(t.workdir, sharding=sharding, weight=t.weight,
+                     field=f"config.distill.teachers[{i}].workdir")
+                for i, t in enumerate(distill.teachers)]
+    if distill.teacher.workdir:
+        return [load(distill.teacher.workdir, sharding=sharding)]
+    return []
+
+
+def check_fit(teachers: list[Teacher], *, num_classes: int, dataset: str) -> None:
+    """Every teacher must predict the student's classes."""
+    for t in teachers:
+        if t.num_classes != num_classes:
+            raise ConfigError(f"the teacher at {t.workdir!r} predicts {t.num_classes} classes "
+                              f"but config.data.name={dataset!r} has {num_classes}")
