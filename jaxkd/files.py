@@ -32,14 +32,19 @@ def write_bytes(target: PathLike, data: bytes) -> int:
     its size. The parent directory must exist."""
     target = path(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if _is_local(target):
-        with open(os.fspath(tmp), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    else:
-        tmp.write_bytes(data)
-    tmp.replace(target)
+    try:
+        if _is_local(target):
+            with open(os.fspath(tmp), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            tmp.write_bytes(data)
+        tmp.replace(target)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
     return len(data)
 
 
