@@ -124,6 +124,30 @@ class Schedule(Block):
 # ----------------------------------------------------------------------------- distillation
 
 ENSEMBLES = ("sum_losses", "probabilities")
+LOSS_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTerm(Block):
+    """One term of ``config.distill.losses`` (:mod:`jaxkd.objective`).
+
+    Fields: ``name`` (a function of :mod:`jaxkd.losses`; '' = the term's label),
+    ``weight``, ``kwargs`` (the loss function's, e.g. ``temperature``), the features a
+    feature term compares (``student_feature``, ``teacher_feature``), ``schedule``
+    (constant, linear or cosine) moving ``weight`` to ``weight_end`` and the temperature
+    to ``temperature_end`` over the run, and ``adapter`` (a trainable map from the
+    student's feature to the teacher's width; default: on for ``hint_mse``).
+    """
+
+    name: str = ""
+    weight: float = schema.number(1.0)
+    kwargs: dict = schema.free({})
+    student_feature: str = schema.text("", optional=True)
+    teacher_feature: str = schema.text("", optional=True)
+    schedule: str = schema.choice("constant", LOSS_SCHEDULES, noun="a schedule")
+    weight_end: float | None = schema.maybe(None, schema.Number())
+    temperature_end: float | None = schema.maybe(None, schema.Number(lo=0.0, lo_open=True))
+    adapter: bool | None = schema.maybe(None, schema.Flag())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxkd import losses
+from jaxkd import losses, schema
+from jaxkd.config import LossTerm
 from jaxkd.schema import ConfigError
 from jaxkd.tasks.base import Targets
 
@@ -74,10 +75,7 @@ LOSSES: dict[str, tuple[Callable[..., jax.Array], str]] = {
     "pkt": (losses.pkt, "batch"),
     "dist_loss": (losses.dist_loss, "batch"),
 }
-SCHEDULES = ("constant", "linear", "cosine")
 ENSEMBLES = ("probabilities", "sum_losses")
-TERM_FIELDS = ("name", "weight", "kwargs", "student_feature", "teacher_feature", "schedule",
-               "weight_end", "temperature_end", "adapter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +121,9 @@ def parse_terms(spec: Any, *, has_teacher: bool) -> list[Term]:
         where = f"config.distill.losses.{label}"
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{where} must be a dict {{name, weight, kwargs}}, got {raw!r}")
-        extra = set(raw) - set(TERM_FIELDS)
-        if extra:
-            raise ConfigError(f"{where} has unknown field(s) {sorted(extra)}; "
-                              f"allowed: {', '.join(TERM_FIELDS)}")
-        name = raw.get("name", label)
+        raw = {**raw, "schedule": raw.get("schedule") or "constant"}
+        term = schema.parse(LossTerm, raw, where)
+        name = term.name or label
         if name not in LOSSES:
             raise ConfigError(
                 f"{where}.name={name!r} is not a loss; choose one of: {', '.join(sorted(LOSSES))}")
@@ -135,32 +131,24 @@ def parse_terms(spec: Any, *, has_teacher: bool) -> list[Term]:
         if kind != "labels" and not has_teacher:
             raise ConfigError(f"{where}.name={name!r} needs a teacher but config.distill has "
                               "none (set distill.teacher.workdir, teachers or teacher_logits)")
-        kwargs = dict(raw.get("kwargs") or {})
-        for key in ("temperature", "temperature_end"):
-            value = kwargs.get(key) if key == "temperature" else raw.get(key)
-            if value is not None and not float(value) > 0:
-                field = f"{where}.kwargs.{key}" if key == "temperature" else f"{where}.{key}"
-                raise ConfigError(f"{field} must be > 0, got {value}")
-        schedule = raw.get("schedule") or "constant"
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"{where}.schedule={schedule!r} is not a schedule; "
-                              f"choose one of: {', '.join(SCHEDULES)}")
-        if raw.get("temperature_end") is not None and "temperature" not in kwargs:
+        kwargs = dict(term.kwargs or {})
+        temperature = kwargs.get("temperature")
+        if temperature is not None and not float(temperature) > 0:
+            raise ConfigError(f"{where}.kwargs.temperature must be > 0, got {temperature}")
+        if term.temperature_end is not None and "temperature" not in kwargs:
             raise ConfigError(f"{where}.temperature_end needs kwargs.temperature to start from")
         default_feature = "embedding" if kind == "batch" else "logits"
         if kind == "batch" and name == "dist_loss":
             default_feature = "logits"
-        if kind == "features" and not (raw.get("student_feature") and raw.get("teacher_feature")):
+        if kind == "features" and not (term.student_feature and term.teacher_feature):
             raise ConfigError(f"{where} ({name}) needs student_feature and teacher_feature")
         terms.append(Term(
-            label=label, name=name, weight=float(raw.get("weight", 1.0)), kwargs=kwargs,
-            student_feature=raw.get("student_feature") or default_feature,
-            teacher_feature=raw.get("teacher_feature") or default_feature,
-            schedule=schedule,
-            weight_end=None if raw.get("weight_end") is None else float(raw["weight_end"]),
-            temperature_end=(None if raw.get("temperature_end") is None
-                             else float(raw["temperature_end"])),
-            adapter=bool(raw.get("adapter", name == "hint_mse")),
+            label=label, name=name, weight=term.weight, kwargs=kwargs,
+            student_feature=term.student_feature or default_feature,
+            teacher_feature=term.teacher_feature or default_feature,
+            schedule=term.schedule, weight_end=term.weight_end,
+            temperature_end=term.temperature_end,
+            adapter=name == "hint_mse" if term.adapter is None else term.adapter,
         ))
     if not terms:
         raise ConfigError("config.distill.losses is empty: give at least one term")

@@ -187,6 +187,16 @@ class Text(Rule):
 
 
 @dataclasses.dataclass(frozen=True)
+class Maybe(Rule):
+    """None, or a value that ``rule`` takes."""
+
+    rule: Rule = Rule()
+
+    def convert(self, field: str, value: Any) -> Any:
+        return None if value is None else self.rule.convert(field, value)
+
+
+@dataclasses.dataclass(frozen=True)
 class Items(Rule):
     """A tuple whose every item follows ``item`` (named ``field[i]`` in errors)."""
 
@@ -272,6 +282,11 @@ def text(default: str | None, *, optional: bool = False) -> Any:
 
 def items(default: tuple[Any, ...], item: Rule = Rule()) -> Any:
     return _declare(tuple(default), Items(item))
+
+
+def maybe(default: Any, rule: Rule) -> Any:
+    """A field that is None or follows ``rule``."""
+    return _declare(default, Maybe(rule))
 
 
 def free(default: Any) -> Any:

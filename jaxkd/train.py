@@ -61,7 +61,7 @@ from jaxkd import (
 )
 from jaxkd.config import Run, parse_run
 from jaxkd.data import datasets, pipeline
-from jaxkd.prefetch import device_prefetch, to_global
+from jaxkd.prefetch import device_batches, to_global
 from jaxkd.schema import ConfigError
 from jaxkd.workdir import check as check_workdir
 
@@ -421,7 +421,7 @@ def train_loop(s: Setup, state: TrainState, start_step: int, manager: Any, workd
     teacher_variables = [t.variables for t in s.teachers]
     writer = metrics.MetricWriter(workdir, total_steps=s.num_steps)
     extra = teacher_logits.stream(s.precomputed, run.data) if s.precomputed else None
-    batches = device_prefetch(
+    batches = device_batches(
         pipeline.train_batches(run.data, batch_size=run.batch_size, seed=run.seed,
                                start_step=start_step, process_index=jax.process_index(),
                                process_count=jax.process_count(), extra_fields=extra),

@@ -163,11 +163,18 @@ def train_inputs(data: Data | ml_collections.ConfigDict) -> TrainInputs:
                        normalise=_normaliser(data), spec=spec)
 
 
-def train_batches(data: Data | ml_collections.ConfigDict, *, batch_size: int, seed: int,
+def train_batches(data: Data | ml_collections.ConfigDict, **kwargs: Any
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """An iterator over :func:`train_dataset` (same arguments)."""
+    return iter(train_dataset(data, **kwargs))
+
+
+def train_dataset(data: Data | ml_collections.ConfigDict, *, batch_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
                   extra_fields: Callable[[sources.Source], Callable[..., dict]] | None = None
-                  ) -> Iterator[dict[str, np.ndarray]]:
-    """The infinite training stream from global batch ``start_step`` on (module docstring).
+                  ) -> grain.IterDataset:
+    """The infinite training stream from global batch ``start_step`` on (module docstring),
+    as a grain ``IterDataset`` whose batches are computed ahead in background threads.
 
     Args:
       data: ``config.data``.
@@ -216,8 +223,7 @@ def train_batches(data: Data | ml_collections.ConfigDict, *, batch_size: int, se
             offset=offset, global_batch_size=batch_size, jitter_pixels=data.jitter_pixels)
         return {"image": normalise(images), "label": labels, **fields}
 
-    steps = grain.MapDataset.range(start_step, sys.maxsize).map(batch)
-    return _iterate(steps)
+    return _ahead(grain.MapDataset.range(start_step, sys.maxsize).map(batch))
 
 
 def eval_batches(data: Data | ml_collections.ConfigDict, *, split: str, batch_size: int,
@@ -256,13 +262,13 @@ def eval_batches(data: Data | ml_collections.ConfigDict, *, split: str, batch_si
         return {"image": images, "label": labels, "mask": real.astype(np.float32)}
 
     num_batches = -(-num_examples // batch_size)
-    return _iterate(grain.MapDataset.range(num_batches).map(batch))
+    return iter(_ahead(grain.MapDataset.range(num_batches).map(batch)))
 
 
-def _iterate(batches: grain.MapDataset) -> Iterator[dict[str, np.ndarray]]:
-    """Iterates in order, computing batches ahead in grain's background threads."""
+def _ahead(batches: grain.MapDataset) -> grain.IterDataset:
+    """In order, with batches computed ahead in grain's background threads."""
     options = grain.ReadOptions(num_threads=NUM_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
-    return iter(batches.to_iter_dataset(options))
+    return batches.to_iter_dataset(options)
 
 
 def _local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:

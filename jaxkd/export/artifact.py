@@ -43,8 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -52,10 +51,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 import jaxkd
-from jaxkd import models, quant
+from jaxkd import files, models, quant
 from jaxkd.config import Quantization
 from jaxkd.export import integer
 from jaxkd.export.encoding import (
@@ -116,10 +116,10 @@ class _Writer:
         total[1] += sum(int(a.nbytes) for a in parts.values())
         return entry
 
-    def write(self, directory: str, entropy_coding: bool) -> dict[str, dict[str, Any]]:
+    def write(self, directory: epath.Path, entropy_coding: bool) -> dict[str, dict[str, Any]]:
         """Writes the files (zlib-compressed where that is smaller, with ``entropy_coding``);
         returns their ``manifest["files"]`` entries."""
-        files = {}
+        entries = {}
         for name, blob in self.blobs.items():
             data = raw = b"".join(blob.chunks)
             codec = "none"
@@ -127,13 +127,12 @@ class _Writer:
                 packed = zlib.compress(raw, 9)
                 if len(packed) < len(raw):
                     data, codec = packed, "zlib"
-            with open(os.path.join(directory, name), "wb") as f:
-                f.write(data)
-            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                           "codec": codec}
+            files.write_bytes(directory / name, data)
+            entries[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                             "codec": codec}
             if codec != "none":
-                files[name]["raw_bytes"] = len(raw)
-        return files
+                entries[name]["raw_bytes"] = len(raw)
+        return entries
 
 
 def _flat_variables(variables: Mapping[str, Any]) -> dict[tuple[str, ...], np.ndarray]:
@@ -164,24 +163,23 @@ def _activation_entry(path: str, lp: quant.LayerPlan, settings: Quantization,
     return {"bits": bits, "q_min": q_min, "q_max": q_max, "scale": scale, "source": source}
 
 
-def _prepare_directory(directory: str, overwrite: bool) -> None:
-    if os.path.exists(directory) and not os.path.isdir(directory):
+def _prepare_directory(directory: epath.Path, overwrite: bool) -> None:
+    if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
-    if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
+    if directory.is_dir() and list(directory.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{directory} exists and is not empty: choose a new directory or pass overwrite=True"
         )
 
 
-def _move_into_place(tmp: str, directory: str) -> None:
-    if not os.path.exists(directory):
-        os.rename(tmp, directory)
+def _move_into_place(tmp: epath.Path, directory: epath.Path) -> None:
+    if not directory.exists():
+        tmp.rename(directory)
         return
-    old = tempfile.mkdtemp(prefix=".export-old-", dir=os.path.dirname(directory) or ".")
-    os.rmdir(old)
-    os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old)
+    old = directory.with_name(f".export-old-{uuid.uuid4().hex}")
+    directory.rename(old)
+    tmp.rename(directory)
+    old.rmtree()
 
 
 def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num_classes: int,
@@ -207,6 +205,7 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
         ``("dense+raw",)`` stores every tensor element by element.
       entropy_coding: zlib-compress each ``.bin`` file that gets smaller by it.
     """
+    directory = files.path(directory)
     _prepare_directory(directory, overwrite)
     writer = _Writer(check_encodings(encodings))
     model = models.get_model(model_name, num_classes=num_classes, **dict(model_kwargs))
@@ -258,18 +257,19 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
         "metrics": dict(metrics),
         "files": {},
     }
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    # Everything goes to a fresh directory beside the target, renamed into place at the end.
+    tmp = files.makedirs(directory.parent).joinpath(f".export-{uuid.uuid4().hex}")
+    tmp.mkdir()
     try:
         manifest["files"] = writer.write(tmp, entropy_coding)
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            # Compact (one line): on a 5k-parameter model the manifest is a third of the bytes.
-            json.dump(manifest, f, sort_keys=True, separators=(",", ":"), default=_json_default)
+        # Compact (one line): on a 5k-parameter model the manifest is a third of the bytes.
+        files.write_json(tmp / MANIFEST, manifest, compact=True, sort_keys=True,
+                         default=_json_default)
         _prepare_directory(directory, overwrite)  # still free to write?
         _move_into_place(tmp, directory)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            tmp.rmtree()
         raise
     return read_manifest(directory)
 
@@ -349,7 +349,7 @@ def verify(directory: str) -> dict[str, Any]:
 
 def _read_files(directory: str, manifest: Mapping[str, Any]) -> dict[str, bytes]:
     """The decompressed bytes of every file the manifest lists."""
-    files = {}
+    contents = {}
     for name, entry in manifest["files"].items():
         path = os.path.join(directory, name)
         with open(path, "rb") as f:
@@ -366,13 +366,13 @@ def _read_files(directory: str, manifest: Mapping[str, Any]) -> dict[str, bytes]
         elif codec != "none":
             raise ArtifactError(f"{path}: codec {codec!r} in {MANIFEST} is not one of "
                                 f"{', '.join(CODECS)}")
-        files[name] = data
-    return files
+        contents[name] = data
+    return contents
 
 
-def read_tensor(files: Mapping[str, bytes], entry: Mapping[str, Any]) -> np.ndarray:
+def read_tensor(contents: Mapping[str, bytes], entry: Mapping[str, Any]) -> np.ndarray:
     """The dense tensor of one manifest entry (int8 with ``bits``, else float32), from the
-    (decompressed) ``files`` bytes by name."""
+    (decompressed) ``contents`` bytes by name."""
     parts = {}
     for name in PARTS:
         if name not in entry:
@@ -386,10 +386,10 @@ def read_tensor(files: Mapping[str, bytes], entry: Mapping[str, Any]) -> np.ndar
         else:
             dtype = "float32" if "bits" not in entry and name in ("val", "cb") else "uint8"
         file = FLOAT_FILE if dtype == "float32" else INT_FILE
-        data = files[file][offset:offset + nbytes]
+        data = contents[file][offset:offset + nbytes]
         if len(data) != nbytes or nbytes % np.dtype(dtype).itemsize:
             raise ArtifactError(f"part {name!r} [{offset}, +{nbytes}) of {file} is not "
-                                f"whole {dtype} values inside its {len(files[file])} bytes")
+                                f"whole {dtype} values inside its {len(contents[file])} bytes")
         parts[name] = np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).astype(dtype)
     return decode(parts, entry)
 
@@ -398,8 +398,8 @@ def integer_kernels(directory: str) -> dict[str, dict[str, Any]]:
     """``{layer: {'values': int8 array, 'bits': b}}``: the integer kernels of an artifact as
     stored (decoded, after ``verify``), for checks such as ``jaxkd.compression``'s."""
     manifest = verify(directory)
-    files = _read_files(directory, manifest)
-    return {e["path"]: {"values": read_tensor(files, e["kernel"]), "bits": e["weight_bits"]}
+    contents = _read_files(directory, manifest)
+    return {e["path"]: {"values": read_tensor(contents, e["kernel"]), "bits": e["weight_bits"]}
             for e in manifest["layers"]}
 
 
@@ -412,19 +412,19 @@ def load(directory: str, *, check: bool = True
     float32.
     """
     manifest = verify(directory) if check else read_manifest(directory)
-    files = _read_files(directory, manifest)
+    contents = _read_files(directory, manifest)
     spec = manifest["model"]
     model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
-    flat = {(t["collection"], *t["path"].split("/")): read_tensor(files, t)
+    flat = {(t["collection"], *t["path"].split("/")): read_tensor(contents, t)
             for t in manifest["float_tensors"]}
     variables = traverse_util.unflatten_dict(flat)
     layers: dict[str, dict[str, Any]] = {}
     for entry in manifest["layers"]:
         path = entry["path"]
-        zero_point = read_tensor(files, entry["zero_point"]) if entry["zero_point"] else None
+        zero_point = read_tensor(contents, entry["zero_point"]) if entry["zero_point"] else None
         layers[path] = {
-            "values": jnp.asarray(read_tensor(files, entry["kernel"]), jnp.int8),
-            "scale": jnp.asarray(read_tensor(files, entry["scale"]), jnp.float32),
+            "values": jnp.asarray(read_tensor(contents, entry["kernel"]), jnp.int8),
+            "scale": jnp.asarray(read_tensor(contents, entry["scale"]), jnp.float32),
             "zero_point": None if zero_point is None else jnp.asarray(zero_point, jnp.int8),
             "bias": flat.get(("params", *path.split("/"), "bias")),
             "activation": entry["activation"],
