@@ -110,7 +110,8 @@ def test_hint_adapter_and_relational_terms():
      "kwargs.temperature must be > 0"),
     ({"x": {"name": "soft_target_kl", "schedule": "exp"}}, True, "is not a schedule"),
     ({"x": {"name": "hint_mse"}}, True, "needs student_feature and teacher_feature"),
-    ({"x": {"name": "cross_entropy", "wieght": 1.0}}, False, "has unknown field(s) wieght; fields: name, weight"),
+    ({"x": {"name": "cross_entropy", "wieght": 1.0}}, False,
+     "has unknown field(s) wieght; fields: name, weight"),
 ])
 def test_bad_terms_are_one_line_errors(spec, has_teacher, message):
     with pytest.raises(ValueError, match=None) as e:
