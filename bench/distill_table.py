@@ -87,7 +87,8 @@ def one_seed(dataset: str, seed: int, root: str) -> dict[str, float]:
     sc.distill.teacher.workdir = ""
     sc.data.augment = "none"  # the stored logits saw un-augmented inputs
     logits_dir = os.path.join(d, f"teacher_top{TOP_K}")
-    teacher_logits.write(teacher, sc.data, logits_dir, top_k=TOP_K, dtype="float16")  # resumes
+    teacher_logits.write(teacher, sc.data, logits_dir, top_k=TOP_K, dtype="float16",
+                         temperature=4.0)  # resumes
     sc.distill.teacher_logits = logits_dir
     acc[f"precomputed_top{TOP_K}"] = run(sc, os.path.join(d, "topk"))["accuracy"]
     # Teacher -> assistant -> student (Mirzadeh et al. 2020).

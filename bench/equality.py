@@ -101,7 +101,8 @@ def main() -> int:
     logits = os.path.join(args.out, "logits_top3")
     subprocess.run([sys.executable, "-m", "jaxkd.teacher_logits",
                     f"--teacher_workdir={os.path.join(chain, 'teacher')}", f"--out={logits}",
-                    "--top_k=3", "--transfer_split=unlabelled"], check=True, cwd=ROOT)
+                    "--top_k=3", "--temperature=4", "--transfer_split=unlabelled"],
+                   check=True, cwd=ROOT)
     launch(f"--config={CONFIG}:precomputed={os.path.abspath(logits)}",
            f"--workdir={os.path.join(args.out, 'precomputed')}")
     now = record(args.out)

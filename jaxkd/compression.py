@@ -44,7 +44,7 @@ import numpy as np
 from jaxkd import checkpoint, export, methods, metrics, stages, train
 from jaxkd.config import Compression, Run, parse_run
 from jaxkd.methods import StructureError
-from jaxkd.schema import parse
+from jaxkd.schema import ConfigError, parse
 
 # The config block each stage switches on.
 BLOCKS = {"prune": "pruning", "cluster": "clustering", "quantize": "quantization"}
@@ -68,6 +68,11 @@ def stage_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections
     ``0..i`` and starts from stage ``i - 1`` (``init.method='copy'``, ``'stage:NAME'``)."""
     names = stages_of(config)
     block = parse(Compression, config.compression, "config.compression")
+    if "cluster" in names and "quantize" in names and config.quantization.per_channel:
+        raise ConfigError(
+            "config.quantization.per_channel=True after a 'cluster' stage would give every "
+            "output channel its own scale, so a layer's k shared values would not stay k "
+            "integers: set config.quantization.per_channel=False")
     out: dict[str, ml_collections.ConfigDict] = {}
     for i, name in enumerate(names):
         run = ml_collections.ConfigDict(config.to_dict())

@@ -242,7 +242,17 @@ class Quantization(Block):
       calibration: 'minmax' or 'percentile': the activation ranges of post-training
         quantization and of the exported artifact's static activation scales.
       percentile: for ``calibration='percentile'``, the upper percentile of the range.
-      calibration_batches: how many training batches calibrate the activation ranges.
+      calibration_batches: how many training batches calibrate the activation ranges of
+        post-training quantization.
+      range_momentum: QAT min/max: the weight of each batch's min and max in the running
+        activation ranges (an exponential moving average; PyTorch's observers use 0.01,
+        TensorFlow's 0.001). The ranges are kept in the training state and frozen for
+        evaluation and export.
+
+    With ``unsigned_activations`` a layer whose input is non-negative on the first batch
+    (after a ReLU) gets the unsigned grid ``[0, 2^b - 1]``, others the symmetric signed
+    one; LSQ likewise (``Q_N = 0``). With ``activation_bits=0`` the artifact is
+    weight-only: integer weights, float activations, as QAT trained it.
     """
 
     enabled: bool = False
@@ -258,6 +268,8 @@ class Quantization(Block):
                                      noun="a calibration method")
     percentile: float = schema.number(99.99, lo=50.0, hi=100.0, lo_open=True)
     calibration_batches: int = schema.integer(8, minimum=1)
+    range_momentum: float = schema.number(0.01, lo=0.0, hi=1.0, lo_open=True)
+    unsigned_activations: bool = True
 
     def check(self) -> None:
         if self.method == "lsq" and not self.symmetric:
@@ -300,6 +312,8 @@ class Pruning(Block):
       keep_first_last: leave the first layer and the classifier ``head`` dense
         (:func:`jaxkd.layers.edge_layers`).
       seed: the draw of method 'random'.
+      fisher_examples: method 'fisher': the examples of each batch whose per-example
+        gradients (``jax.vmap``) estimate the empirical Fisher every step.
       from_zeros: the masks start as ``params != 0`` of the selected weights at ``init``
         (instead of all True), so the zeros of an already pruned model stay zero while it
         is fine-tuned, clustered or quantized; the schedule may then prune further.
@@ -320,6 +334,7 @@ class Pruning(Block):
     overrides: tuple = schema.items((), _OVERRIDE)
     keep_first_last: bool = True
     seed: int = schema.integer(0, minimum=0)
+    fisher_examples: int = schema.integer(16, minimum=1)
     from_zeros: bool = False
 
     def check(self) -> None:

@@ -472,12 +472,25 @@ def topk_soft_target_kl(
     teacher_topk_logits: ArrayLike,
     teacher_topk_indices: ArrayLike,
     temperature: float = 1.0,
+    teacher_residual: ArrayLike | None = None,
 ) -> Array:
-    """Soft-target KL restricted to the teacher's top-k classes (offline distillation).
+    """Soft-target KL over the teacher's top-k classes (offline distillation).
 
-    ``T^2 KL(softmax(t_k / T) || softmax(s[idx] / T))`` where ``s[idx]`` gathers the student
-    logits at the teacher's top-k indices; both distributions are renormalised over the k
-    classes (as MaxText's offline distillation). With ``k = C`` it equals
+    Without ``teacher_residual``: ``T^2 KL(softmax(t_k / T) || softmax(s[idx] / T))`` where
+    ``s[idx]`` gathers the student logits at the teacher's top-k indices; both
+    distributions are renormalised over the k classes (as MaxText's offline
+    distillation), so the student's other logits get no gradient.
+
+    With ``teacher_residual`` ``r`` (the teacher's probability mass outside its top-k at
+    temperature ``T``, ``[...]``), the KL over ``k + 1`` buckets, the top-k classes and
+    "everything else"::
+
+        T^2 [ sum_j p_t,j log(p_t,j / p_s,j) + r log(r / r_s) ]
+        p_t,j = (1 - r) softmax(t_k / T)_j,   p_s = softmax(s / T) over all C classes,
+        r_s = 1 - sum_j p_s,j
+
+    which pushes the student's mass outside the teacher's top-k down to ``r`` (the
+    residual bucket of sparse offline distillation). With ``k = C`` (``r = 0``) both equal
     :func:`soft_target_kl`.
 
     Args:
@@ -485,6 +498,7 @@ def topk_soft_target_kl(
       teacher_topk_logits: ``[..., k]``.
       teacher_topk_indices: integer ``[..., k]``, values in ``[0, C)`` (others give NaN).
       temperature: ``T > 0``.
+      teacher_residual: ``[...]`` in ``[0, 1)``, or None.
 
     Returns:
       Unreduced losses ``[...]``.
@@ -507,7 +521,20 @@ def topk_soft_target_kl(
             f"{indices.shape} differ in their leading axes."
         )
     gathered = jnp.take_along_axis(student_logits, indices, axis=-1)
-    return soft_target_kl(gathered, teacher_topk_logits, temperature)
+    if teacher_residual is None:
+        return soft_target_kl(gathered, teacher_topk_logits, temperature)
+    _check_temperature(temperature)
+    r = jnp.clip(_as_float(teacher_residual), 0.0, 1.0)
+    log_ps_all = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    log_ps = jnp.take_along_axis(log_ps_all, indices, axis=-1)
+    # log r_s = log(1 - sum_j p_s,j), from the top-k's logsumexp, without cancellation.
+    log_in = jax.nn.logsumexp(log_ps, axis=-1)
+    log_rs = jnp.log(-jnp.expm1(jnp.minimum(log_in, -1e-7)))
+    log_pt = jnp.log1p(-r)[..., None] + jax.nn.log_softmax(teacher_topk_logits / temperature,
+                                                           axis=-1)
+    top = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+    rest = jnp.where(r > 0, r * (jnp.log(jnp.maximum(r, 1e-30)) - log_rs), 0.0)
+    return temperature**2 * (top + rest)
 
 
 def hint_mse(student_features: ArrayLike, teacher_features: ArrayLike) -> Array:

@@ -23,9 +23,12 @@ i.e. ``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(labels)``.
 * ``schedule`` in {constant, linear, cosine} moves ``weight`` to ``weight_end`` and the
   temperature to ``temperature_end`` over the run.
 * Several teachers (``config.distill.teachers``) are combined either in probability space
-  (``ensemble='probabilities'``: teacher logits ``log sum_i w_i softmax(t_i)``, normalised
-  weights) or as ``sum_i w_i * loss(teacher_i)`` (``ensemble='sum_losses'``); feature terms
-  always use the weighted sum.
+  (``ensemble='probabilities'``: the mixture ``sum_i w_i softmax(t_i / T)`` at each term's
+  temperature) or as ``sum_i w_i * loss(teacher_i)`` (``ensemble='sum_losses'``), with
+  weights normalised to sum to 1 in both; feature terms always use the weighted sum.
+* ``topk_soft_target_kl`` adds the residual bucket by default (kwarg ``residual=True``):
+  the teacher's mass outside its top ``k`` (kwarg ``k``, default 8, for a teacher run in
+  the step; stored with precomputed logits) against the student's.
 * Precomputed logits (``config.distill.teacher_logits``) arrive in the batch as
   ``teacher_topk_logits``/``teacher_topk_indices``; with every class stored they stand for
   the teacher's logits in any logit term, with fewer only ``topk_soft_target_kl`` applies.
@@ -227,12 +230,16 @@ def apply_adapter(adapter: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
     return x @ adapter["kernel"] + adapter["bias"]
 
 
-def ensemble_logits(teacher_logits: Sequence[jax.Array], weights: Sequence[float]) -> jax.Array:
-    """Logits of the probability-space ensemble: ``log sum_i w_i softmax(t_i)``, sum w = 1."""
+def ensemble_logits(teacher_logits: Sequence[jax.Array], weights: Sequence[float],
+                    temperature: Any = 1.0) -> jax.Array:
+    """Logits of the probability-space ensemble at temperature ``T``:
+    ``T log sum_i w_i softmax(t_i / T)`` (weights normalised to sum 1), so that
+    ``softmax(logits / T)`` is the mixture of the teachers' softened distributions."""
     w = jnp.asarray(weights, jnp.float32)
     w = w / w.sum()
-    log_p = jnp.stack([jax.nn.log_softmax(t, -1) for t in teacher_logits])
-    return jax.nn.logsumexp(log_p + jnp.log(w)[:, None, None], axis=0)
+    log_p = jnp.stack([jax.nn.log_softmax(t / temperature, -1) for t in teacher_logits])
+    return temperature * jax.nn.logsumexp(
+        log_p + jnp.log(w).reshape(-1, *([1] * (log_p.ndim - 1))), axis=0)
 
 
 def build_objective(
@@ -248,17 +255,28 @@ def build_objective(
     if ensemble not in ENSEMBLES:
         raise ConfigError(f"config.distill.ensemble={ensemble!r} is not an ensemble mode; "
                           f"choose one of: {', '.join(ENSEMBLES)}")
+    total_weight = float(sum(teacher_weights))
+    teacher_weights = [w / total_weight for w in teacher_weights]  # both modes sum to 1
 
     def term_value(term, kwargs, adapters, student_out, teacher_out, i, batch, labelled,
                    mask):
         fn, kind = LOSSES[term.name]
         s_logits = student_out[0]
         if kind == "topk":
-            if teacher_out is None:
+            use_residual = kwargs.pop("residual", True)
+            k = kwargs.pop("k", 8)
+            if teacher_out is None:  # precomputed: the residual mass was stored with them
                 values, indices = batch["teacher_topk_logits"], batch["teacher_topk_indices"]
+                residual = batch.get("teacher_topk_residual")
             else:
-                values, indices = jax.lax.top_k(teacher_out[0], kwargs.pop("k", 8))
-            return losses.masked_mean(fn(s_logits, values, indices, **kwargs), mask)
+                values, indices = jax.lax.top_k(teacher_out[0], k)
+                temperature = kwargs.get("temperature", 1.0)
+                residual = -jnp.expm1(jax.nn.logsumexp(values / temperature, -1)
+                                      - jax.nn.logsumexp(teacher_out[0] / temperature, -1))
+            if not use_residual:
+                residual = None
+            return losses.masked_mean(fn(s_logits, values, indices, teacher_residual=residual,
+                                         **kwargs), mask)
         t_logits = teacher_out[0]
         if kind == "logits":
             return losses.masked_mean(fn(s_logits, t_logits, **kwargs), mask)
@@ -302,7 +320,8 @@ def build_objective(
                                    mask)
             elif ensemble == "probabilities" and term.kind in ("logits", "logits_labels", "topk") \
                     and len(teacher_outs) > 1:
-                mixed = (ensemble_logits([t[0] for t in teacher_outs], teacher_weights), {})
+                mixed = (ensemble_logits([t[0] for t in teacher_outs], teacher_weights,
+                                         kwargs.get("temperature", 1.0)), {})
                 value = term_value(term, kwargs, adapters, student_out, mixed, 0, batch, labelled,
                                    mask)
             else:

@@ -185,17 +185,32 @@ def lsq_range(bits: int) -> tuple[int, int]:
     return int_range(check_bits(bits), symmetric=False)
 
 
-def lsq_grad_scale(num_elements: int, bits: int) -> float:
+def lsq_activation_range(bits: int, *, unsigned: Any) -> tuple[Any, Any]:
+    """LSQ's grid of an activation: ``(0, 2^b - 1)`` for non-negative data (Q_N = 0, Q_P =
+    2^b - 1, Esser et al. 2020, Sec. 2.1), else the signed ``lsq_range``; ``unsigned`` may
+    be traced (then the bounds are arrays)."""
+    signed, top = lsq_range(bits), 2 ** check_bits(bits) - 1
+    if isinstance(unsigned, bool | np.bool_):
+        return (0, top) if unsigned else signed
+    return jnp.where(unsigned, 0, signed[0]), jnp.where(unsigned, top, signed[1])
+
+
+def lsq_grad_scale(num_elements: int, bits: int, *, unsigned: Any = False) -> Any:
     """LSQ's step-gradient scale ``g = 1 / sqrt(N * Q_P)`` (Esser et al. 2020, Sec. 2.2):
     ``N`` weights of the layer (of one channel, per channel) or features of an activation."""
-    return 1.0 / math.sqrt(num_elements * lsq_range(bits)[1])
+    q_p = lsq_activation_range(bits, unsigned=unsigned)[1]
+    if isinstance(q_p, int):
+        return 1.0 / math.sqrt(num_elements * q_p)
+    return jax.lax.rsqrt(jnp.float32(num_elements) * q_p.astype(jnp.float32))
 
 
-def lsq_init_step(x: jax.Array, *, bits: int, axis: int | None = None) -> jax.Array:
+def lsq_init_step(x: jax.Array, *, bits: int, axis: int | None = None,
+                  unsigned: bool = False) -> jax.Array:
     """LSQ's initial step ``2 mean(|x|) / sqrt(Q_P)``, per tensor or per channel ``axis``
     (shape ``()`` or ``[x.shape[axis]]``)."""
     axes = _reduce_axes(jnp.ndim(x), axis)
-    step = 2.0 * jnp.mean(jnp.abs(x), axis=axes) / math.sqrt(lsq_range(bits)[1])
+    q_p = lsq_activation_range(bits, unsigned=unsigned)[1]
+    step = 2.0 * jnp.mean(jnp.abs(x), axis=axes) / math.sqrt(q_p)
     return jnp.maximum(step, 1e-8).astype(jnp.float32)
 
 
@@ -210,8 +225,8 @@ def _round_ste(x: jax.Array) -> jax.Array:
     return x + jax.lax.stop_gradient(jnp.round(x) - x)
 
 
-def lsq_fake_quant(x: jax.Array, step: jax.Array, *, bits: int, grad_scale: float
-                   ) -> jax.Array:
+def lsq_fake_quant(x: jax.Array, step: jax.Array, *, bits: int, grad_scale: Any,
+                   unsigned: Any = False) -> jax.Array:
     """LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020), eq. (1)-(3).
 
     ``x_hat = round(clip(x / s, -Q_N, Q_P)) * s``, with gradients
@@ -222,14 +237,64 @@ def lsq_fake_quant(x: jax.Array, step: jax.Array, *, bits: int, grad_scale: floa
 
     ``step`` broadcasts against ``x`` (``()`` per tensor, ``[C]`` per last-axis channel);
     ``lsq_step(step)`` is used, so a step that an optimizer pushed negative still works.
+    ``unsigned`` uses ``(-Q_N, Q_P) = (0, 2^b - 1)`` (non-negative activations).
     """
-    q_min, q_max = lsq_range(bits)
+    q_min, q_max = lsq_activation_range(bits, unsigned=unsigned)
     step = lsq_step(step)
     scaled_step = step * grad_scale + jax.lax.stop_gradient(step - step * grad_scale)
     v = jnp.asarray(x, jnp.float32) / scaled_step
     inside = (v > q_min) & (v < q_max)
     v = jnp.where(inside, v, jax.lax.stop_gradient(jnp.clip(v, q_min, q_max)))
     return _round_ste(v) * scaled_step
+
+
+# ----------------------------------------------------------------------------- activations
+
+OBSERVERS = "quant_ranges"  # the variable collection of the activation observers
+
+
+def activation_grid(bits: int, *, unsigned: Any) -> tuple[Any, Any]:
+    """The integers an activation takes: ``[0, 2^b - 1]`` for non-negative data (e.g. after
+    a ReLU), else the symmetric ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (zero point 0 in both).
+    ``unsigned`` may be traced (an observer's flag): then the bounds are int32 arrays."""
+    bits = check_bits(bits, field="activation_bits")
+    signed = int_range(bits, symmetric=True)
+    if isinstance(unsigned, bool | np.bool_):
+        return (0, 2 ** bits - 1) if unsigned else signed
+    return (jnp.where(unsigned, 0, signed[0]), jnp.where(unsigned, 2 ** bits - 1, signed[1]))
+
+
+def activation_scale(lo: jax.Array, hi: jax.Array, *, bits: int, unsigned: Any) -> jax.Array:
+    """Scale of a range on its grid: ``hi / (2^b - 1)`` unsigned, ``max(|lo|, |hi|) /
+    (2^(b-1) - 1)`` signed; 1 for an empty range. float32 ``[]``."""
+    q_max = activation_grid(bits, unsigned=unsigned)[1]
+    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+    top = jnp.where(unsigned, jnp.maximum(hi, 0.0), jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+    return jnp.where(top > 0, top / q_max, 1.0).astype(jnp.float32)
+
+
+def fake_quant_activation(x: jax.Array, scale: jax.Array, *, bits: int, unsigned: Any
+                          ) -> jax.Array:
+    """``s * clip(round(x / s), q_min, q_max)`` on the activation grid, straight-through
+    inside the grid and zero gradient where clipped (PyTorch's ``fake_quantize``)."""
+    q_min, q_max = activation_grid(bits, unsigned=unsigned)
+    x = jnp.asarray(x, jnp.float32)
+    scale = jax.lax.stop_gradient(scale)
+    q = jnp.round(x / scale)
+    x_hat = scale * jnp.clip(q, q_min, q_max)
+    x = jnp.where((q >= q_min) & (q <= q_max), x, jax.lax.stop_gradient(x))
+    return x + jax.lax.stop_gradient(x_hat - x)
+
+
+def update_observer(observer: Mapping[str, jax.Array], x: jax.Array, momentum: float
+                    ) -> dict[str, jax.Array]:
+    """The running range after batch ``x``: ``lo <- lo + m (min x - lo)``, the same for
+    ``hi`` (an exponential moving average of each batch's min and max, as TensorFlow's and
+    PyTorch's QAT observers keep); ``unsigned`` never changes."""
+    x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+    lo, hi = observer["lo"], observer["hi"]
+    return {"lo": lo + momentum * (jnp.min(x) - lo), "hi": hi + momentum * (jnp.max(x) - hi),
+            "unsigned": observer["unsigned"]}
 
 
 # ----------------------------------------------------------------------------- layers
@@ -378,6 +443,18 @@ def dynamic_activation_scale(x: jax.Array, bits: int) -> jax.Array:
     return scale.reshape(())
 
 
+def _nested_get(tree: Mapping[str, Any] | None, path: str) -> Any:
+    for key in path.split("/"):
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    return traverse_util.unflatten_dict({tuple(p.split("/")): v for p, v in flat.items()})
+
+
 def qat_apply(model: nn.Module, **quantization: Any) -> Callable[..., Any]:
     """A drop-in ``model.apply`` that runs the model quantization-aware (QAT).
 
@@ -385,11 +462,21 @@ def qat_apply(model: nn.Module, **quantization: Any) -> Callable[..., Any]:
     has ``model.apply``'s signature and returns what it returns; pass it as
     ``train.make_train_step(..., student_apply=fn)``. Weights of the selected Dense/Conv
     layers are fake-quantized (``fake_quant_params``); with ``activation_bits > 0`` their
-    inputs are too (symmetric per tensor: dynamic ``max|x|`` for ``'minmax'``, the learned
-    ``input_step`` for ``'lsq'``), via ``flax.linen.intercept_methods``. Gradients follow the
-    straight-through estimator (LSQ's for ``'lsq'``). The layer plan is traced once per
-    input shape. ``quantization``: the fields of :class:`jaxkd.config.Quantization`; bad
-    fields raise at once, a ``layers`` regex that matches nothing at the first call.
+    inputs are too, via ``flax.linen.intercept_methods``, per tensor on the layer's grid
+    (``activation_grid``: unsigned for non-negative inputs) with a *static* scale, so that
+    an example's output never depends on the rest of its batch and the exported integer
+    model computes the same function:
+
+    - ``'minmax'``: the scale of the layer's running input range, ``variables[OBSERVERS]``
+      (``init_observers``); in training (``train=True`` with ``OBSERVERS`` in ``mutable``)
+      each batch first moves the range (``update_observer``, ``range_momentum``) and the
+      new ranges are returned with the other mutable collections; in eval it is frozen.
+    - ``'lsq'``: the learned ``input_step`` (``init_qat_params``).
+
+    Gradients follow the straight-through estimator (LSQ's for ``'lsq'``). The layer plan
+    is traced once per input shape. ``quantization``: the fields of
+    :class:`jaxkd.config.Quantization`; bad fields raise at once, a ``layers`` regex that
+    matches nothing at the first call.
     """
     s = settings(quantization)
     plans: dict[Any, dict[str, LayerPlan]] = {}
@@ -397,6 +484,7 @@ def qat_apply(model: nn.Module, **quantization: Any) -> Callable[..., Any]:
     def apply(variables: Mapping[str, Any], x: Any, *, train: bool = False,
               mutable: Any = False, rngs: Any = None, return_features: bool = False) -> Any:
         variables = dict(variables)
+        observers = variables.pop(OBSERVERS, None)
         params = variables["params"]
         stripped = strip_steps(params)
         key = (jax.tree.structure(stripped), tuple(jnp.shape(x)[1:]), jnp.result_type(x))
@@ -406,6 +494,10 @@ def qat_apply(model: nn.Module, **quantization: Any) -> Callable[..., Any]:
         layer_plan = plans[key]
         flat = traverse_util.flatten_dict(params)
         variables["params"] = fake_quant_params(params, layer_plan, s)
+        collections = [mutable] if isinstance(mutable, str) else list(mutable or [])
+        observe = train and OBSERVERS in collections
+        collections = [c for c in collections if c != OBSERVERS]
+        moved: dict[str, Any] = {}
 
         def quantize_inputs(next_fun, args, kwargs, context):
             layer = layer_of(context)
@@ -413,28 +505,73 @@ def qat_apply(model: nn.Module, **quantization: Any) -> Callable[..., Any]:
             if lp is None or not lp.activation_bits:
                 return next_fun(*args, **kwargs)
             h = jnp.asarray(args[0], jnp.float32)
+            observer = moved.get(lp.path, _nested_get(observers, lp.path))
+            if observer is None:
+                raise FieldError("activation_bits", f": layer {lp.path!r} has no activation "
+                                                    f"observer in variables[{OBSERVERS!r}]: "
+                                                    "make them with jaxkd.quant.init_observers")
+            unsigned = observer["unsigned"]  # the grid, fixed when the observers were made
+            bits = lp.activation_bits
             if s.method == "lsq":
                 step = _layer_get(flat, lp.path, INPUT_STEP)
                 if step is None:
                     raise FieldError("method", f"='lsq' with activation_bits but params have "
                                                f"no {lp.path}/{INPUT_STEP}: initialise them "
                                                "with jaxkd.quant.init_qat_params")
-                g = lsq_grad_scale(math.prod(h.shape[1:]), lp.activation_bits)
-                h = lsq_fake_quant(h, step, bits=lp.activation_bits, grad_scale=g)
+                g = lsq_grad_scale(math.prod(h.shape[1:]), bits, unsigned=unsigned)
+                h = lsq_fake_quant(h, step, bits=bits, grad_scale=g, unsigned=unsigned)
             else:
-                h = fake_quant(h, dynamic_activation_scale(h, lp.activation_bits),
-                               bits=lp.activation_bits, clip_gradient=False)
+                if observe:
+                    observer = moved[lp.path] = update_observer(observer, h, s.range_momentum)
+                scale = activation_scale(observer["lo"], observer["hi"], bits=bits,
+                                         unsigned=unsigned)
+                h = fake_quant_activation(h, scale, bits=bits, unsigned=unsigned)
             return next_fun(h, *args[1:], **kwargs)
 
-        kwargs = {"train": train, "mutable": mutable, "rngs": rngs}
+        kwargs = {"train": train, "rngs": rngs}
         if return_features:
             kwargs["return_features"] = True
-        if not any(lp.activation_bits for lp in layer_plan.values()):
-            return model.apply(variables, x, **kwargs)
         with nn.intercept_methods(quantize_inputs):
-            return model.apply(variables, x, **kwargs)
+            if collections:
+                out, updates = model.apply(variables, x, mutable=collections, **kwargs)
+            else:
+                out, updates = model.apply(variables, x, **kwargs), {}
+        if not mutable:
+            return out
+        if observe:
+            flat_obs = traverse_util.flatten_dict(dict(observers))
+            for path, observer in moved.items():
+                flat_obs.update({(*path.split("/"), k): v for k, v in observer.items()})
+            updates = {**updates, OBSERVERS: traverse_util.unflatten_dict(flat_obs)}
+        return out, updates
 
     return apply
+
+
+def observed_ranges(observers: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{layer path: {'lo', 'hi', 'unsigned'}}`` of an ``OBSERVERS`` collection (host
+    values), as :func:`jaxkd.export.export` takes activation ranges."""
+    out: dict[str, dict[str, Any]] = {}
+    for keys, value in traverse_util.flatten_dict(dict(jax.device_get(observers))).items():
+        out.setdefault("/".join(keys[:-1]), {})[keys[-1]] = value
+    return out
+
+
+def init_observers(model: nn.Module, variables: Mapping[str, Any], sample: Any,
+                   **quantization: Any) -> dict[str, Any]:
+    """``variables[OBSERVERS]`` of the layers whose inputs QAT quantizes: each layer's
+    input range on the representative batch ``sample`` (``{'lo', 'hi'}``) and whether the
+    input is non-negative there (``unsigned``, with ``unsigned_activations``: the layer's
+    grid, fixed from now on)."""
+    s = settings(quantization)
+    layer_plan = plan(model, variables, sample, s)
+    quantized = [p for p, lp in layer_plan.items() if lp.activation_bits]
+    if not quantized:
+        return {}
+    inputs = jax.jit(lambda v, x: capture_inputs(model, v, x))(dict(variables), sample)
+    return _nested({p: {"lo": jnp.min(inputs[p]), "hi": jnp.max(inputs[p]),
+                        "unsigned": (jnp.min(inputs[p]) >= 0) & s.unsigned_activations}
+                    for p in quantized})
 
 
 def capture_inputs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
@@ -479,9 +616,10 @@ def init_qat_params(model: nn.Module, variables: Mapping[str, Any], sample: jax.
         kernel = flat[(*path.split("/"), "kernel")]
         flat[(*path.split("/"), KERNEL_STEP)] = lsq_init_step(
             kernel, bits=lp.weight_bits, axis=-1 if s.per_channel else None)
-        if lp.activation_bits:
+        if lp.activation_bits:  # on the grid the observers will fix (unsigned if x >= 0)
+            unsigned = bool(jnp.min(inputs[path]) >= 0) and s.unsigned_activations
             flat[(*path.split("/"), INPUT_STEP)] = lsq_init_step(
-                inputs[path], bits=lp.activation_bits)
+                inputs[path], bits=lp.activation_bits, unsigned=unsigned)
     return traverse_util.unflatten_dict(flat)
 
 

@@ -19,10 +19,13 @@ packed little-endian struct, read with ``np.frombuffer`` (no pickle, no header):
     values       dtype[k]      the teacher's logits: all C of them (top_k = 0), else the
                                k largest, in decreasing order (ties: lower class first)
     indices      int32[k]      their classes (top-k only; full logits are classes 0..C-1)
+    residual     float32       top-k only: the teacher's probability mass outside its top
+                               k at the manifest's ``temperature``, ``1 - sum softmax(z /
+                               T)[top-k]`` (the residual bucket of ``topk_soft_target_kl``)
 
 so a record takes ``8 + k * itemsize(dtype)`` bytes for full logits (``k = C``) and
-``8 + k * (itemsize(dtype) + 4)`` for top-k; with ``C = 10`` and float16 that is 28 bytes
-full and 26 bytes for ``k = 3`` (``C = 1000``, ``k = 10``: 2008 against 68). The files
+``12 + k * (itemsize(dtype) + 4)`` for top-k; with ``C = 10`` and float16 that is 28 bytes
+full and 30 bytes for ``k = 3`` (``C = 1000``, ``k = 10``: 2008 against 72). The files
 are uncompressed array_record with groups of about :data:`GROUP_BYTES`, so a random read
 decodes one small group; every file also carries up to 128 KiB of riegeli block padding
 and index, which :func:`bytes_per_example` includes.
@@ -32,7 +35,8 @@ of the training inputs (dataset ``name``, resolved ``builder_config``, tfds ``ve
 ``train_split`` / ``transfer_split`` with their example counts, ``input_shape``,
 ``image_size``, the normalisation ``mean`` / ``std``); ``count``; ``teacher`` (workdir,
 checkpoint step, ``checkpoint_sha256`` of the checkpoint's files, model); ``top_k`` (0 =
-full), ``k``, ``dtype``, ``num_classes``; ``record`` (bytes and fields); ``chunk_size``
+full), ``k``, ``dtype``, ``temperature`` (of the residual; None for full logits),
+``num_classes``; ``record`` (bytes and fields); ``chunk_size``
 and ``chunks`` (file, first example, count, bytes, sha256); ``complete``.
 
 **Resumable**: the manifest is written first; each chunk is written to ``NAME.tmp``,
@@ -70,6 +74,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
@@ -79,7 +84,7 @@ from jaxkd import checkpoint, files, teachers
 from jaxkd.data import pipeline, sources
 from jaxkd.schema import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 CHUNK_SIZE = 65536  # examples per array_record file, the unit of resumption
 GROUP_BYTES = 4096  # records per array_record group: about this many bytes
@@ -91,7 +96,7 @@ DTYPES: dict[str, np.dtype] = {
 _READ_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # random access
 # The manifest fields a relaunch of write() must agree on (the rest is filled as it goes).
 _IDENTITY = ("format_version", "inputs", "count", "teacher.step", "teacher.checkpoint_sha256",
-             "top_k", "k", "dtype", "num_classes", "record", "chunk_size")
+             "top_k", "k", "dtype", "temperature", "num_classes", "record", "chunk_size")
 # Names of the `inputs` spec fields, in the user's vocabulary.
 _INPUT_FIELDS = {
     "name": "config.data.name",
@@ -109,10 +114,11 @@ _INPUT_FIELDS = {
 
 
 def record_dtype(k: int, dtype: str, *, with_indices: bool) -> np.dtype:
-    """The packed struct of one record: fingerprint, ``k`` values, (``k`` int32 indices)."""
+    """The packed struct of one record: fingerprint, ``k`` values, and for top-k ``k`` int32
+    indices and the float32 residual mass."""
     fields = [("fingerprint", "<u8"), ("values", DTYPES[dtype], (k,))]
     if with_indices:
-        fields.append(("indices", "<i4", (k,)))
+        fields += [("indices", "<i4", (k,)), ("residual", "<f4")]
     return np.dtype(fields)
 
 
@@ -139,7 +145,8 @@ def checkpoint_sha256(directory: str) -> str:
 
 
 def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *,
-          top_k: int = 0, dtype: str = "float16", batch_size: int = 500,
+          top_k: int = 0, dtype: str = "float16", temperature: float = 1.0,
+          batch_size: int = 500,
           chunk_size: int = CHUNK_SIZE) -> dict[str, Any]:
     """Writes (or finishes writing) the teacher's logits on ``data``'s training stream.
 
@@ -158,6 +165,8 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    if not temperature > 0:
+        raise ConfigError(f"temperature={temperature} must be > 0")
     if top_k < 0 or batch_size <= 0 or chunk_size <= 0:
         raise ValueError(f"top_k={top_k} must be >= 0, batch_size={batch_size} and "
                          f"chunk_size={chunk_size} > 0")
@@ -202,10 +211,11 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
         "top_k": top_k,
         "k": k,
         "dtype": dtype,
+        "temperature": float(temperature) if top_k else None,
         "num_classes": num_classes,
         "record": {"bytes": records.itemsize, "byte_order": "little",
                    "fields": [["fingerprint", "uint64", 1], ["values", dtype, k]]
-                   + ([["indices", "int32", k]] if top_k else []),
+                   + ([["indices", "int32", k], ["residual", "float32", 1]] if top_k else []),
                    "fingerprint": "blake2b-64 of the raw example bytes"},
         "chunk_size": chunk_size,
         "chunks": [{"file": f"logits-{c:05d}-of-{num_chunks:05d}.array_record",
@@ -215,7 +225,7 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
     }
     _start_or_resume(out_dir, manifest)
 
-    forward = jax.jit(_forward_fn(teacher.model, top_k))
+    forward = jax.jit(_forward_fn(teacher.model, top_k, temperature))
     group_size = max(1, GROUP_BYTES // records.itemsize)
     for chunk in manifest["chunks"]:
         path = os.path.join(out_dir, chunk["file"])
@@ -284,6 +294,14 @@ def check_terms(manifest: dict[str, Any], terms: Sequence[Any], *, num_classes: 
     with top-k < C only top-k terms."""
     k = int(manifest["k"]) or num_classes
     for term in terms:
+        if term.kind == "topk" and manifest["top_k"] and term.kwargs.get("residual", True):
+            temperature = float(term.kwargs.get("temperature", 1.0))
+            if temperature != manifest["temperature"] or term.temperature_end is not None:
+                raise ConfigError(
+                    f"config.distill.losses.{term.label}: the residual mass in {where} was "
+                    f"stored at temperature {manifest['temperature']}, the term distils at "
+                    f"{temperature}{' with a schedule' if term.temperature_end else ''}; write "
+                    f"the logits with --temperature={temperature} or set kwargs.residual=False")
         if term.kind in ("features", "batch"):
             raise ConfigError(f"config.distill.losses.{term.label} ({term.name}) needs teacher "
                               "features, which precomputed logits do not have")
@@ -376,25 +394,35 @@ class StoredLogits:
 
     def batch_fields(self, indices: np.ndarray, images: np.ndarray | None = None
                      ) -> dict[str, np.ndarray]:
-        """``teacher_topk_logits`` float32 and ``teacher_topk_indices`` int32 ``[n, k]``.
+        """``teacher_topk_logits`` float32 and ``teacher_topk_indices`` int32 ``[n, k]``, and
+        for top-k ``teacher_topk_residual`` float32 ``[n]`` (the mass outside the top k).
 
         ``images``: the raw examples of ``indices``, to check their fingerprints.
         """
         records = self.read(indices)
         if images is not None:
             self.verify(indices, images, records)
+        fields = {"teacher_topk_logits": records["values"].astype(np.float32)}
         if self.top_k:
-            classes = records["indices"].astype(np.int32)
+            fields["teacher_topk_indices"] = records["indices"].astype(np.int32)
+            fields["teacher_topk_residual"] = records["residual"].astype(np.float32)
         else:
-            classes = np.broadcast_to(self._classes, (len(indices), self.k)).copy()
-        return {"teacher_topk_logits": records["values"].astype(np.float32),
-                "teacher_topk_indices": classes}
+            fields["teacher_topk_indices"] = np.broadcast_to(
+                self._classes, (len(indices), self.k)).copy()
+        return fields
 
 
-def _forward_fn(model: Any, top_k: int) -> Callable[[Any, jax.Array], tuple[jax.Array, ...]]:
+def _forward_fn(model: Any, top_k: int, temperature: float
+                ) -> Callable[[Any, jax.Array], tuple[jax.Array, ...]]:
     def forward(variables, images):
         logits = model.apply(variables, images, train=False).astype(np.float32)
-        return jax.lax.top_k(logits, top_k) if top_k else (logits,)
+        if not top_k:
+            return (logits,)
+        values, indices = jax.lax.top_k(logits, top_k)
+        # The teacher's mass outside its top-k at `temperature`: 1 - sum softmax(z / T)[top].
+        residual = -jnp.expm1(jax.nn.logsumexp(values / temperature, -1)
+                              - jax.nn.logsumexp(logits / temperature, -1))
+        return values, indices, residual
 
     return forward
 
@@ -428,6 +456,7 @@ def _chunk_records(forward: Callable, variables: Any, inputs: pipeline.TrainInpu
         out["values"][rows] = result[0][:n].astype(records["values"].base)
         if len(result) > 1:
             out["indices"][rows] = result[1][:n]
+            out["residual"][rows] = result[2][:n]
     return out
 
 
@@ -530,7 +559,7 @@ def main(argv: Sequence[str]) -> int:
             if flag[field].value is not None:
                 data[field] = flag[field].value
         manifest = write(flag.teacher_workdir, data, flag.out, top_k=flag.top_k,
-                         dtype=flag.dtype, batch_size=flag.batch_size,
+                         dtype=flag.dtype, temperature=flag.temperature, batch_size=flag.batch_size,
                          chunk_size=flag.chunk_size)
     except (ValueError, FileNotFoundError, KeyError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -550,6 +579,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("teacher_workdir", None, "A finished run whose model is the teacher.")
     flags.DEFINE_string("out", None, "Output directory (resumed if it holds a partial write).")
     flags.DEFINE_integer("top_k", 0, "Keep the k largest logits; 0 keeps all of them.")
+    flags.DEFINE_float("temperature", 1.0, "The temperature of the stored residual mass "
+                                           "(top-k only): the distillation's.")
     flags.DEFINE_enum("dtype", "float16", list(DTYPES), "Type of the stored values.")
     flags.DEFINE_integer("batch_size", 500, "Examples per teacher forward pass.")
     flags.DEFINE_integer("chunk_size", CHUNK_SIZE, "Examples per array_record file.")

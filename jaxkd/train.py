@@ -76,6 +76,9 @@ class TrainState:
     step: jax.Array  # int32 scalar: number of updates applied
     params: Any  # the student's parameters
     batch_stats: Any  # BatchNorm running statistics ({} when the model has none)
+    # Other variable collections the student's forward reads, and updates in training, e.g.
+    # QAT's activation observers (jaxkd.quant.OBSERVERS); {} when none.
+    collections: Any
     adapters: Any  # trainable feature-KD adapters (FitNets regressors), not part of the model
     opt_state: optax.OptState  # over {'model': params, 'adapters': adapters}
     rng: jax.Array  # base PRNG key; step k uses fold_in(rng, k)
@@ -85,11 +88,11 @@ class TrainState:
     first_nonfinite: jax.Array  # int32 [2]: (step, metric); (-1, 0) when none
 
 
-def model_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+def model_variables(params: Any, batch_stats: Any, collections: Any = None) -> dict[str, Any]:
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
-    return variables
+    return {**variables, **(collections or {})}
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...],
@@ -103,10 +106,17 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: 
     params = variables["params"]
     adapters = init_adapters(adapters_rng) if init_adapters else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), adapters=adapters,
+                      batch_stats=variables.get("batch_stats", {}), collections={},
+                      adapters=adapters,
                       opt_state=tx.init({"model": params, "adapters": adapters}), rng=init_rng,
                       nonfinite_steps=jnp.zeros((), jnp.int32),
                       first_nonfinite=jnp.array([-1, 0], jnp.int32))
+
+
+def student_variables(state: TrainState) -> dict[str, Any]:
+    """The variables the student's forward reads (params, BatchNorm statistics, and any
+    method's collections, e.g. QAT's frozen activation ranges)."""
+    return model_variables(state.params, state.batch_stats, state.collections)
 
 
 def make_train_step(
@@ -116,6 +126,8 @@ def make_train_step(
     teacher_models: Sequence[nn.Module] = (),
     *,
     student_apply: Callable[..., Any] | None = None,
+    project: Callable[[Any, Any], Any] | None = None,
+    per_example: int = 0,
     task: tasks.Task = CLASSIFICATION,
 ) -> Callable[[TrainState, dict[str, jax.Array], Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure ``train_step(state, batch, teacher_variables) -> (state, metrics)``.
@@ -126,9 +138,29 @@ def make_train_step(
 
     ``student_apply`` replaces ``model.apply`` for the student's forward pass (same
     signature); compression methods use it to run the student on transformed weights or
-    with intercepted layers (e.g. quantization-aware training).
+    with intercepted layers (e.g. quantization-aware training). ``project(params,
+    opt_state) -> params`` runs after each update (e.g. clustering's snap to centroids).
+    ``per_example > 0`` computes the gradients of the first ``per_example`` examples one by
+    one (``jax.vmap``, the model in inference mode) and passes their mean square to
+    ``tx.update(..., per_example_grad_sq=...)`` (Fisher pruning's empirical Fisher).
     """
     apply = student_apply or model.apply
+
+    def per_example_grad_sq(state, batch, teacher_outs, trainable, m):
+        """``mean_i g_i^2`` over the batch's first ``m`` examples, shaped like ``trainable``."""
+
+        def one(trainable, example, teacher_out):
+            example, teacher_out = jax.tree.map(lambda x: x[None], (example, teacher_out))
+            out = apply(model_variables(trainable["model"], state.batch_stats,
+                                        state.collections),
+                        *task.model_inputs(example), train=False, return_features=True)
+            loss, _ = objective_fn(trainable["adapters"], out, teacher_out, example, state.step,
+                                   task.targets(example))
+            return loss
+
+        head = jax.tree.map(lambda x: x[:m], (batch, teacher_outs))
+        grads = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(trainable, *head)
+        return jax.tree.map(lambda g: jnp.mean(jnp.square(g), axis=0), grads)
 
     def train_step(state, batch, teacher_variables):
         inputs, targets = task.model_inputs(batch), task.targets(batch)
@@ -140,21 +172,30 @@ def make_train_step(
 
         def loss_fn(trainable):
             (logits, features), updates = apply(
-                model_variables(trainable["model"], state.batch_stats), *inputs, train=True,
-                return_features=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng},
+                model_variables(trainable["model"], state.batch_stats, state.collections),
+                *inputs, train=True, return_features=True,
+                mutable=["batch_stats", *state.collections], rngs={"dropout": dropout_rng},
             )
             loss, values = objective_fn(trainable["adapters"], (logits, features), teacher_outs,
                                         batch, state.step, targets)
-            return loss, (logits, updates.get("batch_stats", {}), values)
+            return loss, (logits, updates, values)
 
         trainable = {"model": state.params, "adapters": state.adapters}
-        (loss, (logits, batch_stats, values)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (logits, updated, values)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable
         )
-        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        extra = {}
+        if per_example:
+            extra["per_example_grad_sq"] = per_example_grad_sq(
+                state, batch, teacher_outs, trainable, per_example)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable, **extra)
         trainable = optax.apply_updates(trainable, updates)
-        new_state = state.replace(params=trainable["model"], adapters=trainable["adapters"],
-                                  batch_stats=batch_stats, opt_state=opt_state)
+        if project is not None:
+            trainable = {**trainable, "model": project(trainable["model"], opt_state)}
+        new_state = state.replace(
+            params=trainable["model"], adapters=trainable["adapters"],
+            batch_stats=updated.get("batch_stats", {}), opt_state=opt_state,
+            collections={k: updated.get(k, v) for k, v in state.collections.items()})
         # A step with a non-finite loss or gradient is not applied (optax.apply_if_finite);
         # the host stops the run, or skips up to config.skip_nonfinite_steps such steps.
         grad_norm = optax.tree.norm(grads)
@@ -217,6 +258,8 @@ class Setup:
     lr: optax.Schedule
     tx: optax.GradientTransformation
     student_apply: Callable[..., Any]
+    project: Callable[[Any, Any], Any] | None
+    per_example: int
     ctx: methods.Context
     num_steps: int
 
@@ -275,12 +318,18 @@ def build(run: Run) -> Setup:
     student_apply = model.apply
     for m in enabled:
         student_apply = m.apply(student_apply, ctx)
+    projections = [p for p in (m.project(ctx) for m in enabled) if p is not None]
+    project = functools.reduce(
+        lambda f, g: lambda params, opt: g(f(params, opt), opt), projections) if projections \
+        else None
     return Setup(run=run, info=info, task=task, replicated=replicated,
                  data_sharding=data_sharding, methods=enabled, model=model,
                  model_kwargs=model_kwargs, init_source=source, start_variables=start_variables,
                  teachers=loaded, precomputed=precomputed, terms=terms,
                  student_out=student_out, teacher_outs=teacher_outs, objective_fn=objective_fn,
-                 lr=lr, tx=tx, student_apply=student_apply, ctx=ctx, num_steps=num_steps)
+                 lr=lr, tx=tx, student_apply=student_apply, project=project,
+                 per_example=max([m.per_example_gradients() for m in enabled], default=0),
+                 ctx=ctx, num_steps=num_steps)
 
 
 def _first_batches(run: Run, n: int, *, one: bool = False) -> Any:
@@ -415,7 +464,8 @@ def train_loop(s: Setup, state: TrainState, start_step: int, manager: Any, workd
     run = s.run
     train_step = jax.jit(make_train_step(s.model, s.tx, s.objective_fn,
                                          [t.model for t in s.teachers],
-                                         student_apply=s.student_apply, task=s.task),
+                                         student_apply=s.student_apply, project=s.project,
+                                         per_example=s.per_example, task=s.task),
                          donate_argnums=(0,), out_shardings=(s.replicated, s.replicated))
     eval_step = jax.jit(make_eval_step(s.model, s.student_apply, task=s.task))
     teacher_variables = [t.variables for t in s.teachers]
@@ -453,8 +503,7 @@ def train_loop(s: Setup, state: TrainState, start_step: int, manager: Any, workd
                     check_finite(state, run.skip_nonfinite_steps, manager, workdir)
                 if step % run.eval_every_steps == 0 and step != s.num_steps:
                     writer.write(step, "eval", evaluate(
-                        eval_step, model_variables(state.params, state.batch_stats), run,
-                        s.data_sharding))
+                        eval_step, student_variables(state), run, s.data_sharding))
                 signum = stop.requested(sync=at_log)
                 if at_checkpoint or signum:
                     checkpoint.save(manager, step, state)
@@ -540,12 +589,10 @@ def summarise(s: Setup, state: TrainState, workdir: str, teacher_summary: dict[s
     """Final eval, ``weights.npz``, the artifact and ``summary.json``."""
     run = s.run
     eval_step = jax.jit(make_eval_step(s.model, s.student_apply, task=s.task))
-    final_eval = evaluate(eval_step, model_variables(state.params, state.batch_stats), run,
-                          s.data_sharding)
+    final_eval = evaluate(eval_step, student_variables(state), run, s.data_sharding)
     metrics.append_jsonl(workdir, {"step": s.num_steps,
                                     **{f"eval/{k}": v for k, v in final_eval.items()}})
-    weights_bytes = checkpoint.save_weights(workdir, model_variables(state.params,
-                                                                      state.batch_stats))
+    weights_bytes = checkpoint.save_weights(workdir, student_variables(state))
     summary: dict[str, Any] = dict(teacher_summary)
     summary["method"] = methods.label(s.methods, distilled=bool(s.teachers or s.precomputed))
     # The accuracy reported is that of the exported artifact, as loaded back from disk.

@@ -258,8 +258,10 @@ def test_integer_path_is_int8_and_matches_the_fake_quant_model(tmp_path, name, k
     model, variables, x = build(name, kwargs, shape)
     c = config(**fields)
     variables = {**variables, "params": quant.init_qat_params(model, variables, x, **c.kwargs())}
-    manifest = export.export(str(tmp_path / "a"), name, kwargs, 10, variables, c, None,
-                             {"accuracy": 0.5}, input_shape=shape)
+    observers = quant.init_observers(model, variables, x, **c.kwargs())
+    manifest = export.export(str(tmp_path / "a"), name, kwargs, 10, variables, c,
+                             quant.observed_ranges(observers), {"accuracy": 0.5},
+                             input_shape=shape)
     predict, loaded = export.load(str(tmp_path / "a"))
     assert loaded == json.loads((tmp_path / "a" / "manifest.json").read_text()) == manifest
 
@@ -270,9 +272,11 @@ def test_integer_path_is_int8_and_matches_the_fake_quant_model(tmp_path, name, k
     hlo = jax.jit(predict).lower(x).as_text()
     assert "xi8>" in hlo and "-> tensor<" in hlo and "xi32>" in hlo
 
-    # QAT quantizes the activations by the same rule (dynamic per tensor, or LSQ's step):
-    # the logits agree to float rounding, and differ from the float model.
-    fake = jax.jit(quant.qat_apply(model, **c.kwargs()))(variables, x)
+    # QAT's eval forward quantizes the activations the same way (the frozen observed range,
+    # or LSQ's step, on the same grid): the logits agree to float rounding, and differ
+    # from the float model.
+    fake = jax.jit(quant.qat_apply(model, **c.kwargs()))(
+        {**variables, quant.OBSERVERS: observers}, x)
     logits = predict(x)
     assert logits.shape == (x.shape[0], 10) and logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, fake, rtol=1e-4, atol=1e-5)
@@ -281,21 +285,26 @@ def test_integer_path_is_int8_and_matches_the_fake_quant_model(tmp_path, name, k
     layers = manifest["layers"]
     assert any(layer["zero_point"] is not None for layer in layers) == (not c.symmetric)
     assert {layer["activation"]["source"] for layer in layers} == (
-        {"lsq"} if c.method == "lsq" else {"dynamic"})
+        {"lsq"} if c.method == "lsq" else {"static"})
+    # The layers after a ReLU read non-negative inputs: the unsigned grid.
+    unsigned = {layer["path"]: layer["activation"]["unsigned"] for layer in layers}
+    assert not unsigned[layers[0]["path"]] and all(list(unsigned.values())[1:])
 
 
 def test_integer_path_of_a_resnet_with_batchnorm(tmp_path):
     model, variables, x = build("resnet8", {}, (8, 8, 3), batch=4)
     c = config(weight_bits=8, activation_bits=8)
-    export.export(str(tmp_path / "r"), "resnet8", {}, 10, variables, c, None, {},
-                  input_shape=(8, 8, 3))
+    observers = quant.init_observers(model, variables, x, **c.kwargs())
+    export.export(str(tmp_path / "r"), "resnet8", {}, 10, variables, c,
+                  quant.observed_ranges(observers), {}, input_shape=(8, 8, 3))
     predict, manifest = export.load(str(tmp_path / "r"))
     assert {t["collection"] for t in manifest["float_tensors"]} == {"params", "batch_stats"}
     assert len(manifest["layers"]) == 10 and len(integer_ops(predict, x)) == 10
     # Eight layers deep, a float rounding difference can move one activation across a
     # rounding boundary in one implementation and not the other: compare loosely.
     logits = np.asarray(predict(x))
-    fake = np.asarray(jax.jit(quant.qat_apply(model, **c.kwargs()))(variables, x))
+    fake = np.asarray(jax.jit(quant.qat_apply(model, **c.kwargs()))(
+        {**variables, quant.OBSERVERS: observers}, x))
     assert np.abs(logits - fake).max() < 0.02 * np.abs(fake).max()
 
 
@@ -308,20 +317,30 @@ class Convs(nn.Module):
         b = nn.Conv(4, (3,), padding="CIRCULAR", strides=2, name="circular")(x)
         c = nn.Conv(4, (2, 3), padding=((1, 0), (2, 1)), strides=(1, 2), name="conv2d")(
             x[..., None, :].repeat(3, -2))
-        d = nn.Conv(4, (3,), feature_group_count=2, use_bias=False, name="grouped")(a)
+        d = nn.Conv(4, (3,), feature_group_count=2, padding=((2, 1),), use_bias=False,
+                    name="grouped")(nn.relu(a))
         return jnp.concatenate([a.mean(1), b.mean(1), c.mean((1, 2)), d.mean(1)], -1)
 
 
-def test_integer_conv_follows_flax_conv_semantics(tmp_path, monkeypatch):
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_integer_conv_follows_flax_conv_semantics(tmp_path, monkeypatch, nonnegative):
+    """Signed inputs, and non-negative ones (the unsigned grid, int8 with zero point -128:
+    padding must stand for 0, i.e. be -128) through every padding and the grouped conv."""
     model = Convs()
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 11, 2))
+    x = jnp.abs(x) if nonnegative else x
     variables = random_variables(model, x)
     c = config(weight_bits=8, activation_bits=8, keep_first_last_8bit=False)
+    observers = quant.init_observers(model, variables, x, **c.kwargs())
     monkeypatch.setitem(models.MODELS, "convs", lambda num_classes: Convs())
-    export.export(str(tmp_path / "c"), "convs", {}, 16, variables, c, None, {},
-                  input_shape=(11, 2))
+    manifest = export.export(str(tmp_path / "c"), "convs", {}, 16, variables, c,
+                             quant.observed_ranges(observers), {}, input_shape=(11, 2))
+    zero_points = {e["path"]: e["activation"]["zero_point"] for e in manifest["layers"]}
+    assert zero_points["grouped"] == -128 and zero_points["causal"] == (-128 if nonnegative
+                                                                       else 0)
     predict, _ = export.load(str(tmp_path / "c"))
-    fake = jax.jit(quant.qat_apply(model, **c.kwargs()))(variables, x)
+    fake = jax.jit(quant.qat_apply(model, **c.kwargs()))(
+        {**variables, quant.OBSERVERS: observers}, x)
     np.testing.assert_allclose(predict(x), fake, rtol=1e-4, atol=1e-5)
     ops = integer_ops(predict, x)
     assert ("conv_general_dilated", ("int8", "int8"), "int32") in ops  # the grouped conv
@@ -331,13 +350,17 @@ def test_integer_conv_follows_flax_conv_semantics(tmp_path, monkeypatch):
 def test_static_calibrated_activation_scales(tmp_path):
     model, variables, x = build("mlp", {"widths": (32,)}, (40,), batch=64)
     ranges = quant.calibrate(model, variables, [x[:32], x[32:]])
-    c = config(weight_bits=8)
+    c = config(weight_bits=8, activation_bits=8)
     manifest = export.export(str(tmp_path / "s"), "mlp", {"widths": (32,)}, 10, variables, c,
                              ranges, {}, input_shape=(40,))
     for layer in manifest["layers"]:
         lo, hi = ranges[layer["path"]]
-        assert layer["activation"]["source"] == "calibrated"
-        assert layer["activation"]["scale"] == pytest.approx(max(-lo, hi) / 127, rel=1e-6)
+        act = layer["activation"]
+        assert act["source"] == "static" and act["unsigned"] == (lo >= 0)
+        expected = hi / 255 if lo >= 0 else max(-lo, hi) / 127  # the head reads ReLUs
+        assert act["scale"] == pytest.approx(expected, rel=1e-6)
+        assert (act["q_min"], act["q_max"], act["zero_point"]) == (
+            (-128, 127, -128) if lo >= 0 else (-127, 127, 0))
     predict, _ = export.load(str(tmp_path / "s"))
     ref = np.asarray(model.apply(variables, x))
     out = np.asarray(predict(x))
@@ -349,6 +372,20 @@ def test_static_calibrated_activation_scales(tmp_path):
         export.export(str(tmp_path / "t"), "mlp", {"widths": (32,)}, 10, variables, c,
                       {"hidden1": ranges["hidden1"]}, {}, input_shape=(40,))
     assert not (tmp_path / "t").exists()
+
+
+def test_weight_only_quantization_keeps_float_activations(tmp_path):
+    """activation_bits=0: integer weights, float activations, what weight-only QAT trains."""
+    model, variables, x = build("mlp", {"widths": (32, 32)}, (40,), batch=16)
+    c = config(weight_bits=4)
+    manifest = export.export(str(tmp_path / "w"), "mlp", {"widths": (32, 32)}, 10, variables,
+                             c, {}, {}, input_shape=(40,))
+    assert {layer["activation"]["bits"] for layer in manifest["layers"]} == {0}
+    assert manifest["quantization"]["activation_bits"] == 0
+    predict, _ = export.load(str(tmp_path / "w"))
+    fake = jax.jit(quant.qat_apply(model, **c.kwargs()))(variables, x)
+    np.testing.assert_allclose(predict(x), fake, rtol=1e-5, atol=1e-6)
+    assert all(dtypes == ("float32", "float32") for _, dtypes, _ in integer_ops(predict, x))
 
 
 # ----------------------------------------------------------------------------- files

@@ -492,7 +492,8 @@ def test_public_api_signatures():
             "student_logits, teacher_logits, labels, alpha=1.0, beta=8.0, temperature=4.0"
         ),
         "topk_soft_target_kl": (
-            "student_logits, teacher_topk_logits, teacher_topk_indices, temperature=1.0"
+            "student_logits, teacher_topk_logits, teacher_topk_indices, temperature=1.0, "
+            "teacher_residual=None"
         ),
         "hint_mse": "student_features, teacher_features",
         "attention_transfer": "student_features, teacher_features, p=2",
@@ -674,6 +675,35 @@ def test_topk_with_all_classes_equals_soft_target_kl():
     )
     np.testing.assert_allclose(topk, full, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(g_topk, g_full, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_residual_bucket_matches_numpy_and_reaches_every_class():
+    """k + 1 buckets: the teacher's top-k and its remaining mass r against the student's."""
+    rng = np.random.default_rng(5)
+    s = rng.normal(size=(4, 9)).astype(np.float32)
+    t = 2.0 * rng.normal(size=(4, 9)).astype(np.float32)
+    T = 1.5
+    idx = np.argsort(-t, 1)[:, :3]
+    pt = np.exp(t / T - np.log(np.exp(t / T).sum(1, keepdims=True)))
+    ps = np.exp(s / T - np.log(np.exp(s / T).sum(1, keepdims=True)))
+    r = 1 - np.take_along_axis(pt, idx, 1).sum(1)
+    bt = np.concatenate([np.take_along_axis(pt, idx, 1), r[:, None]], 1)
+    bs = np.concatenate([np.take_along_axis(ps, idx, 1),
+                         1 - np.take_along_axis(ps, idx, 1).sum(1, keepdims=True)], 1)
+    want = T**2 * (bt * np.log(bt / bs)).sum(1)
+    tk = np.take_along_axis(t, idx, 1)
+    got = losses.topk_soft_target_kl(s, tk, idx.astype(np.int32), T, teacher_residual=r)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    grad = jax.grad(lambda z: losses.topk_soft_target_kl(
+        z, tk, idx.astype(np.int32), T, teacher_residual=r).sum())(jnp.asarray(s))
+    outside = np.ones_like(s, bool)
+    np.put_along_axis(outside, idx, False, 1)
+    assert (np.abs(np.asarray(grad))[outside] > 0).all()  # every class is pushed
+    full = np.argsort(-t, 1).astype(np.int32)  # k = C: r = 0 and it is soft_target_kl
+    np.testing.assert_allclose(
+        losses.topk_soft_target_kl(s, np.take_along_axis(t, full, 1), full, T,
+                                   teacher_residual=np.zeros(4)),
+        losses.soft_target_kl(s, t, T), rtol=1e-5, atol=1e-6)
 
 
 def test_topk_student_gradient_only_on_teacher_support():

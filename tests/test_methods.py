@@ -66,8 +66,9 @@ def test_a_method_defined_outside_jaxkd_plugs_into_the_trainer(data_dir, tmp_pat
 def test_labels_follow_the_registry_order():
     c = run_config("mnist1d", "mlp", widths=(8, 8), tie_hidden=True)
     c.quantization.update(enabled=True, weight_bits=4, activation_bits=8)
+    c.init.method = "copy"  # clustering starts from trained weights
     c.clustering.update(enabled=True, num_clusters=8)
-    c.pruning.update(enabled=True, pattern="n:m", schedule="one_shot")
+    c.pruning.update(enabled=True, pattern="n:m", schedule="one_shot", from_zeros=True)
     label = methods.label(methods.enabled(parse_run(c)), distilled=True)
     assert label == "magnitude-2:4>cluster8>tied>qat-w4a8+kd"
     assert methods.label([], distilled=False) == "fp32"

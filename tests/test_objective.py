@@ -58,26 +58,30 @@ def test_weight_and_temperature_schedules():
     np.testing.assert_allclose(cosine, 2.0 - 2.0 * 0.5 * (1 - np.cos(np.pi / 4)), rtol=1e-6)
 
 
-def test_probability_ensemble_and_sum_of_losses():
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_probability_ensemble_and_sum_of_losses(temperature):
+    """Both modes normalise the teacher weights; the ensemble mixes the teachers'
+    distributions at the term's temperature: sum_i w_i softmax(t_i / T)."""
     rng = np.random.default_rng(2)
     s, t1, t2 = outputs(rng), outputs(rng), outputs(rng)
     batch = {"label": jnp.zeros(6, jnp.int32)}
-    spec = {"kd": {"name": "soft_target_kl", "kwargs": {"temperature": 1.0}}}
+    spec = {"kd": {"name": "soft_target_kl", "kwargs": {"temperature": temperature}}}
     _, mixed = build(spec, teacher_weights=(3.0, 1.0), ensemble="probabilities")
     _, summed = build(spec, teacher_weights=(3.0, 1.0), ensemble="sum_losses")
-    p_ens = 0.75 * np.exp(log_softmax(np.asarray(t1[0]))) + 0.25 * np.exp(
-        log_softmax(np.asarray(t2[0])))
-    ls = log_softmax(np.asarray(s[0]))
-    expected = (p_ens * (np.log(p_ens) - ls)).sum(-1).mean()
+    T = temperature
+    p_ens = 0.75 * np.exp(log_softmax(np.asarray(t1[0]) / T)) + 0.25 * np.exp(
+        log_softmax(np.asarray(t2[0]) / T))
+    ls = log_softmax(np.asarray(s[0]) / T)
+    expected = T**2 * (p_ens * (np.log(p_ens) - ls)).sum(-1).mean()
     np.testing.assert_allclose(mixed({}, s, [t1, t2], batch, jnp.int32(0))[0], expected,
                                rtol=1e-5)
 
     def kl(t):
-        lt = log_softmax(np.asarray(t[0]))
-        return (np.exp(lt) * (lt - ls)).sum(-1).mean()
+        lt = log_softmax(np.asarray(t[0]) / T)
+        return T**2 * (np.exp(lt) * (lt - ls)).sum(-1).mean()
 
     np.testing.assert_allclose(summed({}, s, [t1, t2], batch, jnp.int32(0))[0],
-                               3 * kl(t1) + kl(t2), rtol=1e-5)
+                               0.75 * kl(t1) + 0.25 * kl(t2), rtol=1e-5)
 
 
 def test_hint_adapter_and_relational_terms():

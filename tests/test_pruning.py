@@ -185,14 +185,25 @@ def test_gradient_scores_use_the_mean_of_the_accumulated_gradients(method):
     rng = np.random.default_rng(5)
     grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
              for _ in range(4)]
+    # Per-example gradients of 5 examples per step: the Fisher is the mean of their squares.
+    examples = [jax.tree.map(lambda p: rng.normal(size=(5, *p.shape)), params) for _ in range(4)]
+    per_example_sq = [jax.tree.map(lambda e: jnp.asarray(np.mean(e**2, 0), jnp.float32), e)
+                      for e in examples]
+    if method == "fisher":
+        with pytest.raises(ValueError, match="needs the per-example squared gradients"):
+            tx.update(grads[0], state, params)
     for t, g in enumerate(grads):
-        updates, state = update(g, state, params)
+        extra = {"per_example_grad_sq": per_example_sq[t]} if method == "fisher" else {}
+        updates, state = update(g, state, params, **extra)
         if t < 3:
             assert all(np.asarray(m).all() for m in jax.tree.leaves(state.masks))
     layers = ["head", "hidden1", "hidden2"]
     w = {k: np.asarray(params[k]["kernel"]) for k in layers}
     g_mean = {k: np.mean([np.asarray(g[k]["kernel"]) for g in grads], 0) for k in layers}
-    g_sq = {k: np.mean([np.asarray(g[k]["kernel"]) ** 2 for g in grads], 0) for k in layers}
+    abs_gw = {k: np.mean([np.abs(np.asarray(g[k]["kernel"]) * w[k]) for g in grads], 0)
+              for k in layers}
+    fisher = {k: np.mean([np.mean(e[k]["kernel"] ** 2, 0) for e in examples], 0)
+              for k in layers}
     if method == "snip":  # one global ranking of |w g| / sum |w g|
         raw = {k: np.abs(w[k] * g_mean[k]) for k in layers}
         total = sum(v.sum() for v in raw.values())
@@ -202,8 +213,8 @@ def test_gradient_scores_use_the_mean_of_the_accumulated_gradients(method):
             want[k] = keep[start:start + w[k].size].reshape(w[k].shape)
             start += w[k].size
     else:
-        score = {k: np.abs(w[k] * g_mean[k]) if method == "taylor" else g_sq[k] * w[k] ** 2
-                 for k in layers}
+        # Taylor: |g w| averaged over steps (no cancellation); Fisher: mean_i g_i^2 times w^2.
+        score = {k: abs_gw[k] if method == "taylor" else fisher[k] * w[k] ** 2 for k in layers}
         want = {k: np_keep(score[k], 0.6) for k in layers}
     new_params = optax.apply_updates(params, updates)
     for k in layers:

@@ -198,33 +198,69 @@ def np_fq_channel(w, bits):
     return np.clip(np.round(w / s), -q_max, q_max) * s
 
 
-def np_fq_tensor(x, bits):
+def np_fq_static(x, lo, hi, bits):
+    """Fake-quant on the activation grid of the range [lo, hi]: unsigned [0, 2^b - 1] when
+    lo >= 0, else symmetric."""
+    if lo >= 0:
+        q_max = 2**bits - 1
+        s = hi / q_max
+        return np.clip(np.round(x / s), 0, q_max) * s
     q_max = 2 ** (bits - 1) - 1
-    s = np.abs(x).max() / q_max
+    s = max(abs(lo), abs(hi)) / q_max
     return np.clip(np.round(x / s), -q_max, q_max) * s
 
 
-def test_qat_forward_matches_a_numpy_fake_quant_mlp():
+def test_qat_forward_uses_static_ranges_on_unsigned_and_signed_grids():
     model, variables, x = mlp_and_vars()
     p = jax.tree.map(np.asarray, variables["params"])
     xn = np.asarray(x)
     bits = {"hidden1": 8, "hidden2": 4, "head": 8}
+    inputs, h = {}, xn  # the float model's layer inputs: the observers' initial ranges
+    for name in ("hidden1", "hidden2", "head"):
+        inputs[name] = h
+        h = np.maximum(h @ p[name]["kernel"] + p[name]["bias"], 0) if name != "head" else h
 
-    def np_forward(act_bits):
-        h = xn
+    def np_forward(z, act_bits):
+        h = z
         for name in ("hidden1", "hidden2", "head"):
             if act_bits:
-                h = np_fq_tensor(h, act_bits if name == "hidden2" else 8)
+                lo, hi = inputs[name].min(), inputs[name].max()
+                h = np_fq_static(h, lo, hi, act_bits if name == "hidden2" else 8)
             h = h @ np_fq_channel(p[name]["kernel"], bits[name]) + p[name]["bias"]
             if name != "head":
                 h = np.maximum(h, 0)
         return h
 
     for act_bits in (0, 4):
-        out = jax.jit(quant.qat_apply(model, weight_bits=4, activation_bits=act_bits))(
-            variables, x)
-        np.testing.assert_allclose(out, np_forward(act_bits), rtol=1e-4, atol=1e-5)
+        fields = {"weight_bits": 4, "activation_bits": act_bits}
+        observers = quant.init_observers(model, variables, x, **fields)
+        assert bool(observers["hidden2"]["unsigned"]) if act_bits else observers == {}
+        assert not bool(observers["hidden1"]["unsigned"]) if act_bits else True
+        apply = jax.jit(quant.qat_apply(model, **fields))
+        v = {**variables, quant.OBSERVERS: observers}
+        out = apply(v, x)
+        np.testing.assert_allclose(out, np_forward(xn, act_bits), rtol=1e-4, atol=1e-5)
         assert np.abs(np.asarray(out) - np.asarray(model.apply(variables, x))).max() > 1e-3
+        # Static ranges: an example's output does not depend on the rest of its batch.
+        alone = np.concatenate([np.asarray(apply(v, x[i:i + 1])) for i in range(4)])
+        np.testing.assert_allclose(alone, np.asarray(out)[:4], rtol=1e-5, atol=1e-6)
+
+
+def test_training_moves_the_observed_ranges_by_their_momentum():
+    model, variables, x = mlp_and_vars()
+    fields = {"weight_bits": 8, "activation_bits": 8, "range_momentum": 0.25}
+    observers = quant.init_observers(model, variables, x, **fields)
+    x2 = 3.0 * x[::-1]
+    out, updates = jax.jit(lambda v, z: quant.qat_apply(model, **fields)(
+        v, z, train=True, mutable=[quant.OBSERVERS]))({**variables, quant.OBSERVERS: observers},
+                                                      x2)
+    new = updates[quant.OBSERVERS]["hidden1"]  # its input is x2 itself
+    lo, hi = float(observers["hidden1"]["lo"]), float(observers["hidden1"]["hi"])
+    np.testing.assert_allclose(new["lo"], lo + 0.25 * (float(x2.min()) - lo), rtol=1e-6)
+    np.testing.assert_allclose(new["hi"], hi + 0.25 * (float(x2.max()) - hi), rtol=1e-6)
+    assert bool(new["unsigned"]) == bool(observers["hidden1"]["unsigned"])
+    frozen = quant.qat_apply(model, **fields)({**variables, quant.OBSERVERS: observers}, x2)
+    assert np.abs(np.asarray(frozen) - np.asarray(out)).max() > 0  # eval uses the old range
 
 
 def test_qat_gradient_is_the_float_gradient_at_the_quantized_weights():
@@ -266,6 +302,8 @@ def test_qat_train_step_learns_and_trains_lsq_steps(name, kwargs, shape, method)
     tx = optax.adam(1e-2)  # Adam moves LSQ's small steps through zero: lsq_step keeps them alive
     state = train.init_state(WithQATParams(model, c, batch["image"]), tx, shape, 0)
     params = state.params
+    observers = quant.init_observers(model, {"params": params}, batch["image"], **c.kwargs())
+    state = state.replace(collections={quant.OBSERVERS: observers})
     terms = objective.parse_terms(supervised_losses(), has_teacher=False)
     step = jax.jit(train.make_train_step(
         model, tx, objective.build_objective(terms, num_steps=40),
@@ -282,6 +320,10 @@ def test_qat_train_step_learns_and_trains_lsq_steps(name, kwargs, shape, method)
             assert not np.allclose(state.params["conv2"][leaf], params["conv2"][leaf])
     else:
         assert jax.tree.structure(params) == jax.tree.structure(state.params)
+    moved = state.collections[quant.OBSERVERS]  # min/max: the running ranges moved
+    changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(moved),
+                                                     jax.tree.leaves(observers), strict=True)]
+    assert any(changed) == (method == "minmax")
 
 
 # ----------------------------------------------------------------------------- PTQ

@@ -143,10 +143,17 @@ def test_full_logits_are_the_teachers_in_float16(written, numpy_teacher, stream_
 
 
 def test_top_k_are_the_largest_logits_in_order(written, numpy_teacher, stream_inputs):
-    struct = np.dtype([("fingerprint", "<u8"), ("values", "<f2", (3,)), ("indices", "<i4", (3,))])
+    struct = np.dtype([("fingerprint", "<u8"), ("values", "<f2", (3,)), ("indices", "<i4", (3,)),
+                       ("residual", "<f4")])
     records = stored_records(written["top3"], struct)
-    assert_true_top_k(records["indices"], records["values"].astype(np.float64),
-                      numpy_teacher(stream_inputs), rtol=2 ** -10)
+    logits = numpy_teacher(stream_inputs)
+    assert_true_top_k(records["indices"], records["values"].astype(np.float64), logits,
+                      rtol=2 ** -10)
+    # The residual is the softmax mass (T = 1) outside the three largest logits.
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(records["residual"], 1 - np.sort(p, 1)[:, -3:].sum(1),
+                               rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("bfloat16", 2 ** -7)])
@@ -154,8 +161,8 @@ def test_other_value_types(teacher, data_dir, tmp_path, numpy_teacher, stream_in
                            dtype, rtol):
     data = data_config(data_dir, transfer_split="")
     manifest = teacher_logits.write(teacher, data, str(tmp_path), top_k=5, dtype=dtype)
-    assert manifest["record"]["bytes"] == 8 + 5 * (np.dtype(teacher_logits.DTYPES[dtype])
-                                                   .itemsize + 4)
+    assert manifest["record"]["bytes"] == 12 + 5 * (np.dtype(teacher_logits.DTYPES[dtype])
+                                                    .itemsize + 4)
     stored = teacher_logits.StoredLogits.open(str(tmp_path), data, in_memory=False)
     fields = stored.batch_fields(np.arange(NUM_TRAIN))
     assert_true_top_k(fields["teacher_topk_indices"], fields["teacher_topk_logits"],
@@ -187,7 +194,8 @@ def test_bad_options_are_one_line_errors(teacher, data_dir, tmp_path):
 
 
 def test_bytes_per_example_is_what_the_format_implies(written, data_dir):
-    record_bytes = {"full": 8 + 10 * 2, "top3": 8 + 3 * (2 + 4)}  # float16 values, int32 indices
+    # float16 values; top-k adds int32 indices and the float32 residual mass
+    record_bytes = {"full": 8 + 10 * 2, "top3": 8 + 3 * (2 + 4) + 4}
     for kind, out_dir in written.items():
         manifest = teacher_logits.check(out_dir, data_config(data_dir))
         assert manifest["record"]["bytes"] == record_bytes[kind]
@@ -436,7 +444,7 @@ def test_command_line_takes_the_teachers_data_and_a_transfer_split(teacher, writ
     assert result.returncode == 0, result.stderr[-2000:]
     last = result.stdout.strip().splitlines()[-1]
     assert f"{teacher_logits.bytes_per_example(out):.2f} bytes per example" in last
-    assert "26 bytes per record" in last
+    assert "30 bytes per record" in last
     for name in os.listdir(written["top3"]):  # the same bytes as written in this process
         with open(os.path.join(out, name), "rb") as a, \
                 open(os.path.join(written["top3"], name), "rb") as b:

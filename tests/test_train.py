@@ -148,11 +148,15 @@ def test_student_streams_precomputed_topk_logits(data_dir, teacher_dir, tmp_path
     c = small_run(data_dir, widths=(32,), steps=20)
     c.data.transfer_split = "unlabelled"
     logits_dir = str(tmp_path / "logits")
-    teacher_logits.write(teacher_dir, c.data, logits_dir, top_k=3)
+    teacher_logits.write(teacher_dir, c.data, logits_dir, top_k=3, temperature=2.0)
     c.distill.teacher_logits = logits_dir
     c.distill.losses = {
-        "kd": {"name": "topk_soft_target_kl", "weight": 0.9, "kwargs": {"temperature": 2.0}},
+        "kd": {"name": "topk_soft_target_kl", "weight": 0.9, "kwargs": {"temperature": 3.0}},
         "ce": {"name": "cross_entropy", "weight": 0.1}}
+    # The residual mass was stored at T = 2: another temperature is refused.
+    with pytest.raises(ValueError, match="stored at temperature 2.0, the term distils at 3.0"):
+        train.train_and_evaluate(c, str(tmp_path / "other_t"))
+    c.distill.losses.kd.kwargs.temperature = 2.0
     summary = train.train_and_evaluate(c, str(tmp_path / "student"))
     assert summary["num_steps"] == 20 and "teacher" not in summary
     lines = [json.loads(x) for x in open(tmp_path / "student" / "metrics.jsonl")]
@@ -162,7 +166,7 @@ def test_student_streams_precomputed_topk_logits(data_dir, teacher_dir, tmp_path
     c.distill.losses = hinton_losses(alpha=0.9, temperature=2.0)
     with pytest.raises(ValueError, match="needs all 10 teacher logits but .* stores the top 3"):
         train.train_and_evaluate(c, str(tmp_path / "full"))
-    c.distill.losses = {"kd": {"name": "topk_soft_target_kl"}}
+    c.distill.losses = {"kd": {"name": "topk_soft_target_kl", "kwargs": {"temperature": 2.0}}}
     c.data.augment = "jitter"
     with pytest.raises(ValueError, match="allow_augment_with_precomputed"):
         train.train_and_evaluate(c, str(tmp_path / "augmented"))
@@ -178,15 +182,16 @@ def test_qat_with_distillation_exports_an_integer_artifact(data_dir, teacher_dir
     c.distill.teacher.workdir = teacher_dir
     c.distill.losses = hinton_losses(alpha=0.5, temperature=2.0)
     summary = train.train_and_evaluate(c, str(tmp_path))
-    assert summary["method"] == "qat-w4a8+kd"
+    assert summary["method"] == "qat-w4/8a8+kd"  # the first and last layers keep 8 bits
     artifact = os.path.join(tmp_path, "artifact")
     export.verify(artifact)
     assert summary["accuracy"] == summary["artifact_eval"]["accuracy"]
     assert summary["artifact_bytes"] == export.artifact_bytes(artifact)
     # 4-bit hidden layer, 8-bit first and last layers: far smaller than the float weights.
     assert summary["artifact_bytes"] < 0.5 * summary["params_bytes"]
-    # The fake-quant model seen in training and the loaded integer artifact agree.
-    assert abs(summary["accuracy"] - summary["eval"]["accuracy"]) < 0.03
+    # The QAT eval forward (frozen ranges) and the loaded integer artifact are one model:
+    # they may differ only where float rounding tips an argmax (at most 2 of 1000 here).
+    assert abs(summary["accuracy"] - summary["eval"]["accuracy"]) <= 0.002
     with pytest.raises(ValueError, match="config.quantization.weight_bits"):
         c.quantization.weight_bits = 3
         train.train_and_evaluate(c, str(tmp_path / "bad"))
@@ -215,25 +220,27 @@ def test_gradual_pruning_with_distillation_keeps_pruned_weights_at_zero(data_dir
         train.train_and_evaluate(c, str(tmp_path / "bad"))
 
 
-def test_pruned_then_clustered_training_keeps_zeros_and_clusters(data_dir, tmp_path):
+def test_clustering_needs_trained_weights_and_keeps_k_values_with_reassignment(
+        data_dir, teacher_dir, tmp_path):
     c = small_run(data_dir, widths=(32, 32), steps=100)
-    c.optimizer.learning_rate = 1e-2
-    c.pruning.enabled = True
-    c.pruning.schedule = "one_shot"
-    c.pruning.sparsity = 0.5
-    c.clustering.enabled = True
-    c.clustering.num_clusters = 8
-    summary = train.train_and_evaluate(c, str(tmp_path))
-    w = load_weights(str(tmp_path))
-    for layer in ("hidden1", "hidden2", "head"):
-        values = np.unique(w[f"params/{layer}/kernel"])
-        assert len(values) <= 8 + 1, (layer, len(values))  # k centroids (+ the zero one)
-    hidden2 = w["params/hidden2/kernel"]
-    assert (hidden2 == 0).sum() >= round(0.5 * hidden2.size)  # pruned zeros stayed zero
-    assert summary["unique_values"]["hidden2"] <= 9
-    losses = [json.loads(x)["train/loss"] for x in open(tmp_path / "metrics.jsonl")
-              if "train/loss" in x]
-    assert losses[-1] < 0.9 * losses[0]  # the centroids learn
+    c.clustering.update(enabled=True, num_clusters=8, reassign_every=10)
+    with pytest.raises(ValueError, match="on a random initialisation would train only 8 values"):
+        train.train_and_evaluate(c, str(tmp_path / "random"))
+    dense = small_run(data_dir, widths=(32, 32), steps=200)
+    dense.optimizer.learning_rate = 1e-2
+    dense_summary = train.train_and_evaluate(dense, str(tmp_path / "dense"))
+    c.init.method, c.init.teacher_workdir = "copy", str(tmp_path / "dense")
+    c.pruning.update(enabled=True, schedule="one_shot", sparsity=0.5)
+    with pytest.raises(ValueError, match="prune first, then cluster the pruned model"):
+        train.train_and_evaluate(c, str(tmp_path / "both"))
+    c.pruning.enabled = False
+    summary = train.train_and_evaluate(c, str(tmp_path / "clustered"))
+    w = load_weights(str(tmp_path / "clustered"))
+    for layer in ("hidden1", "hidden2", "head"):  # re-assignment every 10 steps kept them
+        assert len(np.unique(w[f"params/{layer}/kernel"])) <= 8, layer
+    assert summary["unique_values"]["hidden2"] <= 8
+    # From trained weights 8 shared values per layer lose little (chance is 10 %).
+    assert summary["accuracy"] > dense_summary["accuracy"] - 0.1
 
 
 class TinyNet(nn.Module):

@@ -144,23 +144,37 @@ def _flat_variables(variables: Mapping[str, Any]) -> dict[tuple[str, ...], np.nd
 def _activation_entry(path: str, lp: quant.LayerPlan, settings: Quantization,
                       flat: Mapping[tuple[str, ...], np.ndarray],
                       activation_ranges: Mapping[str, Any] | None) -> dict[str, Any]:
-    bits = lp.activation_bits or 8
+    """How the integer runtime quantizes a layer's input: ``bits`` (0: the input stays
+    float, weight-only), the int8 ``q_min``/``q_max``/``zero_point`` of its grid and the
+    static ``scale`` (None: per batch, when no range was given)."""
+    bits = lp.activation_bits
+    if not bits:
+        return {"bits": 0, "source": "float"}
+    if activation_ranges is not None and path not in activation_ranges:
+        raise ValueError(f"activation_ranges has no range for layer {path!r}; "
+                         f"it has: {', '.join(sorted(activation_ranges))}")
+    observed = None if activation_ranges is None else activation_ranges[path]
+    if isinstance(observed, Mapping):
+        lo, hi, unsigned = (float(observed["lo"]), float(observed["hi"]),
+                            bool(observed["unsigned"]))
+    elif observed is not None:  # (lo, hi) of quant.calibrate
+        lo, hi = (float(v) for v in observed)
+        unsigned = lo >= 0
     step = flat.get(("params", *path.split("/"), quant.INPUT_STEP))
     if settings.method == "lsq" and step is not None:
-        q_min, q_max = quant.lsq_range(bits)
+        unsigned = observed is not None and unsigned
+        q_min, q_max = quant.lsq_activation_range(bits, unsigned=unsigned)
         scale, source = float(quant.lsq_step(step)), "lsq"
-    else:
+    elif observed is None:
         q_min, q_max = quant.int_range(bits, symmetric=True)
-        scale, source = None, "dynamic"
-        if activation_ranges is not None:
-            if path not in activation_ranges:
-                raise ValueError(f"activation_ranges has no range for layer {path!r}; "
-                                 f"it has: {', '.join(sorted(activation_ranges))}")
-            lo, hi = (float(v) for v in activation_ranges[path])
-            absmax = max(abs(lo), abs(hi))
-            scale = float(np.float32(absmax / q_max)) if absmax > 0 else 1.0
-            source = "calibrated"
-    return {"bits": bits, "q_min": q_min, "q_max": q_max, "scale": scale, "source": source}
+        scale, source, unsigned = None, "dynamic", False
+    else:
+        q_min, q_max = quant.activation_grid(bits, unsigned=unsigned)
+        scale = float(quant.activation_scale(lo, hi, bits=bits, unsigned=unsigned))
+        source = "static"
+    shift = max(q_max - 127, 0)  # an unsigned 8-bit grid [0, 255] is stored as int8
+    return {"bits": bits, "q_min": q_min - shift, "q_max": q_max - shift, "zero_point": -shift,
+            "scale": scale, "unsigned": unsigned, "source": source}
 
 
 def _prepare_directory(directory: epath.Path, overwrite: bool) -> None:
@@ -197,8 +211,10 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
       variables: ``{'params': ..., ['batch_stats': ...]}`` (LSQ steps, if any, are used).
       quantization: a :class:`jaxkd.config.Quantization` (or its fields), or None for a
         float32 artifact.
-      activation_ranges: ``quant.calibrate`` output, for static activation scales; None
-        quantizes activations dynamically (per batch) unless LSQ learned their step.
+      activation_ranges: per layer, ``(lo, hi)`` (``quant.calibrate``; a non-negative
+        range gets the unsigned grid) or QAT's observers ``{'lo', 'hi', 'unsigned'}``, for
+        static activation scales; None quantizes activations per batch unless LSQ learned
+        their step.
       metrics: JSON-serialisable numbers to record (e.g. the eval accuracy).
       input_shape: one example's shape, e.g. ``(40,)``: traces the model's layer order.
       encodings: the tensor encodings to choose from (``ENCODINGS``, the default: all);

@@ -1,13 +1,17 @@
 """The integer runtime: quantized Dense and Conv layers as int8 x int8 -> int32 matmuls.
 
 Each quantized ``Dense``/``Conv`` of a model (intercepted with
-``flax.linen.intercept_methods``) quantizes its input to int8 (a static scale from
-calibration or LSQ, else ``max|x| / q_max`` of the batch), computes ``int8 x int8 ->
-int32`` with ``lax.dot_general`` (convolutions as im2col plus one int8 GEMM), then
-rescales by ``s_x * s_w`` and adds the float bias (Jacob et al. 2018, "Quantization and
-Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference")::
+``flax.linen.intercept_methods``) quantizes its input to int8 on its grid (a static scale
+and zero point: QAT's frozen observers, LSQ's learned step or PTQ calibration), computes
+``int8 x int8 -> int32`` with ``lax.dot_general`` (convolutions as im2col plus one int8
+GEMM), then rescales by ``s_x * s_w`` and adds the float bias (Jacob et al. 2018,
+"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+Inference")::
 
-    y = s_x s_w (sum_k q_x[k] q_w[k, c] - z_w[c] sum_k q_x[k]) + b[c]
+    y = s_x s_w sum_k (q_x[k] - z_x) (q_w[k, c] - z_w[c]) + b[c]
+
+A layer whose activations stay float (weight-only quantization) multiplies by the
+dequantized kernel.
 
 Everything else (ReLU, pooling, BatchNorm, residual adds) runs in float32.
 """
@@ -21,33 +25,24 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.linear import canonicalize_padding
 
 from jaxkd import quant
 
 
-def _int_matmul(q_x: jax.Array, q_w: jax.Array, zero_point: jax.Array | None) -> jax.Array:
-    """``q_x [..., K] x q_w [K, C]`` in int32, minus ``z_w[c] sum_k q_x[..., k]``."""
-    dims = (((q_x.ndim - 1,), (0,)), ((), ()))
-    acc = jax.lax.dot_general(q_x, q_w, dims, preferred_element_type=jnp.int32)
-    if zero_point is not None:
-        acc = acc - zero_point.astype(jnp.int32) * jnp.sum(q_x, -1, dtype=jnp.int32)[..., None]
-    return acc
+def _matmul(x: jax.Array, w: jax.Array, acc: Any) -> jax.Array:
+    """``x [..., K] x w [K, C]``, accumulated in ``acc`` (int32 for int8 operands)."""
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=acc)
 
 
-def _int_conv(module: nn.Conv, q_x: jax.Array, q_w: jax.Array, zero_point: jax.Array | None
-              ) -> jax.Array:
-    """``module``'s convolution (``flax.linen.Conv`` semantics) on int8, in int32.
-
-    Lowered as im2col (strided slices of the padded int8 input) and one int8 GEMM
-    (``lax.dot_general``): XLA:CPU's int8 GEMM is faster than its float one while its
-    int8 convolution can be 10x slower. Grouped or input-dilated convolutions use
-    ``lax.conv_general_dilated`` with ``preferred_element_type=int32``.
-    """
+def _conv_setup(module: nn.Conv, x: jax.Array, kernel_size: tuple[int, ...]) -> tuple:
+    """``(x, padding, strides, kernel dilation, input dilation, dilated kernel)`` of a
+    ``flax.linen.Conv`` call, with CIRCULAR/REFLECT padding applied to ``x`` already."""
     if module.mask is not None or not module.shared_weights:
         raise ValueError(f"layer {'/'.join(module.path)}: masked or unshared Conv is not "
                          "supported by the integer path")
-    kernel_size = q_w.shape[:-2]
     rank = len(kernel_size)
 
     def broadcast(v):
@@ -60,49 +55,96 @@ def _int_conv(module: nn.Conv, q_x: jax.Array, q_w: jax.Array, zero_point: jax.A
     padding = canonicalize_padding(module.padding, rank)
     if padding in ("CIRCULAR", "REFLECT"):
         pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
-        q_x = jnp.pad(q_x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
-        padding = "VALID"
+        x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+        padding = [(0, 0)] * rank
     elif padding == "CAUSAL":
-        q_x = jnp.pad(q_x, [(0, 0), (dilated[0] - 1, 0), (0, 0)])
-        padding = "VALID"
-    if module.feature_group_count != 1 or any(d != 1 for d in input_dilation):
-        ndim = q_x.ndim
-        spec = (0, ndim - 1, *range(1, ndim - 1))
-        numbers = jax.lax.ConvDimensionNumbers(spec, (ndim - 1, ndim - 2, *range(ndim - 2)),
-                                               spec)
-
-        def conv(w):
-            return jax.lax.conv_general_dilated(
-                q_x, w, strides, padding, lhs_dilation=input_dilation,
-                rhs_dilation=kernel_dilation, dimension_numbers=numbers,
-                feature_group_count=module.feature_group_count,
-                preferred_element_type=jnp.int32)
-
-        acc = conv(q_w)
-        if zero_point is not None:
-            acc = acc - zero_point.astype(jnp.int32) * conv(jnp.ones_like(q_w))
-        return acc
+        padding = [(dilated[0] - 1, 0)]
     if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(q_x.shape[1:-1], dilated, strides, padding)
-    q_x = jnp.pad(q_x, [(0, 0), *[tuple(p) for p in padding], (0, 0)])
-    out = [(q_x.shape[1 + i] - dilated[i]) // strides[i] + 1 for i in range(rank)]
+        size = tuple((n - 1) * d + 1 for n, d in zip(x.shape[1:-1], input_dilation, strict=True))
+        padding = jax.lax.padtype_to_pads(size, dilated, strides, padding)
+    return x, [tuple(p) for p in padding], strides, kernel_dilation, input_dilation, dilated
+
+
+def _im2col(module: nn.Conv, x: jax.Array, kernel_size: tuple[int, ...], pad_value: Any
+            ) -> jax.Array | None:
+    """The patches ``[B, *out, prod(kernel_size) * C_in]`` of ``module``'s convolution of
+    ``x`` (padded with ``pad_value``, the integer that stands for 0), so that the conv is
+    one GEMM with the kernel reshaped to ``[-1, C_out]``: XLA:CPU's int8 GEMM is faster
+    than its float one while its int8 convolution can be 10x slower. None for grouped or
+    input-dilated convolutions (they go through ``lax.conv_general_dilated``)."""
+    x, padding, strides, kernel_dilation, input_dilation, dilated = _conv_setup(
+        module, x, kernel_size)
+    if module.feature_group_count != 1 or any(d != 1 for d in input_dilation):
+        return None
+    x = jnp.pad(x, [(0, 0), *padding, (0, 0)], constant_values=pad_value)
+    out = [(x.shape[1 + i] - dilated[i]) // strides[i] + 1 for i in range(len(kernel_size))]
     columns = []
     for offsets in itertools.product(*(range(k) for k in kernel_size)):
         start = [o * d for o, d in zip(offsets, kernel_dilation, strict=True)]
         limit = [b + (n - 1) * st + 1 for b, n, st in zip(start, out, strides, strict=True)]
-        columns.append(jax.lax.slice(q_x, (0, *start, 0), (q_x.shape[0], *limit, q_x.shape[-1]),
+        columns.append(jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]),
                                      (1, *strides, 1)))
     patches = jnp.stack(columns, axis=-2)  # [B, *out, prod(kernel_size), C_in]
-    patches = patches.reshape(*patches.shape[:-2], -1)
-    return _int_matmul(patches, q_w.reshape(-1, q_w.shape[-1]), zero_point)
+    return patches.reshape(*patches.shape[:-2], -1)
+
+
+def _lax_conv(module: nn.Conv, x: jax.Array, w: jax.Array, *, pad_value: Any, acc: Any
+              ) -> jax.Array:
+    """``module``'s convolution by ``lax.conv_general_dilated`` (grouped, input-dilated)."""
+    x, padding, strides, kernel_dilation, input_dilation, _ = _conv_setup(
+        module, x, w.shape[:-2])
+    if any(d != 1 for d in input_dilation):
+        if pad_value != 0:  # the inserted holes would be read as 0, not as pad_value
+            raise ValueError(f"layer {'/'.join(module.path)}: an input-dilated Conv "
+                             "needs activations with zero point 0 (a signed grid)")
+    else:
+        x = jnp.pad(x, [(0, 0), *padding, (0, 0)], constant_values=pad_value)
+        padding = [(0, 0)] * (x.ndim - 2)
+    ndim = x.ndim
+    spec = (0, ndim - 1, *range(1, ndim - 1))
+    numbers = jax.lax.ConvDimensionNumbers(spec, (ndim - 1, ndim - 2, *range(ndim - 2)), spec)
+    return jax.lax.conv_general_dilated(
+        x, w, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
+        dimension_numbers=numbers, feature_group_count=module.feature_group_count,
+        preferred_element_type=acc)
+
+
+def _window_sum(w: jax.Array, acc: Any) -> jax.Array:
+    """``sum_k w[k, c]`` over all but the output axis: ``[C]``."""
+    return jnp.sum(w, axis=tuple(range(w.ndim - 1)), dtype=acc)
+
+
+def _contract(module: nn.Module, x: jax.Array, w: jax.Array, *, pad_value: Any, acc: Any,
+              input_sums: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """``(x * w, sum of x over each output's inputs)`` of a Dense or Conv layer; the sums
+    only with ``input_sums`` (a kernel zero point needs them)."""
+    if isinstance(module, nn.Conv):
+        patches = _im2col(module, x, w.shape[:-2], pad_value)
+        if patches is None:
+            out = _lax_conv(module, x, w, pad_value=pad_value, acc=acc)
+            sums = (_lax_conv(module, x, jnp.ones_like(w), pad_value=pad_value, acc=acc)
+                    if input_sums else None)
+            return out, sums
+        x, w = patches, w.reshape(-1, w.shape[-1])
+    out = _matmul(x, w, acc)
+    return out, (jnp.sum(x, -1, dtype=acc)[..., None] if input_sums else None)
 
 
 def integer_layer(module: nn.Module, x: jax.Array, layer: Mapping[str, Any]) -> jax.Array:
-    """One quantized Dense/Conv on float input ``x``: int8 input, int32 accumulation,
-    float32 output ``s_x s_w (acc - z_w sum(q_x)) + b``.
+    """One quantized Dense/Conv on float input ``x``.
+
+    With quantized activations: int8 input ``q_x = clip(round(x / s_x) + z_x, q_min,
+    q_max)``, int32 accumulation, float32 output::
+
+        s_x s_w (sum q_x q_w - z_w sum q_x - z_x sum q_w + K z_x z_w) + b
+
+    (``K`` inputs per output; an unsigned 8-bit grid ``[0, 255]`` is stored as int8 with
+    ``z_x = -128``). Weight-only (``activation['bits'] == 0``): the float input times the
+    dequantized kernel ``s_w (q_w - z_w)``, as weight-only QAT trained it.
 
     ``layer``: ``values`` (int8 kernel), ``scale`` and optional ``zero_point`` (``[C]`` or
-    ``[]``), optional ``bias``, and ``activation`` (``q_min``, ``q_max``, ``scale`` or None).
+    ``[]``), optional ``bias``, and ``activation`` (``bits``, ``q_min``, ``q_max``,
+    ``zero_point``, ``scale`` or None for a per-batch scale).
     """
     act = layer["activation"]
     x = jnp.asarray(x, jnp.float32)
@@ -112,16 +154,24 @@ def integer_layer(module: nn.Module, x: jax.Array, layer: Mapping[str, Any]) -> 
         if x.ndim - (rank + 1) != 1:  # flax.linen.Conv's batch-dimension convention
             batch_shape = x.shape[:x.ndim - (rank + 1)]
             x = x.reshape((-1, *x.shape[x.ndim - (rank + 1):]))
-    if act["scale"] is None:
-        s_x = quant.dynamic_activation_scale(x, act["bits"])
+    q_w, z_w = layer["values"], layer.get("zero_point")
+    if not act["bits"]:  # weight-only
+        w = layer["scale"] * (q_w.astype(jnp.float32) - (0 if z_w is None else z_w))
+        y, _ = _contract(module, x, w, pad_value=0.0, acc=jnp.float32)
     else:
-        s_x = jnp.float32(act["scale"])
-    q_x = jnp.clip(jnp.round(x / s_x), act["q_min"], act["q_max"]).astype(jnp.int8)
-    if isinstance(module, nn.Conv):
-        acc = _int_conv(module, q_x, layer["values"], layer.get("zero_point"))
-    else:
-        acc = _int_matmul(q_x, layer["values"], layer.get("zero_point"))
-    y = acc.astype(jnp.float32) * (s_x * layer["scale"])
+        s_x = (quant.dynamic_activation_scale(x, act["bits"]) if act["scale"] is None
+               else jnp.float32(act["scale"]))
+        z_x = int(act.get("zero_point", 0))
+        q_x = jnp.clip(jnp.round(x / s_x) + z_x, act["q_min"], act["q_max"]).astype(jnp.int8)
+        acc, sums = _contract(module, q_x, q_w, pad_value=z_x, acc=jnp.int32,
+                              input_sums=z_w is not None)
+        if z_w is not None:
+            acc = acc - z_w.astype(jnp.int32) * sums
+        if z_x:
+            acc = acc - z_x * _window_sum(q_w, jnp.int32)
+            if z_w is not None:
+                acc = acc + int(np.prod(q_w.shape[:-1])) * z_x * z_w.astype(jnp.int32)
+        y = acc.astype(jnp.float32) * (s_x * layer["scale"])
     if layer.get("bias") is not None:
         y = y + layer["bias"]
     if batch_shape is not None:

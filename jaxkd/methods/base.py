@@ -72,8 +72,9 @@ class Method:
     :data:`jaxkd.methods.METHODS`: ``check`` (config rules, before anything is built),
     ``start`` (the weights a copied init starts from), ``check_params`` (against the
     abstract parameters), ``optimizer`` (wrapped from the last method inward, so the first
-    is outermost), ``apply`` (the student's forward), ``prepare`` (a fresh run's starting
-    state), ``export`` (what the artifact holds) and ``label`` (the run's name in reports).
+    is outermost), ``apply`` (the student's forward), ``project`` (after each update, in
+    the step), ``prepare`` (a fresh run's starting state), ``export`` (what the artifact
+    holds) and ``label`` (the run's name in reports).
     ``check_structure`` runs after each stage of a compression pipeline.
     """
 
@@ -107,6 +108,16 @@ class Method:
 
     def apply(self, apply: Apply, ctx: Context) -> Apply:
         return apply
+
+    def per_example_gradients(self) -> int:
+        """How many examples per step the trainer should compute per-example gradients of
+        (their mean square reaches the optimizer as ``per_example_grad_sq``); 0 = none."""
+        return 0
+
+    def project(self, ctx: Context) -> Callable[[Any, Any], Any] | None:
+        """A function ``(params, opt_state) -> params`` applied inside the step after each
+        update (a projection onto the method's constraint set), or None."""
+        return None
 
     def prepare(self, state: Any, ctx: Context) -> Any:
         """A fresh run's starting state, after its weights are initialised (a resumed run

@@ -37,6 +37,9 @@ class Pruning(Method):
         if self.settings.pattern == "channels":
             check_shrinkable(self.run, "config.pruning.pattern")
 
+    def per_example_gradients(self) -> int:
+        return self.settings.fisher_examples if self.settings.method == "fisher" else 0
+
     def check_params(self, params: Any, ctx: Context) -> None:
         with schema.named("config.pruning"):
             make_plan(params, self.settings, total_steps=ctx.num_steps,

@@ -1,7 +1,16 @@
-"""Quantization in the trainer: QAT's forward, LSQ's steps, and the integer artifact."""
+"""Quantization in the trainer: QAT's forward, its observers and steps, the integer artifact.
+
+QAT (``qat=True``) trains the fake-quantized student: its activation ranges (min/max) or
+steps (LSQ) are kept in the training state (``TrainState.collections[OBSERVERS]``, the
+learned steps in the parameters) and frozen for evaluation and export, so the artifact's
+integer model computes what the QAT eval forward computes. PTQ (``qat=False``) trains in
+float and calibrates the ranges on training batches at export. The run is named after
+what each layer got (``plan``), not after ``weight_bits`` alone.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,19 +22,34 @@ from jaxkd.methods.base import Apply, Artifact, Context, Method, StructureError
 
 class Quantization(Method):
     """QAT trains the fake-quantized student (``qat=True``) or PTQ quantizes the float one;
-    either way the export calibrates activation ranges and writes integer kernels."""
+    either way the export writes integer kernels and static activation scales."""
 
     block = "quantization"
 
+    def __init__(self, run: Any):
+        super().__init__(run)
+        self.layer_plan: dict[str, quant.LayerPlan] = {}
+
     def label(self) -> str:
-        s = self.settings
-        return (f"{'qat' if s.qat else 'ptq'}-w{s.weight_bits}"
-                f"{f'a{s.activation_bits}' if s.activation_bits else ''}"
-                f"{'-lsq' if s.method == 'lsq' else ''}")
+        """``qat-w4a8``: the weight and activation bits the layers got (``w4/8`` when they
+        differ, e.g. the first and last layers kept at 8 bits)."""
+        s, plan = self.settings, self.layer_plan
+        weight_bits = sorted({lp.weight_bits for lp in plan.values()}) or [s.weight_bits]
+        act_bits = sorted({lp.activation_bits for lp in plan.values()}) or [s.activation_bits]
+        act = "/".join(str(b) for b in act_bits if b)
+        return (f"{'qat' if s.qat else 'ptq'}-w{'/'.join(map(str, weight_bits))}"
+                f"{f'a{act}' if act else ''}{'-lsq' if s.method == 'lsq' else ''}")
 
     def check_params(self, params: Any, ctx: Context) -> None:
+        s = self.settings
         with schema.named("config.quantization"):
-            quant.validate(self.settings, params)
+            quant.validate(s, params)
+            self.layer_plan = quant.plan(ctx.model, {"params": params},
+                                         ctx.task.example_inputs(ctx.info.input_shape, 1)[0], s)
+        if s.weight_bits < 8 and all(lp.weight_bits == 8 for lp in self.layer_plan.values()):
+            print(f"jaxkd: warning: config.quantization.weight_bits={s.weight_bits} but no layer "
+                  f"is quantized below 8 bits: keep_first_last_8bit keeps "
+                  f"{', '.join(self.layer_plan)} at 8 bits", file=sys.stderr, flush=True)
 
     def apply(self, apply: Apply, ctx: Context) -> Apply:
         if not self.settings.qat:
@@ -33,14 +57,21 @@ class Quantization(Method):
         return quant.qat_apply(ctx.model, **self.settings.kwargs())
 
     def prepare(self, state: Any, ctx: Context) -> Any:
-        if not (self.settings.qat and self.settings.method == "lsq"):
+        s = self.settings
+        if not s.qat:
             return state
-        # The learned step sizes join the parameters (LSQ's initialisation on one batch).
-        sample = ctx.task.model_inputs(ctx.sample())[0]
         variables = {"params": state.params, **({"batch_stats": state.batch_stats}
                                                 if state.batch_stats else {})}
+        sample = ctx.task.model_inputs(ctx.sample())[0]
+        observers = quant.init_observers(ctx.model, variables, sample, **s.kwargs())
+        if observers:
+            state = state.replace(collections={**state.collections, quant.OBSERVERS:
+                                               jax.device_put(observers, ctx.sharding)})
+        if s.method != "lsq":
+            return state
+        # The learned step sizes join the parameters (LSQ's initialisation on one batch).
         params = jax.device_put(quant.init_qat_params(ctx.model, variables, sample,
-                                                      **self.settings.kwargs()), ctx.sharding)
+                                                      **s.kwargs()), ctx.sharding)
         return ctx.reinit_optimizer(state.replace(params=params))
 
     def export(self, artifact: Artifact, state: Any, ctx: Context) -> Artifact:
@@ -48,14 +79,17 @@ class Quantization(Method):
         params = artifact.params
         if s.method == "lsq":  # the learned step sizes are part of the quantized model
             params = state.params
-        model = ctx.model
-        if artifact.model_kwargs != ctx.model_kwargs:
-            model = models.get_model(self.run.model.name, num_classes=ctx.info.num_classes,
-                                     **artifact.model_kwargs)
-        variables = {"params": params, **({"batch_stats": artifact.batch_stats}
-                                          if artifact.batch_stats else {})}
-        ranges = quant.calibrate(model, variables, ctx.batches(s.calibration_batches),
-                                 method=s.calibration, percentile=s.percentile)
+        if s.qat:  # the ranges QAT trained with, frozen
+            ranges = quant.observed_ranges(state.collections.get(quant.OBSERVERS, {}))
+        else:
+            model = ctx.model
+            if artifact.model_kwargs != ctx.model_kwargs:
+                model = models.get_model(self.run.model.name, num_classes=ctx.info.num_classes,
+                                         **artifact.model_kwargs)
+            variables = {"params": params, **({"batch_stats": artifact.batch_stats}
+                                              if artifact.batch_stats else {})}
+            ranges = quant.calibrate(model, variables, ctx.batches(s.calibration_batches),
+                                     method=s.calibration, percentile=s.percentile)
         return artifact.replace(params=params, quantization=s, activation_ranges=ranges)
 
     @staticmethod

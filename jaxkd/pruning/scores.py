@@ -3,14 +3,16 @@
 - ``magnitude``: ``|w|`` (Han et al., "Learning both Weights and Connections for Efficient
   Neural Networks", NeurIPS 2015).
 - ``taylor``: first-order Taylor expansion of the loss change when ``w`` is set to 0,
-  ``|w * g_bar|`` with ``g_bar`` the mean gradient since the last mask update (Molchanov et
-  al., "Pruning Convolutional Neural Networks for Resource Efficient Inference", ICLR 2017).
+  ``|w * g|``, averaged over the steps since the last mask update (Molchanov et al.,
+  "Pruning Convolutional Neural Networks for Resource Efficient Inference", ICLR 2017;
+  "Importance Estimation for Neural Network Pruning", CVPR 2019): the magnitude is taken
+  every step, so that gradients of opposite signs near convergence do not cancel.
 - ``snip``: connection sensitivity at initialisation ``|w * g| / sum |w * g|`` (Lee et al.,
   "SNIP: Single-shot Network Pruning based on Connection Sensitivity", ICLR 2019).
-- ``fisher``: the diagonal empirical Fisher information ``F = mean(g^2)`` times ``w^2``,
-  the loss increase ``~ F w^2 / 2`` of removing ``w`` (LeCun et al., "Optimal Brain Damage",
-  1990; Theis et al., "Faster gaze prediction with dense networks and Fisher pruning",
-  2018).
+- ``fisher``: the diagonal empirical Fisher information ``F = mean_i g_i^2`` over examples
+  ``i`` (per-example gradients, not the mini-batch mean) times ``w^2``, the loss increase
+  ``~ F w^2 / 2`` of removing ``w`` (LeCun et al., "Optimal Brain Damage", 1990; Theis et
+  al., "Faster gaze prediction with dense networks and Fisher pruning", 2018).
 - ``random``: a fixed uniform draw per weight (the random-pruning baseline).
 """
 

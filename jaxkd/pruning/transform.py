@@ -42,9 +42,9 @@ class PruneState(NamedTuple):
 
     count: updates applied so far (the schedule's step).
     masks: bool tree shaped like the pruned parameters (True = kept).
-    grad_stats: the sum of ``g`` (taylor, snip) or ``g^2`` (fisher) of every selected
-      weight since the last mask update, as a tree ``{layer: {'kernel': sum}}``; ``{}`` for
-      the other methods.
+    grad_stats: the sum since the last mask update of ``|g * w|`` (taylor), ``g`` (snip) or
+      the per-example ``mean_i g_i^2`` (fisher) of every selected weight, as a tree
+      ``{layer: {'kernel': sum}}``; ``{}`` for the other methods.
     stats_count: steps summed in ``grad_stats``.
     inner_state: the wrapped optimizer's state.
     """
@@ -71,8 +71,9 @@ def compute_masks(plan: Plan, params: Any, masks: Any, grad_mean: Mapping[str, j
                   step: jax.Array | int, key: jax.Array | None = None) -> Any:
     """The masks after the update at ``step``: scores of the selected weights (pruned
     entries score -inf, so they stay pruned), the pattern at ``target_sparsity``, ANDed with
-    the old masks. ``grad_mean`` holds the mean gradient (taylor, snip) or mean squared
-    gradient (fisher) of every selected layer. jit-able."""
+    the old masks. ``grad_mean`` holds, for every selected layer, the mean over the steps
+    since the last update of ``|g * w|`` (taylor), of the gradient (snip) or of the
+    per-example squared gradient (fisher: the diagonal empirical Fisher). jit-able."""
     s, w = plan.settings, plan.weights
     weight = layers.find(params, w)
     leaf_of = layers.weight_paths(params, w)
@@ -83,7 +84,9 @@ def compute_masks(plan: Plan, params: Any, masks: Any, grad_mean: Mapping[str, j
         x = weight[p].astype(jnp.float32)
         if s.method in ("magnitude", "global_magnitude"):
             score[p] = scores.magnitude_scores(x)
-        elif s.method in ("taylor", "snip"):
+        elif s.method == "taylor":  # the mean of |g * w| over the steps since the last update
+            score[p] = grad_mean[p]
+        elif s.method == "snip":
             score[p] = scores.taylor_scores(x, grad_mean[p])
         elif s.method == "fisher":
             score[p] = scores.fisher_scores(x, grad_mean[p])
@@ -124,7 +127,9 @@ def masked(inner: optax.GradientTransformation, *, total_steps: int | None = Non
 
     ``update(grads, state, params)`` at step ``t`` (``state.count``):
 
-    1. adds ``g`` (taylor, snip) or ``g^2`` (fisher) of the selected weights to the state;
+    1. adds ``|g * w|`` (taylor: Molchanov et al. 2019's per-step first-order importance),
+       ``g`` (snip) or ``mean_i g_i^2`` (fisher: the empirical Fisher from per-example
+       gradients, ``per_example_grad_sq``) of the selected weights to the state;
     2. when the schedule says so (``is_update_step``, a ``lax.cond`` on the step, no host
        round-trip) recomputes the masks from ``params`` and the mean accumulated gradients
        (``compute_masks``) and resets the accumulators;
@@ -132,6 +137,10 @@ def masked(inner: optax.GradientTransformation, *, total_steps: int | None = Non
        nothing into optimizer moments or gradient-clipping norms);
     4. returns ``where(mask, u, -params)``, so that ``optax.apply_updates(params, updates)``
        is exactly 0 at every pruned position (also on the step a weight gets pruned).
+
+    ``fisher`` needs ``tx.update(..., per_example_grad_sq=...)``: the mean over a batch's
+    examples of each one's squared gradient, shaped like the updates (jaxkd's trainer
+    computes it on ``config.pruning.fisher_examples`` examples per step).
 
     Place it outermost, so that it sees the raw gradients:
     ``masked(optax.chain(clip, adam), ...)``. Shapes are static and everything runs under
@@ -180,8 +189,9 @@ def masked(inner: optax.GradientTransformation, *, total_steps: int | None = Non
         return PruneState(count=jnp.zeros((), jnp.int32), masks=masks, grad_stats=stats,
                           stats_count=jnp.zeros((), jnp.int32), inner_state=inner.init(params))
 
-    def update(updates: Any, state: PruneState, params: Any = None
-               ) -> tuple[Any, PruneState]:
+    def update(updates: Any, state: PruneState, params: Any = None,
+               per_example_grad_sq: Any = None, **extra_args: Any) -> tuple[Any, PruneState]:
+        del extra_args  # a chain's other arguments
         if params is None:
             raise ValueError("pruning.masked needs the parameters: call "
                              "tx.update(grads, opt_state, params)")
@@ -189,9 +199,18 @@ def masked(inner: optax.GradientTransformation, *, total_steps: int | None = Non
         plan = plan_of(sub)
         stats, stats_count = layers.find(state.grad_stats, _STATS), state.stats_count
         if stats:
-            g = layers.find(grads, weights)
-            stats = {p: v + (jnp.square(g[p]) if s.method == "fisher" else g[p])
-                     for p, v in stats.items()}
+            g, w = layers.find(grads, weights), layers.find(sub, weights)
+            if s.method == "fisher":
+                if per_example_grad_sq is None:
+                    raise ValueError("pruning method 'fisher' needs the per-example squared "
+                                     "gradients: tx.update(grads, state, params, "
+                                     "per_example_grad_sq=mean_i(g_i ** 2))")
+                g_sq = layers.find(view(per_example_grad_sq), weights)
+                stats = {p: v + g_sq[p] for p, v in stats.items()}
+            elif s.method == "taylor":
+                stats = {p: v + jnp.abs(g[p] * w[p]) for p, v in stats.items()}
+            else:
+                stats = {p: v + g[p] for p, v in stats.items()}
             stats_count = stats_count + 1
         hit = is_update_step(plan, state.count)
 
@@ -210,7 +229,7 @@ def masked(inner: optax.GradientTransformation, *, total_steps: int | None = Non
             count=optax.safe_increment(state.count), masks=masks, grad_stats=_stats_tree(stats),
             stats_count=stats_count, inner_state=inner_state)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def prune(*, total_steps: int | None = None, params_key: str | None = None,

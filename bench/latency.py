@@ -1,0 +1,93 @@
+"""Inference latency of the exported integer artifact against the float model, one way.
+
+    python bench/latency.py [--rounds 7] [--calls 50]
+
+For each model (MNIST-1D MLP 100-100 and CNN, the Hinton student MLP 784-800-800 and
+LeNet-5 on 28x28) and batch size (1, 100, 1000) it times, in this one process on the
+default device, with the input already on the device and every function jitted and
+compiled first:
+
+- ``fp32``: ``model.apply`` of the float model;
+- ``int8``: ``jaxkd.export.load`` of its w8a8 artifact (int8 x int8 -> int32 matmuls);
+- ``int4``: the same with 4-bit weights (unpacked at load; the matmuls are still int8).
+
+Rounds are interleaved (fp32, int8, int4, fp32, ...); it prints the median time per call
+in ms, the min-max over rounds, and the median ratio artifact / fp32 over rounds, and says
+when the spread makes a ratio meaningless (it exceeds 20 %). Weights are random (latency
+does not depend on their values); activation ranges are calibrated on one batch. About 2
+minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkd import export, models, quant
+
+MODELS = {
+    "mnist1d mlp 100-100": ("mlp", {"widths": (100, 100)}, (40,)),
+    "mnist1d cnn": ("cnn1d", {}, (40,)),
+    "mlp 784-800-800": ("mlp", {"widths": (800, 800)}, (784,)),
+    "lenet5 28x28": ("lenet5", {}, (28, 28, 1)),
+}
+BATCHES = (1, 100, 1000)
+
+
+def per_call(fn, x, calls: int) -> float:
+    jax.block_until_ready(fn(x))
+    start = time.perf_counter()
+    out = None
+    for _ in range(calls):
+        out = fn(x)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=50)
+    args = parser.parse_args()
+    print(f"device: {jax.devices()[0].platform} x{jax.device_count()}; ms per call, median "
+          f"(min - max) of {args.rounds} interleaved rounds of {args.calls} calls\n")
+    print("| model | batch | fp32 ms | int8 ms | int8 / fp32 | int4 ms | int4 / fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (name, kwargs, shape) in MODELS.items():
+            model = models.get_model(name, num_classes=10, **kwargs)
+            calib = jnp.asarray(rng.normal(size=(256, *shape)), jnp.float32)
+            variables = jax.jit(model.init)(jax.random.PRNGKey(0), calib[:1])
+            ranges = quant.calibrate(model, variables, [calib])
+            fns = {"fp32": jax.jit(lambda x, v=variables, m=model: m.apply(v, x))}
+            for bits in (8, 4):
+                directory = os.path.join(tmp, f"{name}-{bits}")
+                export.export(directory, name, kwargs, 10, variables,
+                              {"weight_bits": bits, "activation_bits": 8}, ranges, {},
+                              input_shape=shape)
+                fns[f"int{bits}"] = export.load(directory)[0]
+            for batch in BATCHES:
+                x = jax.device_put(jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32))
+                times = {k: [] for k in fns}
+                for _ in range(args.rounds):
+                    for k, fn in fns.items():
+                        times[k].append(per_call(fn, x, args.calls))
+                cells = [f"{np.median(times['fp32']):.3f} ({min(times['fp32']):.3f} - "
+                         f"{max(times['fp32']):.3f})"]
+                for k in ("int8", "int4"):
+                    ratios = np.array(times[k]) / np.array(times["fp32"])
+                    spread = (ratios.max() - ratios.min()) / np.median(ratios)
+                    note = " (noisy)" if spread > 0.2 else ""
+                    cells += [f"{np.median(times[k]):.3f}", f"{np.median(ratios):.2f}x{note}"]
+                print(f"| {label} | {batch} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
