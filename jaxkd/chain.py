@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxkd import compression, metrics, stages, train
+from jaxkd import compression, metrics, multihost, stages, train
 from jaxkd.schema import ConfigError
 
 
@@ -35,7 +35,9 @@ def run_chain(config: ml_collections.ConfigDict, workdir: str, *,
     for name in config.stage_order:
         run = stages.resolve(config.stages[name], workdir, done, name)
         stage_dir = os.path.join(workdir, name)
-        summary = metrics.read_summary(stage_dir)
+        # Only the leader reads the run's files; it tells the others what it found.
+        summary = multihost.broadcast_json(
+            metrics.read_summary(stage_dir) if multihost.is_leader() else None)
         if summary is None:
             print(f"=== stage {name} -> {stage_dir}", flush=True)
             runner = (compression.run_pipeline if compression.is_pipeline(run)

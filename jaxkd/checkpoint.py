@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxkd import files
+from jaxkd import files, multihost
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -54,7 +54,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
 def finish(manager: ocp.CheckpointManager) -> None:
     """Waits for the save in flight and seals every finished step."""
     manager.wait_until_finished()
-    if jax.process_index() == 0:
+    if multihost.is_leader():
         for step in manager.all_steps():
             step_dir = os.path.join(str(manager.directory), str(step))
             if not os.path.exists(os.path.join(step_dir, SEAL_FILE)):
@@ -124,12 +124,9 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str, abstract_state:
                 return restore(manager, step, abstract_state), step
             except Exception as e:  # noqa: BLE001 - any failure to read means unusable
                 problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        if jax.process_index() == 0:
+        if multihost.is_leader():
             quarantine(workdir, step, problem)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"jaxkd quarantine {step}")
+        multihost.sync(f"jaxkd quarantine {step}")
         manager.reload()
     return None, 0
 
@@ -174,7 +171,7 @@ def save_weights(workdir: str, variables: Any) -> int:
         "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))
     }
-    if jax.process_index() == 0:
+    if multihost.is_leader():
         buffer = io.BytesIO()
         np.savez(buffer, **flat)
         return files.write_bytes(os.path.join(workdir, WEIGHTS_FILE), buffer.getvalue())

@@ -41,7 +41,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxkd import checkpoint, export, methods, metrics, stages, train
+from jaxkd import checkpoint, export, methods, metrics, multihost, stages, train
 from jaxkd.config import Compression, Run, parse_run
 from jaxkd.methods import StructureError
 from jaxkd.schema import ConfigError, parse
@@ -106,20 +106,31 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, *,
     for name, run in runs.items():
         run = stages.resolve(run, workdir, done, name, where="config.compression.stages")
         stage_dir = os.path.join(workdir, name)
-        summary = metrics.read_summary(stage_dir)
+        summary = multihost.broadcast_json(
+            metrics.read_summary(stage_dir) if multihost.is_leader() else None)
         if summary is None:
             print(f"=== compression stage {name} -> {stage_dir}", flush=True)
             summary = train.train_and_evaluate(run, stage_dir,
                                                allow_config_change=allow_config_change)
-        structure = measure(stage_dir, run)
-        check(structure, previous, run, stage=name)
-        print(f"structure after stage {name!r}: {describe(structure)}", flush=True)
-        structures[name] = {**structure, "layers": {
-            p: {k: v for k, v in layer.items() if k != "zeros"}
-            for p, layer in structure["layers"].items()}}
+        # The leader reads the stage's files and checks them; the others learn the verdict.
+        problem = None
+        if multihost.is_leader():
+            structure = measure(stage_dir, run)
+            try:
+                check(structure, previous, run, stage=name)
+            except StructureError as e:
+                problem = str(e)
+            else:
+                print(f"structure after stage {name!r}: {describe(structure)}", flush=True)
+                structures[name] = {**structure, "layers": {
+                    p: {k: v for k, v in layer.items() if k != "zeros"}
+                    for p, layer in structure["layers"].items()}}
+                previous = structure
+        problem = multihost.broadcast_json(problem)
+        if problem:
+            raise StructureError(problem)
         rows[name] = {k: summary.get(k) for k in ("method", "accuracy", "num_params",
                                                    "artifact_bytes")}
-        previous = structure
         done.append(name)
     result = {**summary, "compression_stages": rows, "structure": structures,
               "stage_order": list(runs)}

@@ -530,6 +530,19 @@ def parse_run(config: ml_collections.ConfigDict | Mapping[str, Any] | Run) -> Ru
     return schema.parse(Run, config, "config")
 
 
+def validation(c: ml_collections.ConfigDict, fraction: float = 0.1) -> ml_collections.ConfigDict:
+    """``c`` (a run, or every stage of a chain) trained on the first ``1 - fraction`` of its
+    train split and evaluated on the rest: the validation split, carved deterministically
+    (tfds slices ``train[:90%]`` / ``train[90%:]``), on which hyper-parameters are chosen
+    before the test split is read once."""
+    keep = round(100 * (1 - fraction))
+    runs = [c.stages[name] for name in c.stage_order] if "stages" in c else [c]
+    for run in runs:
+        base = run.data.train_split.split("[", 1)[0]
+        run.data.train_split, run.data.eval_split = f"{base}[:{keep}%]", f"{base}[{keep}%:]"
+    return c
+
+
 def chain_config(stages: Mapping[str, ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
     """Several runs, in order; a stage's teacher may be an earlier stage (``'stage:NAME'``)."""
     c = ml_collections.ConfigDict()

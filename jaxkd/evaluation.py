@@ -10,37 +10,19 @@ go through it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxkd import metrics
 
 MetricsFn = Callable[[Any], Mapping[str, Any]]
 
 
-def evaluate(metrics_fn: MetricsFn, batches: Iterable[Any], *, timed: bool = False
-             ) -> dict[str, float]:
-    """Means of ``metrics_fn``'s ``(sum, count)`` pairs over ``batches``.
-
-    The per-batch results stay on the device until the end (one transfer). ``timed`` waits
-    for each batch and adds ``eval_latency_ms``, the mean wall time per batch with the
-    first (compiling) batch left out.
-    """
-    results, times = [], []
-    for batch in batches:
-        start = time.perf_counter()
-        result = metrics_fn(batch)
-        if timed:
-            jax.block_until_ready(result)
-            times.append(time.perf_counter() - start)
-        results.append(result)
-    means = metrics.mean_of(metrics.sum_pairs(jax.device_get(results)))
-    if timed:
-        timed_batches = times[1:] or times
-        means["eval_latency_ms"] = (1000.0 * float(np.mean(timed_batches)) if timed_batches
-                                    else float("nan"))
-    return means
+def evaluate(metrics_fn: MetricsFn, batches: Iterable[Any]) -> dict[str, float]:
+    """Means of ``metrics_fn``'s ``(sum, count)`` pairs over ``batches``; the per-batch
+    results stay on the device until the end (one transfer). Speed is measured elsewhere
+    (``bench/latency.py``), not while evaluating."""
+    results = [metrics_fn(batch) for batch in batches]
+    return metrics.mean_of(metrics.sum_pairs(jax.device_get(results)))

@@ -14,10 +14,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
-from jaxkd import files
+from jaxkd import files, multihost
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -49,7 +48,7 @@ class MetricWriter:
     """Writes scalars to the console, ``metrics.jsonl`` and TensorBoard (process 0 only)."""
 
     def __init__(self, workdir: str, *, total_steps: int, tensorboard: bool = True):
-        self.enabled = jax.process_index() == 0
+        self.enabled = multihost.is_leader()
         self.total_steps = total_steps
         self._jsonl = None
         self._tb = None
@@ -98,14 +97,14 @@ class MetricWriter:
 
 def append_jsonl(workdir: str, record: Mapping[str, Any]) -> None:
     """Appends one record to ``metrics.jsonl`` (process 0 only)."""
-    if jax.process_index() == 0:
+    if multihost.is_leader():
         with open(os.path.join(workdir, METRICS_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
     """Writes ``summary.json`` atomically (process 0 only)."""
-    if jax.process_index() != 0:
+    if not multihost.is_leader():
         return
     files.write_json(os.path.join(workdir, SUMMARY_FILE), summary, indent=2, sort_keys=True,
                      default=str)

@@ -2,19 +2,22 @@
 
     python -m jaxkd.report RUN_DIR... --out DIR [--baseline RUN_DIR]
 
-Reads ``RUN_DIR/summary.json`` of every run. Fields used (missing ones are tolerated):
-``accuracy`` (else ``eval.accuracy``), ``artifact_num_params`` (else ``num_params``),
-``storage.nonzero_weights`` (the artifact's nonzero kernel weights, else read from its
-manifest), ``artifact_bytes`` (bytes on disk of the exported artifact; else
-``params_bytes``, the float weights file), ``method`` (the row's label; else the run
-directory's name) and ``eval_latency_ms``. Runs with the same
-method (e.g. three seeds) are one row: accuracy as mean ± sample std over the runs.
+Reads ``RUN_DIR/summary.json`` of every run; a chain's directory stands for its stages
+(each ``RUN_DIR/<stage>``). Fields used: ``accuracy`` (else ``eval.accuracy``; a summary
+with neither is refused), ``dataset`` and ``model``, ``artifact_num_params`` (else
+``num_params``), ``storage.nonzero_weights`` (the artifact's nonzero kernel weights, else
+read from its manifest), ``artifact_bytes`` (bytes on disk of the exported artifact; else
+``params_bytes``, the float weights file) and ``method`` (else the run directory's name).
+Runs of the same dataset, model and method (e.g. three seeds) are one row: accuracy as mean
+± sample std (ddof = 1) over the runs.
 
-Writes ``DIR/report.md`` (method, accuracy, params, bytes on disk, size relative to the
-fp32 baseline and its inverse, the compression ratio, eval latency) and ``DIR/pareto.png``
+Writes ``DIR/report.md`` (dataset, model, method, accuracy, params, bytes on disk, size
+relative to the baseline and its inverse, the compression ratio) and ``DIR/pareto.png``
 (accuracy against bytes, log x, the Pareto front, i.e. the rows no other row beats on both
 size and accuracy, highlighted and joined). The baseline is ``--baseline`` or else the
-row whose method is ``fp32`` (else the largest).
+first row whose method is ``fp32`` (else the largest). Speed is not a column: a latency
+measured while evaluating depends on whatever else the machine runs; ``bench/latency.py``
+measures it one way.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ PLOT_FILE = "pareto.png"
 MISSING = "—"
 
 
-def read_run(run_dir: str) -> dict[str, Any]:
-    """One run's fields for the report (None where the summary lacks them)."""
+def read_runs(run_dir: str) -> list[dict[str, Any]]:
+    """The report rows' fields of one run, or of each stage of a chain."""
     path = os.path.join(run_dir, SUMMARY_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: is {run_dir!r} a finished jaxkd run?")
@@ -45,9 +48,14 @@ def read_run(run_dir: str) -> dict[str, Any]:
             summary = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if "stages" in summary and "accuracy" not in summary:  # a chain: one row per stage
+        return [run for stage in summary.get("stage_order", summary["stages"])
+                for run in read_runs(os.path.join(run_dir, stage))]
     accuracy = summary.get("accuracy")
     if accuracy is None and isinstance(summary.get("eval"), dict):
         accuracy = summary["eval"].get("accuracy")
+    if accuracy is None:
+        raise ValueError(f"{path} has no accuracy: is {run_dir!r} a finished jaxkd run?")
     size = summary.get("artifact_bytes") or summary.get("params_bytes")
     storage = summary.get("storage")
     last = summary["stage_order"][-1] if summary.get("stage_order") else ""  # a pipeline
@@ -55,17 +63,18 @@ def read_run(run_dir: str) -> dict[str, Any]:
     if storage is None and os.path.isfile(manifest):  # summaries older than the field
         with open(manifest) as f:
             storage = json.load(f).get("storage")
-    return {
+    return [{
         "run_dir": run_dir,
+        "dataset": summary.get("dataset") or MISSING,
+        "model": summary.get("model") or MISSING,
         "method": str(summary.get("method") or os.path.basename(os.path.normpath(run_dir))),
-        "accuracy": None if accuracy is None else float(accuracy),
+        "accuracy": float(accuracy),
         # The stored model's parameters (a channel-pruned or merged model is smaller), and
         # its kernels' nonzero weights (pruning), when the summary has them.
         "num_params": summary.get("artifact_num_params") or summary.get("num_params"),
         "nonzero_weights": (storage or {}).get("nonzero_weights"),
         "bytes": None if size is None else int(size),
-        "eval_latency_ms": summary.get("eval_latency_ms"),
-    }
+    }]
 
 
 def _mean(values: Sequence[Any]) -> float | None:
@@ -74,23 +83,23 @@ def _mean(values: Sequence[Any]) -> float | None:
 
 
 def group_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method, in first-seen order: means over its runs, accuracy's sample std."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    """One row per (dataset, model, method), in first-seen order: means over its runs,
+    accuracy's sample std."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault(run["method"], []).append(run)
+        groups.setdefault((run["dataset"], run["model"], run["method"]), []).append(run)
     rows = []
-    for method, members in groups.items():
-        accs = [m["accuracy"] for m in members if m["accuracy"] is not None]
+    for (dataset, model, method), members in groups.items():
+        accs = [m["accuracy"] for m in members]
         rows.append({
-            "method": method,
+            "dataset": dataset, "model": model, "method": method,
             "runs": len(members),
             "run_dirs": [m["run_dir"] for m in members],
-            "accuracy": float(np.mean(accs)) if accs else None,
+            "accuracy": float(np.mean(accs)),
             "accuracy_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
             "num_params": _mean([m["num_params"] for m in members]),
             "nonzero_weights": _mean([m.get("nonzero_weights") for m in members]),
             "bytes": _mean([m["bytes"] for m in members]),
-            "eval_latency_ms": _mean([m["eval_latency_ms"] for m in members]),
         })
     return rows
 
@@ -109,10 +118,14 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
-def _baseline(rows: Sequence[dict[str, Any]], baseline_method: str | None) -> dict | None:
+def _key(run: dict[str, Any]) -> tuple[str, str, str]:
+    return run["dataset"], run["model"], run["method"]
+
+
+def _baseline(rows: Sequence[dict[str, Any]], baseline_key: tuple | None) -> dict | None:
     sized = [r for r in rows if r["bytes"]]
-    if baseline_method is not None:
-        return next((r for r in rows if r["method"] == baseline_method), None)
+    if baseline_key is not None:
+        return next((r for r in rows if _key(r) == baseline_key), None)
     for r in sized:
         if r["method"].lower() == "fp32":
             return r
@@ -138,9 +151,9 @@ def _tick_bytes(n: float, _pos: Any = None) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
     """The report's table (one line per row; ``—`` where a value is missing)."""
     lines = [
-        "| method | runs | accuracy (%) | params | nonzero weights | bytes on disk | size vs fp32 "
-        "| compression | eval latency (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dataset | model | method | runs | accuracy (%) | params | nonzero weights "
+        "| bytes on disk | size vs baseline | compression |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = baseline["bytes"] if baseline else None
     for r in rows:
@@ -156,12 +169,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: dict[str, Any] | No
         params = MISSING if r["num_params"] is None else f"{int(round(r['num_params'])):,}"
         nonzero = r.get("nonzero_weights")
         nonzero = MISSING if nonzero is None else f"{int(round(nonzero)):,}"
-        latency = MISSING if r["eval_latency_ms"] is None else f"{r['eval_latency_ms']:.2f}"
         name = r["method"] + (" (baseline)" if r is baseline else "")
-        lines.append(f"| {name} | {r['runs']} | {acc} | {params} | {nonzero} "
-                     f"| {_fmt_bytes(r['bytes'])} "
-                     f"| {size_ratio} | {compression} | {latency} |")
+        lines.append(f"| {r['dataset']} | {r['model']} | {name} | {r['runs']} | {acc} "
+                     f"| {params} | {nonzero} | {_fmt_bytes(r['bytes'])} "
+                     f"| {size_ratio} | {compression} |")
     return "\n".join(lines) + "\n"
+
+
+def _label(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    """The row's method, with the model when the plot shows several models."""
+    several = len({r["model"] for r in rows}) > 1
+    return f"{row['model']} {row['method']}" if several else row["method"]
 
 
 def pareto_plot(rows: Sequence[dict[str, Any]], path: str, *, title: str = "") -> None:
@@ -186,7 +204,7 @@ def pareto_plot(rows: Sequence[dict[str, Any]], path: str, *, title: str = "") -
                     ms=9, capsize=3, label="Pareto front")
         ax.plot(xs[front], ys[front], "-", color="tab:red", lw=1.5, alpha=0.7)
         for i, r in enumerate(plotted):
-            ax.annotate(r["method"], (xs[i], ys[i]), textcoords="offset points",
+            ax.annotate(_label(r, plotted), (xs[i], ys[i]), textcoords="offset points",
                         xytext=(7, 6), fontsize=9)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -213,20 +231,20 @@ def write_report(run_dirs: Sequence[str], out_dir: str, *, baseline: str | None 
                  command: str | None = None) -> dict[str, Any]:
     """Writes ``report.md`` and ``pareto.png`` into ``out_dir``; returns the rows and paths.
 
-    ``baseline`` is a run directory (its method's row is the baseline) or None.
+    ``baseline`` is a run directory (its dataset, model and method's row is the baseline)
+    or None.
     """
     if not run_dirs:
         raise ValueError("give at least one run directory")
-    runs = [read_run(d) for d in run_dirs]
-    baseline_method = None
+    runs = [run for d in run_dirs for run in read_runs(d)]
+    baseline_key = None
     if baseline is not None:
-        baseline_method = next((r["method"] for r in runs
-                                if os.path.normpath(r["run_dir"]) == os.path.normpath(baseline)),
-                               None) or read_run(baseline)["method"]
-        if baseline_method not in {r["method"] for r in runs}:
-            runs.append(read_run(baseline))
+        base_run = read_runs(baseline)[0]
+        baseline_key = _key(base_run)
+        if baseline_key not in {_key(r) for r in runs}:
+            runs.append(base_run)
     rows = group_runs(runs)
-    base = _baseline(rows, baseline_method)
+    base = _baseline(rows, baseline_key)
     os.makedirs(out_dir, exist_ok=True)
     md_path, png_path = os.path.join(out_dir, REPORT_FILE), os.path.join(out_dir, PLOT_FILE)
     parts = ["# Accuracy vs size\n"]
@@ -236,8 +254,8 @@ def write_report(run_dirs: Sequence[str], out_dir: str, *, baseline: str | None 
     parts.append(
         "\nBytes on disk are those of the exported artifact (`artifact_bytes`) when the run "
         "has one, else of its float weights file (`params_bytes`). Size vs fp32 = bytes / "
-        "baseline bytes; compression = its inverse. Accuracy is mean ± sample std over a "
-        "method's runs.\n"
+        "baseline bytes; compression = its inverse. Accuracy is mean ± sample std (ddof = 1) "
+        "over a row's runs.\n"
     )
     parts.append(f"\n![accuracy vs bytes]({PLOT_FILE})\n")
     with open(md_path, "w") as f:

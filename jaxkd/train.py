@@ -48,6 +48,7 @@ from jaxkd import (
     methods,
     metrics,
     models,
+    multihost,
     objective,
     optim,
     preemption,
@@ -547,27 +548,25 @@ def export_artifact(s: Setup, state: TrainState, workdir: str, extra_metrics: di
     for m in s.methods:
         artifact = m.export(artifact, state, s.ctx)
     directory = os.path.join(workdir, ARTIFACT_DIR)
-    if jax.process_index() == 0:
+    result = None
+    if multihost.is_leader():  # the only process that writes, reads and evaluates it
         export.export(directory, s.run.model.name, artifact.model_kwargs, s.info.num_classes,
                       model_variables(artifact.params, artifact.batch_stats),
                       artifact.quantization, artifact.activation_ranges, extra_metrics,
                       input_shape=s.info.input_shape, overwrite=True,
                       entropy_coding=s.run.export.entropy_coding)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jaxkd export")
-    predict, manifest = export.load(directory)
-    task = s.task
-    artifact_eval = evaluation.evaluate(
-        jax.jit(lambda b: task.eval_metrics(predict(*task.model_inputs(b)), b)),
-        pipeline.eval_batches(s.run.data, split=s.run.data.eval_split,
-                              batch_size=s.run.eval_batch_size), timed=True)
-    return {"artifact_eval": artifact_eval, "artifact_bytes": export.artifact_bytes(directory),
-            "artifact_num_params": models.count_params(quant.strip_steps(artifact.params)),
-            "storage": export.storage_report(manifest),
-            "artifact_model_kwargs": artifact.model_kwargs,
-            "eval_latency_ms": artifact_eval.get("eval_latency_ms")}
+        predict, manifest = export.load(directory)
+        task = s.task
+        artifact_eval = evaluation.evaluate(
+            jax.jit(lambda b: task.eval_metrics(predict(*task.model_inputs(b)), b)),
+            pipeline.eval_batches(s.run.data, split=s.run.data.eval_split,
+                                  batch_size=s.run.eval_batch_size))
+        result = {"artifact_eval": artifact_eval,
+                  "artifact_bytes": export.artifact_bytes(directory),
+                  "artifact_num_params": models.count_params(quant.strip_steps(artifact.params)),
+                  "storage": export.storage_report(manifest),
+                  "artifact_model_kwargs": artifact.model_kwargs}
+    return multihost.broadcast_json(result)
 
 
 def evaluate_teachers(s: Setup) -> dict[str, Any]:
@@ -648,7 +647,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     s = build(run)
     teacher_summary = evaluate_teachers(s)
     state, start_step, manager = start_or_resume(s, workdir)
-    if jax.process_index() == 0:
+    if multihost.is_leader():
         files.write_json(os.path.join(workdir, checkpoint.MODEL_FILE), {
             "name": run.model.name, "kwargs": s.model_kwargs,
             "num_classes": s.info.num_classes, "input_shape": list(s.info.input_shape)})

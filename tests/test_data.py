@@ -370,3 +370,20 @@ def test_mnist1d_large_config_exists_without_building_it():
     configs = tfds.builder_cls("mnist1d").builder_configs
     assert configs["large"].num_samples == 50_000 and configs["default"].num_samples == 5000
     assert digits_builder.NUM_EXAMPLES - digits_builder.NUM_TEST == 1437
+
+
+def test_a_validation_split_is_carved_deterministically_from_train():
+    from jaxkd.config import run_config, validation
+
+    c = validation(run_config("mnist1d", "mlp"))
+    assert (c.data.train_split, c.data.eval_split) == ("train[:90%]", "train[90%:]")
+    info = pipeline.get_info(c.data)
+    assert info.num_examples["train[:90%]"] == 3600 and info.num_examples["train[90%:]"] == 400
+    full = pipeline.train_inputs(config("mnist1d")).source
+    held_out = next(pipeline.eval_batches(c.data, split=c.data.eval_split, batch_size=400))
+    np.testing.assert_array_equal(held_out["image"], full.read(np.arange(3600, 4000))[0])
+    seen = pipeline.train_inputs(c.data).source
+    assert len(seen) == 3600  # no validation example is trained on
+    c.data.eval_split = "train[:x]"
+    with pytest.raises(ValueError, match=r"config.data.eval_split='train\[:x\]' is not a slice"):
+        pipeline.get_info(c.data)

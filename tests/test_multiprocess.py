@@ -23,9 +23,16 @@ def free_port():
 
 
 def test_two_processes_match_one(tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    """Without a shared file system: each process has a workdir of its own and they share
+    only the checkpoints (process 1's is a link to process 0's). Process 1 must never read
+    what process 0 wrote (the artifact, weights, summaries): they are not in its workdir."""
+    one, two, two_p1 = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "two_p1")
+    os.makedirs(os.path.join(two, "checkpoints"))
+    os.makedirs(two_p1)
+    os.symlink(os.path.join(two, "checkpoints"), os.path.join(two_p1, "checkpoints"))
     address = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen(LAUNCH + [f"--workdir={two}", f"--coordinator_address={address}",
+    procs = [subprocess.Popen(LAUNCH + [f"--workdir={[two, two_p1][i]}",
+                                        f"--coordinator_address={address}",
                                         "--num_processes=2", f"--process_id={i}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
@@ -39,6 +46,8 @@ def test_two_processes_match_one(tmp_path):
     assert summary["processes"] == 2 and summary["devices"] == 2
     # Only process 0 reports progress and writes summaries; both finish the same run.
     assert "step 20/20" in outs[0][0] and "step 20/20" not in outs[1][0]
+    assert sorted(os.listdir(two_p1)) == ["checkpoints"]  # process 1 wrote nothing else
+    assert "final eval accuracy" in outs[1][0]  # and finished, artifact figures included
     with np.load(os.path.join(one, "weights.npz")) as a, \
             np.load(os.path.join(two, "weights.npz")) as b:
         for k in a.files:

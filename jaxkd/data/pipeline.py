@@ -340,13 +340,22 @@ def _first_line(e: BaseException) -> str:
 def _check_split(builder: tfds.core.DatasetBuilder, split: str, field: str) -> None:
     """Fails in the user's words on a split the dataset does not have.
 
+    A split may be a tfds slice of one (``'train[:90%]'``, ``'train[3600:]'``): the
+    deterministic way to carve a validation split from ``train`` (:func:`validation`).
     Without split metadata (``tfds.testing.mock_data`` with ``MockPolicy.USE_CODE``) any
     name is accepted.
     """
     known = list(builder.info.splits)
-    if split and known and split not in known:
+    base = split.split("[", 1)[0]
+    if split and known and base not in known:
         raise ConfigError(f"{field}={split!r} is not a split of {builder.name}; available: "
                           f"{', '.join(sorted(known))}")
+    if split != base:
+        try:
+            builder.as_data_source(split)
+        except (ValueError, AssertionError) as e:
+            raise ConfigError(f"{field}={split!r} is not a slice of {base!r}: "
+                              f"{_first_line(e)}") from None
 
 
 def _split_source(builder: tfds.core.DatasetBuilder, data: Data,
