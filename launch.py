@@ -1,89 +1,135 @@
-"""jaxkd's one launcher: ``python launch.py --config=configs/<name>.py[:arg] --workdir=DIR``.
+"""jaxkd's one launcher: trains the run, chain or compression pipeline a config describes.
 
-Any config field can be overridden with ``--config.<field>=<value>``. Without flags it runs
-``configs/default.py`` (MNIST-1D: CNN teacher -> MLP student) in ``runs/default``.
-A run resumes from the newest checkpoint in its workdir. For multi-host training pass
-``--distributed`` (TPU VMs / SLURM: addresses found automatically) or the explicit
-``--coordinator_address``, ``--num_processes`` and ``--process_id``.
+    python launch.py [--config=configs/<name>.py[:ARG]] [--workdir=DIR] [--config.<field>=V ...]
+
+Without ``--config`` it runs ``configs/default.py`` (MNIST-1D: CNN teacher -> MLP student)
+in ``runs/default``. ``--config.<field>=<value>`` overrides any field of the config (a
+chain's stages: ``--config.stages.<stage>.<field>=<value>``); ``--print_config`` prints
+every field with its value and exits. A run resumes from the newest checkpoint in its
+workdir. For multi-host training pass ``--distributed`` (TPU VMs / SLURM: addresses found
+automatically) or ``--coordinator_address``, ``--num_processes`` and ``--process_id``.
+A mistake in the command or the config is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(HERE, "configs", "default.py"), "The experiment's config file.",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
-_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False, "Continue a workdir's checkpoints under a changed config.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")
 
 
-def default_workdir(config_path: str) -> str:
-    name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line (``jaxkd: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"jaxkd: error: {message} (see python launch.py --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parser() -> Parser:
+    p = Parser(prog="python launch.py", description=__doc__.split("\n\n")[0],
+               epilog="Examples:\n"
+                      "  python launch.py --config=configs/mnist1d_teacher.py:model=mlp "
+                      "--config.optimizer.learning_rate=3e-3\n"
+                      "  python launch.py --config=configs/digits_student.py --print_config\n"
+                      "Each config's args (after the colon) are listed in its docstring.",
+               formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+               add_help=False)
+    p.add_argument("-h", "--help", "--helpshort", "--helpfull", action="help",
+                   help="print this help and exit")
+    p.add_argument("--config", default=None, metavar="PATH[:ARG]",
+                   help="the experiment's config file (default: configs/default.py)")
+    p.add_argument("--workdir", default=None,
+                   help="run directory (default: runs/<config name>[_<ARG>])")
+    p.add_argument("--print_config", action="store_true",
+                   help="print the resolved config (every field, after overrides) and exit")
+    p.add_argument("--allow_config_change", action="store_true",
+                   help="continue a workdir's checkpoints under a changed config")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (cluster found automatically)")
+    p.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    p.add_argument("--num_processes", type=int, default=None, help="number of processes")
+    p.add_argument("--process_id", type=int, default=None, help="this process's index")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' INFO logs")
+    return p
+
+
+def default_workdir(spec: str) -> str:
+    """``runs/<config name>[_<arg>]``: ``configs/x.py:smoke`` runs in ``runs/x_smoke``, so
+    that a config's variants never share a workdir."""
+    path, _, arg = spec.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    if arg:
+        name += "_" + re.sub(r"[^\w=+.-]", "_", arg)
     return os.path.join("runs", name)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:  # library INFO logs drown the progress lines
-        logging.set_verbosity(logging.WARNING)
+def initialize_distributed(args: argparse.Namespace) -> None:
     import jax
 
-    if _COORDINATOR.value or _DISTRIBUTED.value:
-        jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
-        )
+    try:
+        jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                                   num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    except (ValueError, RuntimeError) as e:
+        what = "--distributed" if args.distributed else "--coordinator_address"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"jaxkd: error: {what}: jax.distributed.initialize() failed ({first}); on one "
+              "machine leave out --distributed, else pass --coordinator_address, "
+              "--num_processes and --process_id", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str]) -> int:
+    from jaxkd import configfile
+    from jaxkd.schema import ConfigError
+
+    try:
+        overrides, rest = configfile.split_overrides(argv)
+    except ConfigError as e:
+        print(f"jaxkd: error: {e}", file=sys.stderr)
+        return 2
+    args = parser().parse_args(rest)
+    spec = args.config or DEFAULT_CONFIG
+    try:
+        config = configfile.load(spec)
+        configfile.apply(config, overrides)
+    except ConfigError as e:
+        print(f"jaxkd: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config)
+        return 0
+
+    from absl import flags, logging
+
+    flags.FLAGS.mark_as_parsed()  # absl-logging libraries (orbax) need parsed flags
+    logging.set_verbosity(logging.INFO if args.verbose else logging.WARNING)
+    if args.coordinator_address or args.distributed:
+        initialize_distributed(args)
     from jaxkd import chain, compression, preemption, train
 
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+    workdir = args.workdir or default_workdir(spec)
+    if chain.is_chain(config):
+        run = chain.run_chain
+    elif compression.is_pipeline(config):
+        run = compression.run_pipeline
+    else:
+        run = train.train_and_evaluate
     try:
-        if chain.is_chain(config):
-            run = chain.run_chain
-        elif compression.is_pipeline(config):
-            run = compression.run_pipeline
-        else:
-            run = train.train_and_evaluate
-        run(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+        run(config, workdir, allow_config_change=args.allow_config_change)
     except preemption.Preempted as e:
         print(f"jaxkd: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"jaxkd: error: {message}", file=sys.stderr)
+    except ConfigError as e:  # the user's mistake; anything else is ours: its traceback
+        print(f"jaxkd: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def run() -> None:
-    """Parses flags; a bad flag or config override is one line on stderr, exit status 2."""
-    try:
-        argv = flags.FLAGS(sys.argv)
-    except flags.Error as e:
-        print(f"jaxkd: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (AttributeError, KeyError) as e:  # ml_collections: override of a missing field
-        field = str(e.args[0] if e.args else e).strip("\"'")
-        overrides = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
-        culprit = next((o for o in overrides if field in o.split(".")), "--config.<field>")
-        print(f"jaxkd: error: {culprit}: the config has no field {field!r}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(app.run(main, argv=argv, flags_parser=lambda a: a))
-
-
 if __name__ == "__main__":
-    run()
+    sys.exit(main(sys.argv[1:]))

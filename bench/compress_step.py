@@ -1,6 +1,6 @@
 """Cost of pruning and weight clustering: compressed train step vs the plain step.
 
-    python bench/compress_step.py [--steps 100] [--batch_size 128] [--rounds 5]
+    python bench/compress_step.py [--steps 100] [--batch_size 128] [--rounds 7] [--docs]
 
 For the Hinton student MLP 784-800-800-10 and the MNIST-1D CNN (``cnn1d``), measured in
 this one process on the default device, ``jaxkd.train.make_train_step`` (jitted with
@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from timing import seconds_per_call
+from common import publish
+from timing import Ratio, seconds_per_call
 
 from jaxkd import models, objective, pruning, sharing, train
 from jaxkd.config import supervised_losses
@@ -109,30 +110,31 @@ def bench_model(label, name, kwargs, shape, args, rng):
             times["plain"].append(after)
             ratios[v].append(2 * t / (before + after))
             before = after
-    ratios["plain"] = [1.0]
-    rows = []
+    rows = [f"| {label} | plain | {1e3 * np.median(times['plain']):.3f} | 1 |"]
     for v, t in times.items():
-        ratio = float(np.median(ratios[v]))
-        flag = "" if v == "plain" or ratio <= TARGET else f"  > {TARGET}"
-        rows.append(f"{label:<20} {v:<24} {1e3 * np.median(t):>9.3f} {ratio:>8.3f}{flag}")
-    rows += [f"{label:<20} {v:<24} skipped: {e}" for v, e in skipped.items()]
+        if v != "plain":
+            rows.append(f"| {label} | {v} | {1e3 * np.median(t):.3f} | "
+                        f"{Ratio(np.asarray(ratios[v])).text(target=('<=', TARGET))} |")
+    rows += [f"| {label} | {v} | skipped: {e} | |" for v, e in skipped.items()]
     return rows
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--docs", action="store_true")
     args = parser.parse_args()
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, batch "
-          f"{args.batch_size}, {args.steps} steps x {args.rounds} interleaved rounds")
     rng = np.random.default_rng(0)
-    print(f"{'model':<20} {'variant':<24} {'ms/step':>9} {'/ plain':>8}  (median; target "
-          f"<= {TARGET})")
+    lines = ["| model | variant | ms/step | step time / plain |", "|---|---|---:|---|"]
     for label, (name, kwargs, shape) in MODELS.items():
-        for row in bench_model(label, name, kwargs, shape, args, rng):
-            print(row, flush=True)
+        lines += bench_model(label, name, kwargs, shape, args, rng)
+        print("\n".join(lines[2:]), flush=True)
+    lines += ["", f"Batch {args.batch_size}, median over {args.rounds} interleaved rounds of "
+              f"{args.steps} steps, each variant divided by the mean of the plain steps timed "
+              "before and after it (min-max in brackets)."]
+    publish("compress_step", "\n".join(lines), docs=args.docs)
 
 
 if __name__ == "__main__":

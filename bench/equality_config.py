@@ -110,8 +110,8 @@ def stages() -> dict:
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
-    if "precomputed" in args:
+    args = parse_arg(arg, precomputed="", smoke=False)
+    if args["precomputed"]:
         config = run("mlp", widths=(64, 64))
         config.data.transfer_split = "unlabelled"
         config.distill.teacher_logits = args["precomputed"]
@@ -121,6 +121,6 @@ def get_config(arg=None):
             "ce": {"name": "cross_entropy", "weight": 0.1}}
     else:
         config = chain_config(stages())
-    if "smoke" in args:
+    if args["smoke"]:
         smoke(config)
     return config

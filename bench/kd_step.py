@@ -1,6 +1,6 @@
 """jaxkd's KD train step against a hand-written plain-JAX step of the same Hinton MLPs.
 
-    python bench/kd_step.py [--steps 200] [--batch_sizes 128,512]
+    python bench/kd_step.py [--steps 100] [--rounds 9] [--batch_sizes 128,512] [--docs]
 
 Prints samples/s of (a) a plain-JAX Hinton-KD step (hand-written MLP forward, loss and
 optax Adam), (b) jaxkd's ``train_step`` with the same teacher (784-1200-1200-10) and student
@@ -8,7 +8,10 @@ optax Adam), (b) jaxkd's ``train_step`` with the same teacher (784-1200-1200-10)
 teacher logits streamed in the batch and (e) the teacher's forward pass alone; then the
 ratios jaxkd/plain (target >= 0.95), precomputed/student-only (target <= 1.05) and the
 in-step teacher's cost (KD step - student step) / teacher forward (target <= 1), all
-measured in this one process on the default device.
+measured in this one process on the default device, the five interleaved in ``--rounds``
+rounds: each ratio is the median over rounds with its min-max, judged against its target,
+or flagged as too noisy to judge (``bench/timing.py``). With ``--docs`` the table goes to
+``docs/tables/kd_step.md``.
 """
 
 import argparse
@@ -18,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from timing import seconds_per_call
+from common import publish
+from timing import interleaved, ratio
 
 from jaxkd import models, objective, train
 from jaxkd.config import hinton_losses, supervised_losses
@@ -62,12 +66,16 @@ def make_plain_step(tx):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=200)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--batch_sizes", default="128,512")
+    parser.add_argument("--docs", action="store_true")
     args = parser.parse_args()
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
     tx = optax.adam(1e-3)
+    rows = ["| batch | plain-JAX KD samples/s | jaxkd KD samples/s | jaxkd / plain | "
+            "KD / student-only | precomputed top-8 / student-only | (KD − student) / "
+            "teacher forward |", "|---:|---:|---:|---|---:|---|---|"]
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.normal(size=(batch, 784)), jnp.float32)
@@ -90,7 +98,10 @@ def main():
         teacher_vars = {"params": teacher.init(jax.random.PRNGKey(1), x[:1])["params"]}
 
         topk = jax.lax.top_k(plain_mlp(teacher_p, x), 8)
-        data_topk = {**data, "teacher_topk_logits": topk[0], "teacher_topk_indices": topk[1]}
+        residual = -jnp.expm1(jax.nn.logsumexp(topk[0] / T, -1)
+                              - jax.nn.logsumexp(plain_mlp(teacher_p, x) / T, -1))
+        data_topk = {**data, "teacher_topk_logits": topk[0], "teacher_topk_indices": topk[1],
+                     "teacher_topk_residual": residual}
 
         def jaxkd_runner(losses, teacher_model, student=student, teacher_vars=teacher_vars,
                          data=data, has_teacher=None):
@@ -122,24 +133,20 @@ def main():
             return teacher_forward(teacher_vars, x)
 
         # Interleave the measurements so that machine noise hits all of them alike.
-        runners = {"plain": run_plain, "kd": run_kd, "student": run_student,
-                   "topk": run_topk, "teacher": run_teacher}
-        times = {k: [] for k in runners}
-        for _ in range(3):
-            for k, fn in runners.items():
-                times[k].append(seconds_per_call(fn, args.steps))
-        best = {k: min(v) for k, v in times.items()}
-        sps = {k: batch / v for k, v in best.items()}
-        print(f"B={batch}: plain-JAX KD {sps['plain']:,.0f} samples/s | jaxkd KD "
-              f"{sps['kd']:,.0f} | jaxkd student-only {sps['student']:,.0f}")
-        print(f"B={batch}: jaxkd KD / plain-JAX KD = {sps['kd'] / sps['plain']:.3f} "
-              f"(target >= 0.95); KD step time / student-only step time = "
-              f"{best['kd'] / best['student']:.3f}")
-        print(f"B={batch}: precomputed top-8 step / student-only step = "
-              f"{best['topk'] / best['student']:.3f} (target <= 1.05); in-step teacher cost "
-              f"(KD - student) / teacher forward alone = "
-              f"{(best['kd'] - best['student']) / best['teacher']:.3f} (target <= 1)")
-
+        times = interleaved({"plain": run_plain, "kd": run_kd, "student": run_student,
+                             "topk": run_topk, "teacher": run_teacher},
+                            rounds=args.rounds, calls=args.steps)
+        sps = {k: batch / np.median(v) for k, v in times.items()}
+        teacher_cost = ratio(times["kd"] - times["student"], times["teacher"])
+        rows.append(
+            f"| {batch} | {sps['plain']:,.0f} | {sps['kd']:,.0f} | "
+            f"{ratio(times['plain'], times['kd']).text(target=('>=', 0.95))} | "
+            f"{ratio(times['kd'], times['student']).text(digits=2)} | "
+            f"{ratio(times['topk'], times['student']).text(target=('<=', 1.05))} | "
+            f"{teacher_cost.text(target=('<=', 1.0), digits=2)} |")
+        print(rows[-1], flush=True)
+    publish("kd_step", "\n".join(rows) + f"\n\nMedian over {args.rounds} interleaved rounds "
+            f"of {args.steps} steps (min-max in brackets).", docs=args.docs)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Inference latency of the exported integer artifact against the float model, one way.
 
-    python bench/latency.py [--rounds 7] [--calls 50]
+    python bench/latency.py [--rounds 7] [--calls 50] [--docs]
 
 For each model (MNIST-1D MLP 100-100 and CNN, the Hinton student MLP 784-800-800 and
 LeNet-5 on 28x28) and batch size (1, 100, 1000) it times, in this one process on the
@@ -12,8 +12,9 @@ compiled first:
 - ``int4``: the same with 4-bit weights (unpacked at load; the matmuls are still int8).
 
 Rounds are interleaved (fp32, int8, int4, fp32, ...); it prints the median time per call
-in ms, the min-max over rounds, and the median ratio artifact / fp32 over rounds, and says
-when the spread makes a ratio meaningless (it exceeds 20 %). Weights are random (latency
+in ms, the min-max over rounds, and the median ratio artifact / fp32 over rounds with its
+min-max, and says when the spread makes a ratio meaningless (``bench/timing.py``). With
+``--docs`` the table goes to ``docs/tables/latency.md``. Weights are random (latency
 does not depend on their values); activation ranges are calibrated on one batch. About 2
 minutes on 2 CPU cores.
 """
@@ -28,6 +29,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import publish
+from timing import ratio
 
 from jaxkd import export, models, quant
 
@@ -54,11 +57,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--docs", action="store_true")
     args = parser.parse_args()
-    print(f"device: {jax.devices()[0].platform} x{jax.device_count()}; ms per call, median "
-          f"(min - max) of {args.rounds} interleaved rounds of {args.calls} calls\n")
-    print("| model | batch | fp32 ms | int8 ms | int8 / fp32 | int4 ms | int4 / fp32 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    lines = ["| model | batch | fp32 ms | int8 ms | int8 / fp32 | int4 ms | int4 / fp32 |",
+             "|---|---:|---:|---:|---|---:|---|"]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         for label, (name, kwargs, shape) in MODELS.items():
@@ -82,11 +84,14 @@ def main() -> None:
                 cells = [f"{np.median(times['fp32']):.3f} ({min(times['fp32']):.3f} - "
                          f"{max(times['fp32']):.3f})"]
                 for k in ("int8", "int4"):
-                    ratios = np.array(times[k]) / np.array(times["fp32"])
-                    spread = (ratios.max() - ratios.min()) / np.median(ratios)
-                    note = " (noisy)" if spread > 0.2 else ""
-                    cells += [f"{np.median(times[k]):.3f}", f"{np.median(ratios):.2f}x{note}"]
-                print(f"| {label} | {batch} | " + " | ".join(cells) + " |", flush=True)
+                    cells += [f"{np.median(times[k]):.3f}",
+                              ratio(times[k], times["fp32"]).text(digits=2)]
+                lines.append(f"| {label} | {batch} | " + " | ".join(cells) + " |")
+                print(lines[-1], flush=True)
+    lines += ["", f"Milliseconds per call on {jax.devices()[0].platform}, median (min - max) of "
+              f"{args.rounds} interleaved rounds of {args.calls} calls; input on the device, "
+              "every function jitted."]
+    publish("latency", "\n".join(lines), docs=args.docs)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Precomputed teacher logits read from disk, against no teacher and an in-step teacher.
 
-    python bench/precomputed_stream.py [--rounds 5] [--steps 300]
+    python bench/precomputed_stream.py [--rounds 7] [--steps 300] [--docs]
 
 The real path, end to end: MNIST-1D with its 20,000-input transfer set through
 ``jaxkd.data.pipeline.train_dataset``, into the jitted train step of the MLP 100-100
@@ -13,8 +13,10 @@ student, in one process:
 - ``precomputed, in memory``: the same logits held in host memory;
 - ``in-step teacher``: the MNIST-1D CNN run inside the step (Hinton KD).
 
-Rounds are interleaved; it prints median steps/s, the spread (min-max), and each ratio of
-step time to the student-only step. About 2 minutes on 2 CPU cores.
+Rounds are interleaved; it prints median steps/s with its min-max, and each ratio of step
+time to the student-only step (median over rounds, min-max, flagged when too noisy to
+mean anything: ``bench/timing.py``). With ``--docs`` the table goes to
+``docs/tables/precomputed_stream.md``. About 2 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import time
 
 import jax
 import numpy as np
+from common import publish
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from timing import ratio
 
 from jaxkd import models, objective, optim, teacher_logits, teachers, train
 from jaxkd.config import Optimizer, data_config, hinton_losses, run_config, supervised_losses
@@ -68,8 +72,9 @@ def runner(terms_spec, teacher, *, has_teacher: bool, extra=None, in_memory=True
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--docs", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         teacher_dir = os.path.join(tmp, "teacher")
@@ -102,14 +107,14 @@ def main() -> None:
         for _ in range(args.rounds):
             for k, run in runs.items():
                 rates[k].append(run(args.steps))
-    base = np.median(rates["student"])
-    print(f"MLP 100-100 student, batch 100, MNIST-1D + transfer set, {args.rounds} interleaved "
-          f"rounds of {args.steps} steps:\n")
-    print("| step | median steps/s | min - max | step time / student-only |")
-    print("|---|---:|---:|---:|")
+    lines = ["| step | median steps/s (min - max) | step time / student-only |", "|---|---:|---|"]
     for k, r in rates.items():
-        print(f"| {k} | {np.median(r):.0f} | {min(r):.0f} - {max(r):.0f} | "
-              f"{base / np.median(r):.2f} |")
+        # Step time ratio = student-only rate / this rate, round by round.
+        lines.append(f"| {k} | {np.median(r):.0f} ({min(r):.0f} - {max(r):.0f}) | "
+                     f"{ratio(rates['student'], r).text(digits=2)} |")
+    lines += ["", f"MLP 100-100 student, batch 100, MNIST-1D + transfer set, median over "
+              f"{args.rounds} interleaved rounds of {args.steps} steps."]
+    publish("precomputed_stream", "\n".join(lines), docs=args.docs)
 
 
 if __name__ == "__main__":

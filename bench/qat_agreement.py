@@ -1,6 +1,6 @@
 """Is the exported integer model the model QAT trained? Logits of both, example by example.
 
-    python bench/qat_agreement.py [--steps 1500] [--out runs/qat_agreement]
+    python bench/qat_agreement.py [--steps 1500] [--out runs/qat_agreement] [--docs]
 
 For the MNIST-1D MLP 100-100 and CNN, QAT with min/max and with LSQ, weights at 4 bits
 (first and last layer 8) and activations at 8 and at 4 bits, it trains a run, then runs
@@ -11,7 +11,8 @@ from disk (``export.load``, the integer path). It prints each one's accuracy, th
 predictions of the QAT forward change when each example is evaluated alone (batch 1)
 instead of in a batch of 1000. Then, over ``--seeds``, the a4 runs again with every
 activation on the signed grid (``unsigned_activations=False``): the accuracy the unsigned
-grid after a ReLU buys. About 6 minutes on 2 CPU cores.
+grid after a ReLU buys. With ``--docs`` both tables go to ``docs/tables/qat_agreement.md``.
+About 6 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 
 import jax
 import numpy as np
+from common import mean_std, publish
 
 from jaxkd import checkpoint, export, models, quant, train
 from jaxkd.config import run_config
@@ -87,23 +89,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--out", default=os.path.join("runs", "qat_agreement"))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--docs", action="store_true")
     args = parser.parse_args()
-    print("| model | method | bits | QAT eval acc | artifact acc | max abs logit diff | "
-          "argmax differs | QAT argmax changes at batch 1 |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    lines = ["| model | method | bits | QAT eval acc | artifact acc | max abs logit diff | "
+             "argmax differs | QAT argmax changes at batch 1 |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for model in SETUPS:
         for method in ("minmax", "lsq"):
             for abits in (8, 4):
                 c = config(model, method, abits, args.steps)
                 r = measure(c, os.path.join(args.out, f"{model}_{method}_a{abits}"))
-                print(f"| {model} | {method} | w4a{abits} | {100 * r['qat_acc']:.2f} % | "
-                      f"{100 * r['artifact_acc']:.2f} % | {r['max_abs_diff']:.2e} | "
-                      f"{100 * r['argmax_differs']:.2f} % | {100 * r['batch1_changes']:.2f} % |",
-                      flush=True)
+                lines.append(f"| {model} | {method} | w4a{abits} | {100 * r['qat_acc']:.2f} % | "
+                             f"{100 * r['artifact_acc']:.2f} % | {r['max_abs_diff']:.2e} | "
+                             f"{100 * r['argmax_differs']:.2f} % | "
+                             f"{100 * r['batch1_changes']:.2f} % |")
+                print(lines[-1], flush=True)
     seeds = [int(v) for v in args.seeds.split(",")]
-    print(f"\nw4a4, artifact accuracy, mean ± sample std over seeds {args.seeds}:\n")
-    print("| model | method | signed grid everywhere | unsigned after ReLU | gain |")
-    print("|---|---|---:|---:|---:|")
+    lines += ["", f"Test split of MNIST-1D, {args.steps} QAT steps, seed 0. w4a4, artifact "
+              f"accuracy, mean ± sample std over seeds {args.seeds}:", "",
+              "| model | method | signed grid everywhere | unsigned after ReLU | gain (pt) |",
+              "|---|---|---:|---:|---:|"]
     for model in SETUPS:
         for method in ("minmax", "lsq"):
             acc = {}
@@ -112,11 +117,10 @@ def main() -> None:
                     config(model, method, 4, args.steps, seed, unsigned),
                     os.path.join(args.out, f"{model}_{method}_a4_s{seed}_u{int(unsigned)}"))[
                     "accuracy"] for seed in seeds]) * 100
-            gain = acc[True] - acc[False]
-            signed, unsigned = acc[False], acc[True]
-            print(f"| {model} | {method} | {signed.mean():.2f} ± {signed.std(ddof=1):.2f} % "
-                  f"| {unsigned.mean():.2f} ± {unsigned.std(ddof=1):.2f} % | "
-                  f"{gain.mean():+.2f} ± {gain.std(ddof=1):.2f} pt |", flush=True)
+            lines.append(f"| {model} | {method} | {mean_std(acc[False])} % | "
+                         f"{mean_std(acc[True])} % | {mean_std(acc[True] - acc[False])} |")
+            print(lines[-1], flush=True)
+    publish("qat_agreement", "\n".join(lines), docs=args.docs)
 
 
 if __name__ == "__main__":

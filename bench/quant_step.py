@@ -1,29 +1,28 @@
-"""Cost of quantization: QAT train step vs fp32 step, integer artifact vs fp32 inference.
+"""Cost of QAT: the QAT train step against the fp32 step.
 
-    python bench/quant_step.py [--steps 100] [--batch_size 128] [--eval_batch_size 1000]
+    python bench/quant_step.py [--steps 100] [--batch_size 128] [--rounds 9] [--docs]
 
 For the Hinton student MLP 784-800-800-10 and the MNIST-1D CNN (``cnn1d``), measured in
-this one process on the default device, interleaved so that machine noise hits all alike:
-
-- ``jaxkd.train.make_train_step`` step time with ``student_apply=quant.qat_apply(...)``
-  (int8 weights; int8 weights + int8 activations; int4 weights; LSQ int4) divided by the
-  same step with the plain float model (target <= 1.3);
-- the same ratio for qwix's ``QtProvider`` int8 weight-only QAT, for comparison, when
-  qwix is installed;
-- ``jaxkd.export.load`` predict_fn (int8 x int8 -> int32 matmuls) time divided by the
-  jitted float ``model.apply`` on the same batch.
+this one process on the default device: ``jaxkd.train.make_train_step`` with
+``student_apply=quant.qat_apply(...)`` (int8 weights; int8 weights and activations with
+their EMA observers in the state; int4 weights; LSQ w4a4 with learned steps) against the
+same step of the float model (target <= 1.3), and qwix's ``QtProvider`` int8 weight-only
+QAT for comparison when qwix is installed. Variants are interleaved in ``--rounds`` rounds;
+each ratio is the median over rounds with its min-max, judged or flagged as too noisy
+(``bench/timing.py``). Inference latency of the artifact: ``bench/latency.py``. With
+``--docs`` the table goes to ``docs/tables/quant_step.md``.
 """
 
 import argparse
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from timing import seconds_per_call
+from common import publish
+from timing import interleaved, ratio
 
-from jaxkd import export, models, objective, quant, train
+from jaxkd import models, objective, quant, train
 from jaxkd.config import supervised_losses
 
 MODELS = {
@@ -34,7 +33,7 @@ QAT = {
     "QAT w8": {"weight_bits": 8},
     "QAT w8a8": {"weight_bits": 8, "activation_bits": 8},
     "QAT w4": {"weight_bits": 4},
-    "QAT LSQ w4": {"weight_bits": 4, "method": "lsq"},
+    "QAT LSQ w4a4": {"weight_bits": 4, "activation_bits": 4, "method": "lsq"},
 }
 
 
@@ -64,7 +63,14 @@ def step_runner(model, input_shape, data, steps, quant_config=None, apply=None):
         terms, num_steps=steps), student_apply=apply), donate_argnums=(0,))
     init_model = model if quant_config is None else WithQATParams(model, quant_config,
                                                                   data["image"])
-    box = {"s": train.init_state(init_model, tx, input_shape, 0)}
+    state = train.init_state(init_model, tx, input_shape, 0)
+    if quant_config is not None:  # the activation observers, as the trainer starts them
+        variables = {"params": state.params}
+        observers = quant.init_observers(model, variables, data["image"],
+                                         **quant_config.kwargs())
+        if observers:
+            state = state.replace(collections={quant.OBSERVERS: observers})
+    box = {"s": state}
 
     def run():
         box["s"], m = step(box["s"], data, [])
@@ -82,57 +88,38 @@ def qwix_apply(model):
     return qwix.quantize_model(model, qwix.QtProvider(rules)).apply
 
 
-def bench_model(label, name, kwargs, shape, args, rng):
+def bench_model(label, name, kwargs, shape, args, rng) -> list[str]:
     model = models.get_model(name, num_classes=10, **kwargs)
     x = jnp.asarray(rng.normal(size=(args.batch_size, *shape)), jnp.float32)
     data = {"image": x, "label": jnp.asarray(rng.integers(0, 10, args.batch_size))}
-    variables = model.init(jax.random.PRNGKey(0), x[:1])
     runners = {"fp32": step_runner(model, shape, data, args.steps)}
     for qlabel, fields in QAT.items():
         runners[qlabel] = step_runner(model, shape, data, args.steps, quant_config(**fields))
     qwix_fn = qwix_apply(model)
     if qwix_fn is not None:
         runners["qwix QtProvider w8"] = step_runner(model, shape, data, args.steps, apply=qwix_fn)
-
-    # Inference: the exported int8 artifact (int8 weights, static int8 activations from a
-    # calibration batch) against the float model, on one eval batch.
-    xe = jnp.asarray(rng.normal(size=(args.eval_batch_size, *shape)), jnp.float32)
-    ranges = quant.calibrate(model, variables, [xe[:256]])
-    with tempfile.TemporaryDirectory() as tmp:
-        export.export(f"{tmp}/int8", name, kwargs, 10, variables, quant_config(), ranges, {},
-                      input_shape=shape)
-        predict_int8, _ = export.load(f"{tmp}/int8")
-        nbytes = export.artifact_bytes(f"{tmp}/int8")
-    predict_fp32 = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    runners["infer fp32"] = lambda: predict_fp32(variables, xe)
-    runners["infer int8 artifact"] = lambda: predict_int8(xe)
-
-    times = {k: [] for k in runners}
-    for _ in range(args.repeats):
-        for k, run in runners.items():
-            times[k].append(seconds_per_call(run, args.steps))
-    best = {k: min(v) for k, v in times.items()}
-    print(f"{label}, train batch {args.batch_size}: fp32 step {1e3 * best['fp32']:.3f} ms")
-    for k in runners:
-        if k.startswith("QAT") or k.startswith("qwix"):
-            print(f"  {k:>18}: {1e3 * best[k]:.3f} ms/step, QAT / fp32 = "
-                  f"{best[k] / best['fp32']:.3f} (target <= 1.3)")
-    print(f"  inference, batch {args.eval_batch_size}: fp32 {1e3 * best['infer fp32']:.3f} ms, "
-          f"int8 artifact {1e3 * best['infer int8 artifact']:.3f} ms, int8 / fp32 = "
-          f"{best['infer int8 artifact'] / best['infer fp32']:.3f} (artifact {nbytes:,} bytes)")
+    times = interleaved(runners, rounds=args.rounds, calls=args.steps)
+    rows = [f"| {label} | {k} | {1e3 * np.median(times[k]):.3f} | "
+            f"{ratio(times[k], times['fp32']).text(target=('<=', 1.3))} |"
+            for k in runners if k != "fp32"]
+    return [f"| {label} | fp32 | {1e3 * np.median(times['fp32']):.3f} | 1 |", *rows]
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--eval_batch_size", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--docs", action="store_true")
     args = parser.parse_args()
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
     rng = np.random.default_rng(0)
+    lines = ["| model | step | ms/step | step time / fp32 |", "|---|---|---:|---|"]
     for label, (name, kwargs, shape) in MODELS.items():
-        bench_model(label, name, kwargs, shape, args, rng)
+        lines += bench_model(label, name, kwargs, shape, args, rng)
+        print("\n".join(lines[-len(QAT) - 1:]), flush=True)
+    lines += ["", f"Train batch {args.batch_size}, median over {args.rounds} interleaved rounds "
+              f"of {args.steps} steps (min-max in brackets)."]
+    publish("quant_step", "\n".join(lines), docs=args.docs)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ Needs the tfds ``cifar100`` dataset prepared in ``$TFDS_DATA_DIR``. Both stages 
 RepDistiller recipe: 240 epochs, SGD momentum 0.9, lr 0.05 divided by 10 at epochs 150, 180
 and 210, batch 64, weight decay 5e-4, random crop (pad 4) + horizontal flip. The student
 uses Hinton KD with T=4 and alpha=0.9. Published (CRD, table 1): teacher 79.42 %, student
-from scratch 72.50 %, KD 73.33 %. Expected: those numbers within about half a point. Not
-measured here (no GPU, no download). A run takes hours on one GPU.
-Smoke test (tfds mock data): ``:smoke``.
+from scratch 72.50 %, KD 73.33 %. Expected: those numbers within about half a point.
+Not measured here (no GPU, no download). A run takes hours on one GPU.
+
+Args (after the colon): ``smoke`` (two tiny steps per stage; the tests run it on tfds mock
+data).
 """
 
 from jaxkd.config import chain_config, hinton_losses, parse_arg, run_config, smoke
@@ -34,12 +36,12 @@ def cifar_run(model: str):
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, smoke=False)
     teacher = cifar_run("resnet32x4")
     student = cifar_run("resnet8x4")
     student.distill.teacher.workdir = "stage:teacher"
     student.distill.losses = hinton_losses(alpha=0.9, temperature=4.0)
     config = chain_config({"teacher": teacher, "student": student})
-    if "smoke" in args:
+    if args["smoke"]:
         smoke(config)
     return config

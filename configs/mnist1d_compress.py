@@ -6,7 +6,7 @@ r"""Deep Compression on MNIST-1D: prune 90 % -> 16 shared values -> int8, distil
 
 A chain of three stages, each in ``runs/mnist1d_compress/<stage>``:
   1. ``teacher``: the MNIST-1D CNN (as in the quickstart);
-  2. ``dense``: the MLP 40-100-100-10 distilled from it through the transfer set (84 %);
+  2. ``dense``: the MLP 40-100-100-10 distilled from it through the transfer set;
   3. ``compressed``: ``config.compression.stages`` (default prune -> cluster -> quantize),
      each stage a run of its own in ``compressed/<stage>`` starting from the previous one
      and distilled from ``dense`` (the uncompressed model): Fisher pruning (g^2 w^2) of
@@ -18,12 +18,12 @@ A chain of three stages, each in ``runs/mnist1d_compress/<stage>``:
 After each compression stage the run checks that the earlier stages' structure survived
 (zeros, distinct values, integer ranges) and stops with an error naming the layer if not.
 
-Expected (2 CPU cores, about 2 minutes): teacher about 93 %, dense about 84 %, compressed
-62 kB -> 5.3 kB on disk (11.6x) at 63.1 +- 2.2 % (3 seeds, bench/compress_table.py): 90 %
-of this small MLP's weights are too many to remove at <= 0.5 pt loss; on the
-over-parameterised 300-100 MLP on digits the same pipeline loses 0.4 pt for 20x
-(docs/compression/).
-Smoke test: ``:smoke``.
+Measured: README's configs table (bench/configs_table.py). Over 3 seeds, and
+the same pipeline on the over-parameterised 300-100 MLP on digits: README's compression
+table (bench/compress_table.py).
+
+Args (after the colon): ``stages=prune+cluster+quantize`` (any of them, in order, joined by
+``+``); ``smoke`` (two tiny steps per stage).
 """
 
 from jaxkd.config import chain_config, hinton_losses, parse_arg, run_config, smoke
@@ -41,7 +41,7 @@ def mnist1d_run(model: str, **model_kwargs):
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, stages="prune+cluster+quantize", smoke=False)
     teacher = mnist1d_run("cnn1d")
     dense = mnist1d_run("mlp", widths=(100, 100))
     dense.data.transfer_split = "unlabelled"
@@ -59,11 +59,11 @@ def get_config(arg=None):
     compressed.clustering.update(num_clusters=16, keep_first_last=False)
     compressed.quantization.update(weight_bits=8, activation_bits=8, per_channel=False)
     compressed.export.entropy_coding = True
-    stages = tuple(args.get("stages", "prune+cluster+quantize").split("+"))
+    stages = tuple(args["stages"].split("+"))
     steps = {"prune": 2000, "cluster": 1000, "quantize": 1000}
     compressed.compression.stages = stages
     compressed.compression.num_steps = tuple(steps.get(s, 1000) for s in stages)
     config = chain_config({"teacher": teacher, "dense": dense, "compressed": compressed})
-    if "smoke" in args:
+    if args["smoke"]:
         smoke(config)
     return config

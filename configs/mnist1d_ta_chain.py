@@ -9,9 +9,10 @@ starts the same MLP 100-100 from the assistant's weights, keeping the 100 most a
 neurons of each layer (``init.method='prune_width'``, Minitron-style), then distils from the
 teacher. All KD stages use the 20,000-input transfer set (T=4, alpha=0.9), Adam 1e-2,
 batch 100, 6000 steps. A killed chain resumes at its unfinished stage and ends with a
-per-stage table. Expected: about 83 % (student) and 85.5 % (student_init) (docs/distillation.md:
-83.0 ± 0.3 % and 85.6 ± 0.3 % over 3 seeds), about 2 minutes on 2 CPU cores.
-Smoke test: ``:smoke``.
+per-stage table. Measured: README's configs table (bench/configs_table.py). Over 3 seeds:
+docs/distillation.md.
+
+Args (after the colon): ``smoke`` (two tiny steps per stage).
 """
 
 from jaxkd.config import chain_config, hinton_losses, parse_arg, run_config, smoke
@@ -33,7 +34,7 @@ def stage(model: str, teacher: str = "", **model_kwargs):
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, smoke=False)
     student_init = stage("mlp", "stage:teacher", widths=(100, 100))
     student_init.init.method = "prune_width"
     student_init.init.teacher_workdir = "stage:assistant"
@@ -43,6 +44,6 @@ def get_config(arg=None):
         "student": stage("mlp", "stage:assistant", widths=(100, 100)),
         "student_init": student_init,
     })
-    if "smoke" in args:
+    if args["smoke"]:
         smoke(config)
     return config

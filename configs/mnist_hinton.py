@@ -11,7 +11,10 @@ on a machine with internet). Two stages:
      the same net trained on the labels alone (``:scratch`` adds that stage).
 SGD momentum 0.9, lr 0.1 cosine, batch 128, 60 epochs per stage. Expected: the paper's
 numbers above, within a few tenths of a point. Not measured here: this
-machine cannot download MNIST. Smoke test (tfds mock data): ``:smoke``.
+machine cannot download MNIST.
+
+Args (after the colon): ``scratch`` (adds the labels-only stage); ``smoke`` (two tiny steps
+per stage; the tests run it on tfds mock data).
 """
 
 from jaxkd.config import (
@@ -41,17 +44,17 @@ def mnist_run(widths, dropout_rate=0.0, input_dropout_rate=0.0):
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, scratch=False, smoke=False)
     teacher = mnist_run((1200, 1200), dropout_rate=0.5, input_dropout_rate=0.2)
     student = mnist_run((800, 800))
     student.distill.teacher.workdir = "stage:teacher"
     student.distill.losses = hinton_losses(alpha=0.9, temperature=20.0)
     stages = {"teacher": teacher, "student": student}
-    if "scratch" in args:
+    if args["scratch"]:
         scratch = mnist_run((800, 800))
         scratch.distill.losses = supervised_losses()
         stages["scratch"] = scratch
     config = chain_config(stages)
-    if "smoke" in args:
+    if args["smoke"]:
         smoke(config)
     return config

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxkd import files, multihost
+from jaxkd.schema import ConfigError, MissingError
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -32,7 +33,14 @@ SEAL_FILE = "jaxkd_sha256.json"
 
 def make_manager(workdir: str, *, max_to_keep: int, asynchronous: bool = True
                  ) -> ocp.CheckpointManager:
-    """The run's CheckpointManager over ``workdir/checkpoints``."""
+    """The run's CheckpointManager over ``workdir/checkpoints``; the unfinished writes that
+    a kill left behind (``*.orbax-checkpoint-tmp*``, never a checkpoint) are removed."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if os.path.isdir(directory):  # on every process (file systems need not be shared)
+        for name in os.listdir(directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    multihost.sync("jaxkd_checkpoint_tmp_removed")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous, create=True
     )
@@ -146,7 +154,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     """Reads a run's resolved config; a one-line error if ``workdir`` holds no run."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise MissingError(
             f"{path} does not exist: is {workdir!r} the workdir of a jaxkd run?")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
@@ -187,7 +195,7 @@ def restore_variables(workdir: str, step: int, abstract_variables: Any, *, field
             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_variables),
             partial_restore=True))
     except (ValueError, KeyError) as e:
-        raise ValueError(f"{field}={workdir!r}: its checkpoint at step {step} does not fit the "
+        raise ConfigError(f"{field}={workdir!r}: its checkpoint at step {step} does not fit the "
                          f"model in its model.json ({str(e).splitlines()[0][:200]})") from e
     finally:
         manager.close()

@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from jaxkd import checkpoint, export, methods, metrics, multihost, stages, train
+from jaxkd import workdir as workdirs
 from jaxkd.config import Compression, Run, parse_run
 from jaxkd.methods import StructureError
 from jaxkd.schema import ConfigError, parse
@@ -98,6 +99,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, *,
                  allow_config_change: bool = False) -> dict[str, Any]:
     """Runs (or resumes) every stage in ``workdir/<stage>``, checking the structure after
     each; writes and returns the summary of the last stage with a ``stages`` table."""
+    workdirs.check_kind(workdir, stages=True)
     runs = stage_configs(config)
     done: list[str] = []
     rows, structures = {}, {}
@@ -112,6 +114,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, *,
             print(f"=== compression stage {name} -> {stage_dir}", flush=True)
             summary = train.train_and_evaluate(run, stage_dir,
                                                allow_config_change=allow_config_change)
+        else:
+            workdirs.check_finished(stage_dir, run, stage=name,
+                                    allow_config_change=allow_config_change)
+            print(f"=== compression stage {name}: finished earlier ({stage_dir})", flush=True)
         # The leader reads the stage's files and checks them; the others learn the verdict.
         problem = None
         if multihost.is_leader():

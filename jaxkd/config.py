@@ -20,6 +20,7 @@ file imports neither jax nor tfds, grain or orbax.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +29,7 @@ import ml_collections
 from jaxkd import schema
 from jaxkd.data import datasets
 from jaxkd.data.augment import AUGMENTATIONS
-from jaxkd.schema import Block, FieldError
+from jaxkd.schema import Block, ConfigError, FieldError
 
 # ----------------------------------------------------------------------------- data, model
 
@@ -558,7 +559,7 @@ def smoke(c: ml_collections.ConfigDict, *, steps: int = 2, batch_size: int = 8
     for run in runs:
         run.num_steps = steps
         run.batch_size = batch_size
-        run.eval_batch_size = batch_size
+        run.eval_batch_size = 256  # the whole test split still, in few batches
         run.log_every_steps = 1
         run.eval_every_steps = steps
         run.checkpoint_every_steps = steps
@@ -569,12 +570,39 @@ def smoke(c: ml_collections.ConfigDict, *, steps: int = 2, batch_size: int = 8
     return c
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """``'smoke,seed=3'`` -> ``{'smoke': '', 'seed': '3'}`` (the ``configs/x.py:ARG`` string)."""
-    out = {}
+def parse_arg(arg: str | None, **declared: Any) -> dict[str, Any]:
+    """The ``configs/x.py:ARG`` string as the config's declared args.
+
+    ``declared`` names every arg the config takes with its default, whose type the value
+    takes: a bool arg is a flag (``:smoke``, or ``:smoke=false``), others need a value
+    (``:model=mlp``, ``:stages=prune+quantize``). ``parse_arg('smoke,model=mlp',
+    smoke=False, model='cnn1d')`` -> ``{'smoke': True, 'model': 'mlp'}``; an arg the config
+    does not declare, or a value of the wrong type, is a :class:`ConfigError`.
+    """
+    out = dict(declared)
+    allowed = ", ".join(f"{k}" if isinstance(v, bool) else f"{k}=..." for k, v in
+                        declared.items()) or "none"
     for token in (arg or "").split(","):
         token = token.strip()
-        if token:
-            key, _, value = token.partition("=")
-            out[key.strip()] = value.strip()
+        if not token:
+            continue
+        key, eq, value = (t.strip() for t in token.partition("="))
+        if key not in declared:
+            near = difflib.get_close_matches(key, list(declared), n=1)
+            raise ConfigError(f"unknown config arg {key!r}"
+                              + (f" (did you mean {near[0]!r}?)" if near else "")
+                              + f"; this config takes: {allowed}")
+        default = declared[key]
+        if isinstance(default, bool):
+            if eq and value.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"config arg {key}={value!r} must be true or false")
+            out[key] = not eq or value.lower() in ("true", "1")
+        elif not eq or not value:
+            raise ConfigError(f"config arg {key!r} needs a value ({key}=...)")
+        else:
+            try:
+                out[key] = type(default)(value) if default is not None else value
+            except ValueError:
+                raise ConfigError(f"config arg {key}={value!r} must be a "
+                                  f"{type(default).__name__}") from None
     return out

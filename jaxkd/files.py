@@ -16,6 +16,8 @@ from typing import Any
 
 from etils import epath
 
+from jaxkd.schema import MissingError
+
 PathLike = str | os.PathLike
 
 
@@ -67,7 +69,7 @@ def read_json(target: PathLike) -> Any:
     """The JSON value of a file; a one-line FileNotFoundError naming it if it is missing."""
     target = path(target)
     if not target.exists():
-        raise FileNotFoundError(f"{target} does not exist")
+        raise MissingError(f"{target} does not exist")
     return json.loads(target.read_text())
 
 

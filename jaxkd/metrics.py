@@ -2,7 +2,8 @@
 
 Metrics travel as ``(sum, count)`` pairs so that averages stay unbiased across devices,
 hosts and logging windows (as in Tunix): :func:`mean_of` turns the summed pairs into means.
-Only process 0 writes files; TensorBoard event files come from tensorboardX (no TensorFlow).
+Only process 0 writes files; TensorBoard event files are written with tensorboardX's
+protos (no TensorFlow), synchronously.
 """
 
 from __future__ import annotations
@@ -45,9 +46,17 @@ def mean_of(sums: Mapping[str, float]) -> dict[str, float]:
 
 
 class MetricWriter:
-    """Writes scalars to the console, ``metrics.jsonl`` and TensorBoard (process 0 only)."""
+    """Writes scalars to the console, ``metrics.jsonl`` and TensorBoard (process 0 only).
 
-    def __init__(self, workdir: str, *, total_steps: int, tensorboard: bool = True):
+    Both logs hold every step trained exactly once: a run resumed from step ``k`` first
+    drops the records after ``k`` (steps that a kill lost and that are trained again) and
+    the final evaluation (written again at the end), and TensorBoard is told to purge its
+    events from step ``k + 1`` on (``purge_step``). Every write is flushed, so both logs
+    are live during a run and complete after a kill.
+    """
+
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True):
         self.enabled = multihost.is_leader()
         self.total_steps = total_steps
         self._jsonl = None
@@ -57,11 +66,16 @@ class MetricWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+        path = os.path.join(workdir, METRICS_FILE)
+        if os.path.exists(path):
+            drop_records_after(path, start_step)
+        self._jsonl = open(path, "a")
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            self._tb = EventFile(os.path.join(workdir, "tensorboard"), start_step=start_step)
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    def started(self, step: int) -> None:
+        """The step that compiled has finished: rates are measured from here."""
+        self._last_time, self._last_step = time.perf_counter(), step
 
     def write(self, step: int, prefix: str, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -70,8 +84,7 @@ class MetricWriter:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+            self._tb.scalars(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
 
     def progress(self, step: int, scalars: Mapping[str, float]) -> float:
         """Prints a progress line with steps/s and ETA; returns the steps/s of the window."""
@@ -81,11 +94,13 @@ class MetricWriter:
             rate = (step - self._last_step) / (now - self._last_time)
         self._last_time, self._last_step = now, step
         if self.enabled:
-            eta = (self.total_steps - step) / rate if rate and rate == rate else math.nan
             shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
-            print(f"step {step}/{self.total_steps} {shown} | {rate:.1f} steps/s | ETA {eta_text}",
-                  flush=True)
+            if rate == rate:
+                eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / rate))
+                speed = f"{rate:.1f} steps/s | ETA {eta}"
+            else:
+                speed = "compiling"
+            print(f"step {step}/{self.total_steps} {shown} | {speed}", flush=True)
         return rate
 
     def close(self) -> None:
@@ -93,6 +108,57 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class EventFile:
+    """A TensorBoard event file written synchronously (tensorboardX's ``EventsWriter``, not
+    its queue and thread): every scalar is on disk when :meth:`scalars` returns.
+
+    A run resumed from step ``k`` starts its own file with a session start at step
+    ``k + 1``, TensorBoard's signal to purge the earlier files' events from that step on
+    (what ``SummaryWriter(purge_step=...)`` writes).
+    """
+
+    def __init__(self, directory: str, *, start_step: int = 0):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
+
+        self._pb = event_pb2
+        os.makedirs(directory, exist_ok=True)
+        self._writer = EventsWriter(os.path.join(directory, "events"),
+                                    f".{os.getpid()}.from{start_step}")
+        if start_step:
+            self._write(event_pb2.Event(step=start_step + 1, session_log=event_pb2.SessionLog(
+                status=event_pb2.SessionLog.START)))
+
+    def _write(self, event: Any) -> None:
+        event.wall_time = time.time()
+        self._writer.write_event(event)
+        self._writer.flush()
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        from tensorboardX.proto import summary_pb2
+
+        self._write(self._pb.Event(step=step, summary=summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """Rewrites ``metrics.jsonl`` without the records after ``step`` and without the final
+    evaluation (``"final": true``); a torn last line (a kill mid-write) goes too."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step and not record.get("final"):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    files.write_text(path, "".join(kept))
 
 
 def append_jsonl(workdir: str, record: Mapping[str, Any]) -> None:

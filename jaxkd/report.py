@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxkd.schema import MissingError
+
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 PLOT_FILE = "pareto.png"
@@ -42,7 +44,7 @@ def read_runs(run_dir: str) -> list[dict[str, Any]]:
     """The report rows' fields of one run, or of each stage of a chain."""
     path = os.path.join(run_dir, SUMMARY_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: is {run_dir!r} a finished jaxkd run?")
+        raise MissingError(f"{path} is missing: is {run_dir!r} a finished jaxkd run?")
     with open(path) as f:
         try:
             summary = json.load(f)

@@ -47,6 +47,11 @@ class ConfigError(ValueError):
     """
 
 
+class MissingError(ConfigError, FileNotFoundError):
+    """A file or directory that the user named (or that a run they named should hold) does
+    not exist; also a ``FileNotFoundError``."""
+
+
 class FieldError(ConfigError):
     """A bad value of one field: ``str(e)`` is ``field`` followed by ``detail``
     (``"sparsity=1.5 must be in [0, 1)"``), prefixed by the block's name once known."""

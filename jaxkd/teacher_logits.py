@@ -63,6 +63,7 @@ with ``--config.data.<field>=`` overrides; ``--transfer_split``, ``--train_split
 
 from __future__ import annotations
 
+import argparse
 import glob
 import hashlib
 import json
@@ -82,7 +83,7 @@ from array_record.python import array_record_module
 
 from jaxkd import checkpoint, files, teachers
 from jaxkd.data import pipeline, sources
-from jaxkd.schema import ConfigError
+from jaxkd.schema import ConfigError, MissingError
 
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
@@ -164,18 +165,18 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
       The manifest (module docstring).
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+        raise ConfigError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     if not temperature > 0:
         raise ConfigError(f"temperature={temperature} must be > 0")
     if top_k < 0 or batch_size <= 0 or chunk_size <= 0:
-        raise ValueError(f"top_k={top_k} must be >= 0, batch_size={batch_size} and "
+        raise ConfigError(f"top_k={top_k} must be >= 0, batch_size={batch_size} and "
                          f"chunk_size={chunk_size} > 0")
     if jax.process_count() > 1 or batch_size % jax.device_count():
-        raise ValueError(f"write on one process, with batch_size={batch_size} a multiple of "
+        raise ConfigError(f"write on one process, with batch_size={batch_size} a multiple of "
                          f"the device count ({jax.device_count()})")
     step = checkpoint.latest_step(teacher_workdir)
     if step is None:
-        raise FileNotFoundError(f"teacher_workdir={teacher_workdir!r} has no checkpoint: "
+        raise MissingError(f"teacher_workdir={teacher_workdir!r} has no checkpoint: "
                                 "train the teacher first")
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -186,13 +187,13 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
     info = pipeline.get_info(data)
     if (model["num_classes"], tuple(model["input_shape"])) != (info.num_classes,
                                                                info.input_shape):
-        raise ValueError(
+        raise ConfigError(
             f"the teacher at {teacher_workdir!r} takes inputs {tuple(model['input_shape'])} "
             f"to {model['num_classes']} classes but config.data.name={data.name!r} has "
             f"inputs {info.input_shape} and {info.num_classes} classes")
     num_classes = info.num_classes
     if top_k > num_classes:
-        raise ValueError(f"top_k={top_k} exceeds the {num_classes} classes of {data.name}")
+        raise ConfigError(f"top_k={top_k} exceeds the {num_classes} classes of {data.name}")
     k = top_k or num_classes
     records = record_dtype(k, dtype, with_indices=bool(top_k))
     count = len(inputs.source)
@@ -258,7 +259,7 @@ def check(out_dir: str, data: ml_collections.ConfigDict, *, allow_augment: bool 
     manifest = _read_manifest(out_dir)
     path = os.path.join(out_dir, MANIFEST_FILE)
     if data.augment != "none" and not allow_augment:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.augment={data.augment!r}: the stored logits in {out_dir} saw "
             "un-augmented inputs; set config.distill.allow_augment_with_precomputed=True to "
             "use them anyway")
@@ -266,25 +267,25 @@ def check(out_dir: str, data: ml_collections.ConfigDict, *, allow_augment: bool 
     for key in list(manifest["inputs"]) + [k for k in spec if k not in manifest["inputs"]]:
         stored, current = manifest["inputs"].get(key), spec.get(key)
         if stored != current:
-            raise ValueError(
+            raise ConfigError(
                 f"{_INPUT_FIELDS.get(key, key)}: the teacher logits in {path} were written "
                 f"for {stored!r}, config.data gives {current!r}")
     if not manifest["complete"]:
         missing = [c["file"] for c in manifest["chunks"]
                    if not os.path.exists(os.path.join(out_dir, c["file"]))]
-        raise ValueError(
+        raise ConfigError(
             f"{path}: an unfinished write ({len(missing)} of {len(manifest['chunks'])} "
             f"chunks missing, the first {os.path.join(out_dir, (missing or ['none'])[0])}): "
             "rerun python -m jaxkd.teacher_logits with the same arguments to finish it")
     for chunk in manifest["chunks"]:
         chunk_path = os.path.join(out_dir, chunk["file"])
         if not os.path.exists(chunk_path):
-            raise FileNotFoundError(f"{chunk_path} is missing: rewrite the teacher logits")
+            raise MissingError(f"{chunk_path} is missing: rewrite the teacher logits")
         if os.path.getsize(chunk_path) != chunk["bytes"]:
-            raise ValueError(f"{chunk_path} has {os.path.getsize(chunk_path)} bytes, "
+            raise ConfigError(f"{chunk_path} has {os.path.getsize(chunk_path)} bytes, "
                              f"{path} says {chunk['bytes']}: truncated or corrupt")
         if verify_checksums and files.sha256(chunk_path) != chunk["sha256"]:
-            raise ValueError(f"{chunk_path}: its sha256 differs from {path}'s: corrupt")
+            raise ConfigError(f"{chunk_path}: its sha256 differs from {path}'s: corrupt")
     return manifest
 
 
@@ -387,7 +388,7 @@ class StoredLogits:
         stored = (self.read(indices) if records is None else records)["fingerprint"]
         bad = np.flatnonzero(fingerprints(images) != stored)
         if len(bad):
-            raise ValueError(
+            raise ConfigError(
                 f"the teacher logits in {self.out_dir} of example {int(indices[bad[0]])} (and "
                 f"{len(bad) - 1} more) were computed for another input: the dataset changed "
                 "since they were written; write them again")
@@ -482,13 +483,13 @@ def _start_or_resume(out_dir: str, manifest: dict[str, Any]) -> None:
             ours, theirs = _get(manifest, field), _get(existing, field)
             if ours != theirs:
                 difference = _first_difference(field, theirs, ours)
-                raise ValueError(f"{path} belongs to other teacher logits: {difference}; "
+                raise ConfigError(f"{path} belongs to other teacher logits: {difference}; "
                                  "choose another output directory")
         for stale in glob.glob(os.path.join(out_dir, "*.tmp")):
             os.remove(stale)
         return
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ValueError(f"{out_dir} is not empty and holds no {MANIFEST_FILE}: choose an "
+        raise ConfigError(f"{out_dir} is not empty and holds no {MANIFEST_FILE}: choose an "
                          "empty or new output directory")
     os.makedirs(out_dir, exist_ok=True)
     files.write_json(path, manifest)
@@ -512,7 +513,7 @@ def _get(manifest: dict[str, Any], field: str) -> Any:
 def _read_manifest(out_dir: str) -> dict[str, Any]:
     path = os.path.join(out_dir, MANIFEST_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: write the teacher logits with "
+        raise MissingError(f"{path} does not exist: write the teacher logits with "
                                 "python -m jaxkd.teacher_logits first")
     try:
         with open(path) as f:
@@ -521,12 +522,12 @@ def _read_manifest(out_dir: str) -> dict[str, Any]:
                     "chunks", "complete")
         missing = [key for key in required if key not in manifest]
         if missing:
-            raise ValueError(f"no {missing[0]!r} field")
+            raise ConfigError(f"no {missing[0]!r} field")
     except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"{path} is corrupt ({type(e).__name__}: "
+        raise ConfigError(f"{path} is corrupt ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0]}): write the logits again") from e
     if manifest["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {manifest['format_version']}; this "
+        raise ConfigError(f"{path} has format_version {manifest['format_version']}; this "
                          f"jaxkd reads {FORMAT_VERSION}")
     return manifest
 
@@ -539,66 +540,87 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags (``python -m jaxkd.teacher_logits --help``)."""
+    p = argparse.ArgumentParser(
+        prog="python -m jaxkd.teacher_logits", allow_abbrev=False, add_help=False,
+        description="Runs a finished run's model over the training stream once and writes "
+                    "its logits (all, or the top k) for precomputed distillation.",
+        epilog="config.data comes from the teacher's config.json, or from --config (with "
+               "--config.data.<field>=<value> overrides). Train on the result with "
+               "--config.distill.teacher_logits=OUT.")
+    p.add_argument("-h", "--help", "--helpshort", "--helpfull", action="help",
+                   help="print this help and exit")
+    p.add_argument("--teacher_workdir", required=True,
+                   help="a finished run whose model is the teacher")
+    p.add_argument("--out", required=True,
+                   help="output directory (resumed if it holds a partial write)")
+    p.add_argument("--top_k", type=int, default=0,
+                   help="keep the k largest logits; 0 keeps all of them")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="the temperature of the stored residual mass (top-k only): the "
+                        "distillation's")
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES),
+                   help="type of the stored values")
+    p.add_argument("--batch_size", type=int, default=500, help="examples per forward pass")
+    p.add_argument("--chunk_size", type=int, default=CHUNK_SIZE,
+                   help="examples per array_record file")
+    p.add_argument("--config", default=None, metavar="PATH[:ARG]",
+                   help="a run config whose data block to use instead of the teacher's")
+    for field in ("transfer_split", "train_split", "data_dir"):
+        p.add_argument(f"--{field}", default=None, help=f"overrides config.data.{field}")
+    p.error = lambda message: _usage_error(message)  # type: ignore[method-assign]
+    return p
+
+
+def _usage_error(message: str) -> None:
+    print(f"jaxkd: error: {message} (see python -m jaxkd.teacher_logits --help)",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: Sequence[str]) -> int:
     """The command line (module docstring); one-line errors on stderr, exit status 2."""
-    from absl import flags
+    from jaxkd import configfile
 
-    flag = flags.FLAGS
-    if len(argv) > 1:
-        print(f"jaxkd: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        return 2
     try:
-        if not flag.teacher_workdir or not flag.out:
-            raise ValueError("--teacher_workdir and --out are required")
-        if flag["config"].present:
-            data = flag.config.data
+        overrides, rest = configfile.split_overrides(argv)
+    except ConfigError as e:
+        print(f"jaxkd: error: {e}", file=sys.stderr)
+        return 2
+    args = parser().parse_args(rest)
+    try:
+        if not os.path.isdir(args.teacher_workdir):
+            raise MissingError(f"--teacher_workdir={args.teacher_workdir!r} does not exist")
+        if args.config:
+            config = configfile.load(args.config)
+            configfile.apply(config, overrides)
+            data = config.data
         else:
-            data = checkpoint.read_config(flag.teacher_workdir).data
+            if overrides:
+                raise ConfigError(f"{overrides[0][0]}: --config.<field> overrides need "
+                                  "--config=PATH")
+            data = checkpoint.read_config(args.teacher_workdir).data
         data = ml_collections.ConfigDict(data.to_dict())
         for field in ("transfer_split", "train_split", "data_dir"):
-            if flag[field].value is not None:
-                data[field] = flag[field].value
-        manifest = write(flag.teacher_workdir, data, flag.out, top_k=flag.top_k,
-                         dtype=flag.dtype, temperature=flag.temperature, batch_size=flag.batch_size,
-                         chunk_size=flag.chunk_size)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"jaxkd: error: {message}", file=sys.stderr)
+            if getattr(args, field) is not None:
+                data[field] = getattr(args, field)
+        manifest = write(args.teacher_workdir, data, args.out, top_k=args.top_k,
+                         dtype=args.dtype, temperature=args.temperature,
+                         batch_size=args.batch_size, chunk_size=args.chunk_size)
+    except ConfigError as e:
+        print(f"jaxkd: error: {e}", file=sys.stderr)
         return 2
     kind = f"top-{manifest['top_k']}" if manifest["top_k"] else "full"
     print(f"wrote {kind} {manifest['dtype']} logits of {manifest['count']} examples to "
-          f"{flag.out}: {bytes_per_example(flag.out):.2f} bytes per example on disk "
+          f"{args.out}: {bytes_per_example(args.out):.2f} bytes per example on disk "
           f"({manifest['record']['bytes']} bytes per record)", flush=True)
     return 0
-
-
-def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
-    flags.DEFINE_string("teacher_workdir", None, "A finished run whose model is the teacher.")
-    flags.DEFINE_string("out", None, "Output directory (resumed if it holds a partial write).")
-    flags.DEFINE_integer("top_k", 0, "Keep the k largest logits; 0 keeps all of them.")
-    flags.DEFINE_float("temperature", 1.0, "The temperature of the stored residual mass "
-                                           "(top-k only): the distillation's.")
-    flags.DEFINE_enum("dtype", "float16", list(DTYPES), "Type of the stored values.")
-    flags.DEFINE_integer("batch_size", 500, "Examples per teacher forward pass.")
-    flags.DEFINE_integer("chunk_size", CHUNK_SIZE, "Examples per array_record file.")
-    flags.DEFINE_string("transfer_split", None, "Overrides config.data.transfer_split.")
-    flags.DEFINE_string("train_split", None, "Overrides config.data.train_split.")
-    flags.DEFINE_string("data_dir", None, "Overrides config.data.data_dir.")
-    config_flags.DEFINE_config_file(
-        "config", None, "A run config whose `data` block to use instead of the teacher's.")
 
 
 if __name__ == "__main__":
     from absl import flags, logging
 
-    _define_flags()
-    try:
-        _argv = flags.FLAGS(sys.argv)
-    except flags.Error as _e:
-        print(f"jaxkd: error: {_e}", file=sys.stderr)
-        sys.exit(2)
+    flags.FLAGS.mark_as_parsed()
     logging.set_verbosity(logging.WARNING)
-    sys.exit(main(_argv))
+    sys.exit(main(sys.argv[1:]))

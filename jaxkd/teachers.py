@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -22,9 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding
 
-from jaxkd import checkpoint, files, models
+from jaxkd import checkpoint, files, metrics, models
 from jaxkd.config import Distill
-from jaxkd.schema import ConfigError
+from jaxkd.schema import ConfigError, MissingError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Teacher:
     config: ml_collections.ConfigDict
     spec: dict[str, Any]  # model.json: name, kwargs, num_classes, input_shape
     weight: float = 1.0
+    field: str = "config.distill.teacher.workdir"  # the field that named it
 
     @property
     def num_classes(self) -> int:
@@ -48,11 +50,22 @@ def load(workdir: str, *, sharding: NamedSharding, weight: float = 1.0,
     """Reads a finished run's model variables from its newest Orbax checkpoint; errors name
     ``field``."""
     if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"{field}={workdir!r} does not exist")
+        raise MissingError(f"{field}={workdir!r} does not exist")
+    summary = metrics.read_summary(workdir)
+    if summary and "stage_order" in summary and not os.path.exists(
+            os.path.join(workdir, checkpoint.CONFIG_FILE)):
+        stages = summary["stage_order"]
+        raise ConfigError(f"{field}={workdir!r} holds a run of several stages "
+                          f"({', '.join(stages)}): name one stage's directory, e.g. "
+                          f"{os.path.join(workdir, stages[-1])!r}")
     config = checkpoint.read_config(workdir)
     step = checkpoint.latest_step(workdir)
     if step is None:
-        raise FileNotFoundError(f"{field}={workdir!r} has no checkpoint: train the teacher first")
+        raise MissingError(f"{field}={workdir!r} has no checkpoint: train the teacher first")
+    if summary is None:
+        raise ConfigError(f"{field}={workdir!r} has not finished (newest checkpoint at step "
+                          f"{step} of {config.get('num_steps')}, no summary.json): relaunch "
+                          "its command to finish it, or name a finished run")
     spec = files.read_json(os.path.join(workdir, checkpoint.MODEL_FILE))
     model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
     abstract = jax.eval_shape(lambda: dict(model.init(
@@ -61,7 +74,7 @@ def load(workdir: str, *, sharding: NamedSharding, weight: float = 1.0,
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
     variables = checkpoint.restore_variables(workdir, step, abstract, field=field)
     return Teacher(workdir=workdir, model=model, config=config, variables=variables,
-                   spec=spec, weight=weight)
+                   spec=spec, weight=weight, field=field)
 
 
 def load_all(distill: Distill, *, sharding: NamedSharding) -> list[Teacher]:
@@ -75,9 +88,18 @@ def load_all(distill: Distill, *, sharding: NamedSharding) -> list[Teacher]:
     return []
 
 
-def check_fit(teachers: list[Teacher], *, num_classes: int, dataset: str) -> None:
-    """Every teacher must predict the student's classes."""
+def check_fit(teachers: list[Teacher], *, num_classes: int, dataset: str,
+              input_shape: tuple[int, ...]) -> None:
+    """Every teacher must take the student's inputs and predict its classes; a teacher
+    trained on another dataset of the same shapes is used with a warning."""
     for t in teachers:
-        if t.num_classes != num_classes:
-            raise ConfigError(f"the teacher at {t.workdir!r} predicts {t.num_classes} classes "
-                              f"but config.data.name={dataset!r} has {num_classes}")
+        trained_on = t.config.get("data", {}).get("name", "?")
+        shape = tuple(t.spec["input_shape"])
+        if t.num_classes != num_classes or shape != tuple(input_shape):
+            raise ConfigError(
+                f"{t.field}={t.workdir!r}: that model was trained on {trained_on!r} (inputs "
+                f"{shape}, {t.num_classes} classes) but config.data.name={dataset!r} has "
+                f"inputs {tuple(input_shape)} and {num_classes} classes")
+        if trained_on != dataset:
+            print(f"jaxkd: warning: {t.field}={t.workdir!r} was trained on {trained_on!r}, "
+                  f"this run's data is {dataset!r}", file=sys.stderr, flush=True)

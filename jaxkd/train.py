@@ -276,19 +276,27 @@ def build(run: Run) -> Setup:
     source, start_variables = None, None
     if run.init.method:
         source = load_init_source(run, replicated)
+        teachers.check_fit([source], num_classes=info.num_classes, dataset=run.data.name,
+                           input_shape=info.input_shape)
         if run.init.method == "copy":
             start_variables = source.variables
             for m in enabled:  # e.g. similarity merging shrinks the copied weights
                 start_variables, model_kwargs = m.start(start_variables, model_kwargs)
     model = models.get_model(run.model.name, num_classes=info.num_classes, **model_kwargs)
     loaded = teachers.load_all(run.distill, sharding=replicated)
-    teachers.check_fit(loaded, num_classes=info.num_classes, dataset=run.data.name)
+    teachers.check_fit(loaded, num_classes=info.num_classes, dataset=run.data.name,
+                       input_shape=info.input_shape)
     precomputed = run.distill.teacher_logits
     if precomputed and loaded:
         raise ConfigError("config.distill.teacher_logits and a teacher model are both set; "
                           "use one of them")
     terms = objective.parse_terms(run.distill.losses, has_teacher=bool(loaded or precomputed))
-    student_out, teacher_outs = output_shapes(model, loaded, info.input_shape, task)
+    try:
+        student_out, teacher_outs = output_shapes(model, loaded, info.input_shape, task)
+    except ConfigError as e:  # a model that cannot take this dataset's inputs
+        raise ConfigError(f"config.model.name={run.model.name!r} cannot take the inputs "
+                          f"{tuple(info.input_shape)} of config.data.name={run.data.name!r}: "
+                          f"{e}") from None
     objective.check_features(terms, student_out, teacher_outs)
     if precomputed:
         teacher_logits.check_terms(
@@ -470,7 +478,7 @@ def train_loop(s: Setup, state: TrainState, start_step: int, manager: Any, workd
                          donate_argnums=(0,), out_shardings=(s.replicated, s.replicated))
     eval_step = jax.jit(make_eval_step(s.model, s.student_apply, task=s.task))
     teacher_variables = [t.variables for t in s.teachers]
-    writer = metrics.MetricWriter(workdir, total_steps=s.num_steps)
+    writer = metrics.MetricWriter(workdir, total_steps=s.num_steps, start_step=start_step)
     extra = teacher_logits.stream(s.precomputed, run.data) if s.precomputed else None
     batches = device_batches(
         pipeline.train_batches(run.data, batch_size=run.batch_size, seed=run.seed,
@@ -489,6 +497,7 @@ def train_loop(s: Setup, state: TrainState, start_step: int, manager: Any, workd
                 if timed_start is None:
                     jax.block_until_ready(state)
                     timed_start = time.perf_counter()
+                    writer.started(step)
                 else:
                     timed_steps += 1
                 at_log = step % run.log_every_steps == 0 or step == s.num_steps
@@ -503,8 +512,12 @@ def train_loop(s: Setup, state: TrainState, start_step: int, manager: Any, workd
                 if at_log or at_checkpoint:
                     check_finite(state, run.skip_nonfinite_steps, manager, workdir)
                 if step % run.eval_every_steps == 0 and step != s.num_steps:
-                    writer.write(step, "eval", evaluate(
-                        eval_step, student_variables(state), run, s.data_sharding))
+                    scores = evaluate(eval_step, student_variables(state), run, s.data_sharding)
+                    writer.write(step, "eval", scores)
+                    if multihost.is_leader():
+                        print(f"step {step}/{s.num_steps} eval accuracy "
+                              f"{scores['accuracy']:.4f} ({run.data.eval_split}, float model)",
+                              flush=True)
                 signum = stop.requested(sync=at_log)
                 if at_checkpoint or signum:
                     checkpoint.save(manager, step, state)
@@ -589,7 +602,7 @@ def summarise(s: Setup, state: TrainState, workdir: str, teacher_summary: dict[s
     run = s.run
     eval_step = jax.jit(make_eval_step(s.model, s.student_apply, task=s.task))
     final_eval = evaluate(eval_step, student_variables(state), run, s.data_sharding)
-    metrics.append_jsonl(workdir, {"step": s.num_steps,
+    metrics.append_jsonl(workdir, {"step": s.num_steps, "final": True,
                                     **{f"eval/{k}": v for k, v in final_eval.items()}})
     weights_bytes = checkpoint.save_weights(workdir, student_variables(state))
     summary: dict[str, Any] = dict(teacher_summary)
@@ -618,7 +631,11 @@ def summarise(s: Setup, state: TrainState, workdir: str, teacher_summary: dict[s
         "config": config.to_dict(),
     })
     metrics.write_summary(workdir, summary)
-    print(f"final eval accuracy {final_eval['accuracy']:.4f} ({workdir})", flush=True)
+    artifact = summary.get("artifact_eval", {}).get("accuracy")  # every process has it
+    print(f"final eval accuracy {final_eval['accuracy']:.4f} (float model in training)"
+          + (f", {artifact:.4f} (exported artifact loaded from disk: the reported accuracy)"
+             if artifact is not None else "") + f" ({run.data.eval_split}, {workdir})",
+          flush=True)
     return summary
 
 
@@ -645,6 +662,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _check_batch_sizes(run)
     check_workdir(workdir, config, allow_config_change)
     s = build(run)
+    os.makedirs(workdir, exist_ok=True)  # only once the run is known to be valid
     teacher_summary = evaluate_teachers(s)
     state, start_step, manager = start_or_resume(s, workdir)
     if multihost.is_leader():

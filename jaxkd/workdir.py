@@ -8,12 +8,13 @@ allows it (``--allow_config_change``); fields that change only what is logged or
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import ml_collections
 
-from jaxkd import checkpoint
+from jaxkd import checkpoint, metrics, multihost
 from jaxkd.schema import ConfigError
 
 # Fields that change what is logged or kept, not the result: may change on relaunch.
@@ -22,26 +23,80 @@ RESULT_NEUTRAL_FIELDS = ("log_every_steps", "eval_every_steps", "checkpoint_ever
 
 
 def check(workdir: str, config: ml_collections.ConfigDict, allow_config_change: bool) -> None:
-    """The workdir must be writable, and not hold another config's checkpoints."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".jaxkd-write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--workdir={workdir!r} is not writable ({e.strerror})") from None
+    """The workdir must be writable (it is not created here: a run refused later leaves
+    nothing behind), and not hold another config's checkpoints."""
+    check_writable(workdir)
+    check_kind(workdir, stages=False)
     if allow_config_change or checkpoint.latest_step(workdir) is None:
         return
-    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
-        return
-    changed = differences(checkpoint.read_config(workdir), config)
+    changed = changed_fields(workdir, config)
     if changed:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:5])
         raise ConfigError(
-            f"--workdir={workdir!r} holds checkpoints of a run with another config ({shown}"
-            f"{'; ...' if len(changed) > 5 else ''}); use another workdir, or pass "
-            "--allow_config_change to continue it with the new config")
+            f"--workdir={workdir!r} holds checkpoints of a run with another config ({changed}"
+            "); use another workdir, or pass --allow_config_change to continue it with the "
+            "new config")
+
+
+def check_writable(workdir: str) -> None:
+    """``workdir`` is a writable directory, or could be created as one."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir!r} is not writable (a file, not a directory)")
+    if os.path.isdir(workdir):
+        try:
+            probe = os.path.join(workdir, f".jaxkd-write-test-{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"--workdir={workdir!r} is not writable ({e.strerror})") from None
+        return
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir={workdir!r} is not writable: {parent!r} is not a "
+                          "writable directory")
+
+
+def check_finished(stage_dir: str, config: ml_collections.ConfigDict, *, stage: str,
+                   allow_config_change: bool) -> None:
+    """A finished stage of a chain or pipeline is reused only under the config it finished
+    with (``config``: the stage's, resolved). The leader reads; every process raises."""
+    changed = None
+    if multihost.is_leader() and not allow_config_change:
+        changed = changed_fields(stage_dir, config)
+    changed = multihost.broadcast_json(changed)
+    if changed:
+        raise ConfigError(
+            f"stage {stage!r} finished in {stage_dir!r} under another config ({changed}); "
+            "use another --workdir, delete that directory to run the stage again, or pass "
+            "--allow_config_change to reuse it")
+
+
+def changed_fields(workdir: str, config: ml_collections.ConfigDict) -> str:
+    """The differing fields of ``workdir``'s stored config and ``config``, as text (empty
+    when they agree or nothing is stored)."""
+    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+        return ""
+    changed = differences(checkpoint.read_config(workdir), config)
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:5])
+    return shown + ("; ..." if len(changed) > 5 else "")
+
+
+def check_kind(workdir: str, *, stages: bool) -> None:
+    """A single run and a run of several stages (chain, pipeline) never share a workdir:
+    one would overwrite the other's summary."""
+    if stages and os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+        raise ConfigError(f"--workdir={workdir!r} holds a single run: give this run of "
+                          "several stages another workdir")
+    path = os.path.join(workdir, metrics.SUMMARY_FILE)
+    if not stages and os.path.exists(path) and not os.path.exists(
+            os.path.join(workdir, checkpoint.CONFIG_FILE)):
+        with open(path) as f:
+            names = json.load(f).get("stage_order")
+        if names:
+            raise ConfigError(f"--workdir={workdir!r} holds a run of several stages "
+                              f"({', '.join(names)}): give this run another workdir")
 
 
 def differences(before: ml_collections.ConfigDict, now: ml_collections.ConfigDict

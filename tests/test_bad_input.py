@@ -89,7 +89,8 @@ CASES = [
      "does not fit the model in its model.json"),
     ("teacher_classes", {"distill.teacher.workdir": "@cifar100",
                          "distill.losses": hinton_losses(0.5, 2.0)},
-     "predicts 100 classes but config.data.name='mnist1d' has 10"),
+     "trained on 'cifar100' (inputs (32, 32, 3), 100 classes) but config.data.name="
+     "'mnist1d' has inputs (40,) and 10 classes"),
     ("feature_name", {"distill.teacher.workdir": "@mnist1d",
                       "distill.losses.hint": {"name": "hint_mse", "student_feature": "stage3",
                                               "teacher_feature": "embedding"}},

@@ -1,8 +1,10 @@
 """Every config in configs/ loads and runs two steps of each of its stages (smoke variant)."""
 
+import ast
 import glob
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -27,11 +29,16 @@ def runs_of(config):
     return [config]
 
 
-def test_every_config_has_a_docstring_with_its_launch_command():
+def test_every_config_has_a_docstring_with_its_command_figures_and_args():
     assert len(CONFIGS) >= 7
     for path in CONFIGS:
         text = open(path).read()
-        assert "python launch.py" in text and "Expected" in text, path
+        doc = ast.get_docstring(ast.parse(text))
+        assert "python launch.py" in doc, path
+        assert "Measured: README" in doc or "Not measured here" in doc, path
+        declared = re.search(r"parse_arg\(arg, ([^)]*)\)", text).group(1)
+        for name in re.findall(r"(\w+)=", declared):  # each arg it takes is documented
+            assert f"``{name}" in doc.split("Args (after the colon)")[1], (path, name)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])

@@ -37,6 +37,8 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxkd.schema import ConfigError
+
 SIGNAL_LENGTH = 40
 
 
@@ -121,7 +123,7 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # nothing to download
         config = self.builder_config
         if config.unlabelled_seed == config.seed:
-            raise ValueError(f"mnist1d/{config.name}: unlabelled_seed must differ from seed")
+            raise ConfigError(f"mnist1d/{config.name}: unlabelled_seed must differ from seed")
         x, y = generate(config.num_samples, config.seed)
         n_train = int(config.num_samples * config.train_fraction)
         x_unl, y_unl = generate(config.num_unlabelled, config.unlabelled_seed)

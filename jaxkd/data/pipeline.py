@@ -53,8 +53,10 @@ Every function takes ``config.data``: a ``ConfigDict`` or the typed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -68,7 +70,7 @@ import tensorflow_datasets as tfds
 from jaxkd import schema
 from jaxkd.config import Data
 from jaxkd.data import augment, datasets, sources
-from jaxkd.schema import ConfigError
+from jaxkd.schema import ConfigError, MissingError
 
 # Importing the builders registers `mnist1d` and `digits` with tfds.
 from jaxkd.data import digits, mnist1d  # noqa: F401 isort: skip
@@ -300,13 +302,18 @@ def _prepared_builder(data: Data) -> tfds.core.DatasetBuilder:
     """The dataset's tfds builder, its array_record files prepared (once) in the data dir."""
     _check_config(data)
     builder = _open_builder(data)
-    if not builder.is_prepared():
+    with _quiet_tfds():
+        prepared = builder.is_prepared()
+    if not prepared:
         try:
-            builder.download_and_prepare()
+            print(f"jaxkd: preparing {_tfds_name(data)} in {_data_dir(data)} (once)",
+                  flush=True)
+            with _quiet_tfds():
+                builder.download_and_prepare()
         except Exception as e:  # tfds' own reasons: no network, needs TensorFlow, ...
             builder = _open_builder(data)  # or another process prepared it meanwhile
             if not builder.is_prepared():
-                raise FileNotFoundError(
+                raise MissingError(
                     f"config.data.name={data.name!r} is not prepared in {_data_dir(data)} "
                     f"and tfds could not prepare it here ({_first_line(e)}); prepare it "
                     f"where TensorFlow and the download are available (pip install "
@@ -322,9 +329,30 @@ def _tfds_name(data: Data) -> str:
     return f"{data.name}/{data.builder_config}" if data.builder_config else data.name
 
 
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Without tfds' console output: its "Downloading and preparing dataset Unknown size"
+    line (printed for generated data too), absl warnings and tqdm bars (raw escapes in a
+    log file). Our own line says what happens."""
+    from absl import logging as absl_logging
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    verbosity, bars = absl_logging.get_verbosity(), getattr(tqdm_utils, "_active", True)
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        tfds.display_progress_bar(bars)
+
+
 def _open_builder(data: Data) -> tfds.core.DatasetBuilder:
     try:
-        return tfds.builder(_tfds_name(data), data_dir=_data_dir(data), file_format="array_record")
+        with _quiet_tfds():
+            return tfds.builder(_tfds_name(data), data_dir=_data_dir(data),
+                                file_format="array_record")
     except ValueError as e:  # e.g. prepared earlier as tfrecord
         raise ConfigError(
             f"config.data.name={data.name!r}: tfds cannot open it as array_record in "

@@ -68,6 +68,7 @@ from jaxkd.export.encoding import (
     decode,
     encode,
 )
+from jaxkd.schema import MissingError
 
 FORMAT = "jaxkd.export/2"
 MANIFEST = "manifest.json"
@@ -332,7 +333,7 @@ def storage_report(manifest: Mapping[str, Any]) -> dict[str, Any]:
 def read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: is {directory!r} a jaxkd export?")
+        raise MissingError(f"{path} is missing: is {directory!r} a jaxkd export?")
     with open(path) as f:
         manifest = json.load(f)
     if manifest.get("format") != FORMAT:
@@ -351,7 +352,7 @@ def verify(directory: str) -> dict[str, Any]:
     for name, expected in sorted(manifest["files"].items()):
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing (listed in {MANIFEST})")
+            raise MissingError(f"{path} is missing (listed in {MANIFEST})")
         with open(path, "rb") as f:
             data = f.read()
         digest = hashlib.sha256(data).hexdigest()

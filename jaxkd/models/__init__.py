@@ -58,6 +58,7 @@ from jaxkd.models.wrn import (
     wrn_40_1,
     wrn_40_2,
 )
+from jaxkd.schema import ConfigError
 
 
 def build_mlp(
@@ -73,7 +74,7 @@ def build_mlp(
     ``hidden2..N`` (ALBERT-style cross-layer sharing)."""
     widths = tuple(int(w) for w in widths)
     if tie_hidden and len(set(widths)) > 1:
-        raise ValueError(f"config.model.kwargs.tie_hidden=True needs equal widths, got {widths}")
+        raise ConfigError(f"config.model.kwargs.tie_hidden=True needs equal widths, got {widths}")
     return MLP(
         num_classes=num_classes,
         widths=widths,
@@ -92,11 +93,11 @@ def build_cnn1d(*, num_classes: int, channels: int | Sequence[int] = 25, kernel_
     else:
         channels = tuple(int(c) for c in channels)
         if len(channels) != 3:
-            raise ValueError(f"config.model.kwargs.channels={channels!r} must be an int or 3 "
+            raise ConfigError(f"config.model.kwargs.channels={channels!r} must be an int or 3 "
                              "ints (conv1, conv2, conv3)")
     widths = (channels,) * 3 if isinstance(channels, int) else channels
     if tie_convs and len(set(widths)) > 1:
-        raise ValueError(f"config.model.kwargs.tie_convs=True needs equal channels, got {widths}")
+        raise ConfigError(f"config.model.kwargs.tie_convs=True needs equal channels, got {widths}")
     return CNN1D(num_classes=num_classes, channels=channels, kernel_size=int(kernel_size),
                  tie_convs=bool(tie_convs))
 
@@ -140,7 +141,7 @@ def register(name: str, builder: Callable[..., nn.Module], *, replace: bool = Fa
     teacher or an artifact of this model must register it too.
     """
     if name in MODELS and not replace and MODELS[name] is not builder:
-        raise ValueError(f"model {name!r} is already registered; pass replace=True to "
+        raise ConfigError(f"model {name!r} is already registered; pass replace=True to "
                          "replace it")
     MODELS[name] = builder
 
@@ -159,18 +160,18 @@ def get_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
         ones) or a ``num_classes`` that is not a positive integer.
     """
     if name not in MODELS:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.name={name!r} is not a model; choose one of: {', '.join(sorted(MODELS))}"
         )
     allowed = model_kwargs(name)
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.kwargs: model {name!r} got unknown kwarg(s) {', '.join(unknown)}; "
             f"allowed for {name!r}: {', '.join(allowed) or '(none)'}"
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 

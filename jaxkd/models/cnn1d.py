@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxkd.schema import ConfigError
+
 
 class CNN1D(nn.Module):
     """Three strided 1-D convolutions and a linear classifier.
@@ -67,7 +69,7 @@ class CNN1D(nn.Module):
         if x.ndim == 2:
             x = x[..., None]
         if x.ndim != 3:
-            raise ValueError(f"cnn1d expects signals [B, L] or [B, L, C], got shape {x.shape}")
+            raise ConfigError(f"cnn1d expects signals [B, L] or [B, L, C], got shape {x.shape}")
         widths = self.widths()
         if self.tie_convs and len(set(widths)) > 1:
             raise ValueError(f"cnn1d: tie_convs=True needs equal channels, got {widths}")

@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxkd.schema import ConfigError
+
 _MIN_VALID_SIZE = 16  # smallest side that leaves a 1x1 map after the two unpadded stages
 
 
@@ -57,7 +59,7 @@ class LeNet5(nn.Module):
         if x.ndim == 3:
             x = x[..., None]
         if x.ndim != 4:
-            raise ValueError(f"lenet5 expects images [B, H, W, C], got shape {x.shape}")
+            raise ConfigError(f"lenet5 expects images [B, H, W, C], got shape {x.shape}")
         padding = self._padding(x.shape[1:3])
         features: dict[str, jax.Array] = {}
         for i, channels in enumerate((6, 16), start=1):

@@ -1,0 +1,99 @@
+"""What the table benches share: finished runs reused, choices made on the validation split,
+mean ± sample std, and tables published into ``docs/tables/`` (then README, by
+``bench/readme.py``).
+
+Every table bench writes its runs under ``--root`` (default ``runs/<bench>``; never into
+the source tree) and prints its table; with ``--docs`` it also writes
+``docs/tables/<name>.md`` with the command that made it and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLES = os.path.join(ROOT, "docs", "tables")
+
+
+def add_output_args(parser: argparse.ArgumentParser, bench: str) -> None:
+    parser.add_argument("--root", default=os.path.join("runs", bench),
+                        help="where the runs go (finished runs are reused)")
+    parser.add_argument("--docs", action="store_true",
+                        help="also write the table into docs/tables/ (for README)")
+
+
+def run(c: Any, workdir: str) -> dict[str, Any]:
+    """The summary of the run ``c`` in ``workdir``: read when it finished before, else
+    trained (a pipeline through ``jaxkd.compression``)."""
+    from jaxkd import compression, metrics, train
+
+    summary = metrics.read_summary(workdir)
+    if summary is None or ("accuracy" not in summary and "stages" not in summary):
+        if compression.is_pipeline(c):
+            summary = compression.run_pipeline(c, workdir)
+        else:
+            summary = train.train_and_evaluate(c, workdir)
+    return summary
+
+
+def accuracy(summary: Mapping[str, Any]) -> float:
+    """A run's (or a pipeline's last stage's) test accuracy in %."""
+    if "accuracy" in summary:
+        return 100 * float(summary["accuracy"])
+    last = summary["stage_order"][-1]
+    return 100 * float(summary["stages"][last]["accuracy"])
+
+
+def mean_std(values: Sequence[float], digits: int = 2) -> str:
+    """``'mean ± std'`` with the sample std (ddof = 1), the one convention of our tables."""
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return f"{v.mean():.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def choose(candidates: Mapping[Any, Any], root: str, *,
+           rule: Callable[[dict[Any, float]], Any] | None = None) -> tuple[Any, dict[Any, float]]:
+    """Trains every candidate config on the validation split (``jaxkd.config.validation``:
+    the first 90 % of train for training, the last 10 % to evaluate) in ``root/<key>`` and
+    returns ``(chosen key, {key: validation accuracy %})``; the chosen key is the most
+    accurate one unless ``rule`` picks from the accuracies."""
+    from jaxkd.config import validation
+
+    scores = {key: accuracy(run(validation(c), os.path.join(root, str(key))))
+              for key, c in candidates.items()}
+    chosen = rule(scores) if rule else max(scores, key=lambda k: scores[k])
+    return chosen, scores
+
+
+def machine() -> str:
+    """One line naming the machine the numbers were measured on."""
+    import jax
+
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{device.platform} ({kind}) x{jax.device_count()}, jax {jax.__version__}")
+
+
+def publish(name: str, table: str, *, docs: bool) -> None:
+    """Prints ``table``; with ``docs`` writes it to ``docs/tables/<name>.md`` followed by
+    the command that made it and the machine."""
+    print(table, flush=True)
+    if not docs:
+        return
+    command = "python " + " ".join(shlex.quote(a) for a in [
+        os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]])
+    os.makedirs(TABLES, exist_ok=True)
+    path = os.path.join(TABLES, f"{name}.md")
+    with open(path, "w") as f:
+        f.write(table.rstrip("\n") + f"\n\n<sub>`{command}` on {machine()}</sub>\n")
+    print(f"wrote {os.path.relpath(path, ROOT)}", flush=True)
