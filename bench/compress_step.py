@@ -8,8 +8,9 @@ this one process on the default device, ``jaxkd.train.make_train_step`` (jitted 
 ``jaxkd.train.build_optimizer`` wraps it:
 
 - ``pruning.masked``: magnitude scores, polynomial schedule to 90 % sparsity, masks
-  recomputed every 100 steps; Fisher scores (``g^2`` summed every step), same schedule;
-  2:4 ('n:m', one-shot);
+  recomputed every 100 steps; Fisher scores (squared per-example gradients of 16 examples
+  of each batch, summed every step, as the trainer computes them), same schedule; 2:4
+  ('n:m', one-shot);
 - ``sharing.cluster``: 16 clusters per layer with fixed assignments; re-assigned every 100
   steps from latent dense kernels;
 - both, pruning outermost (``masked(cluster(adam))``), 90 % and 16 clusters.
@@ -34,7 +35,7 @@ from common import publish
 from timing import Ratio, seconds_per_call
 
 from jaxkd import models, objective, pruning, sharing, train
-from jaxkd.config import supervised_losses
+from jaxkd.config import Pruning, supervised_losses
 
 MODELS = {
     "mlp 784-800-800-10": ("mlp", {"widths": (800, 800)}, (784,)),
@@ -65,10 +66,10 @@ def make_tx(prune_fields, cluster_fields, total_steps):
     return tx
 
 
-def step_runner(model, input_shape, data, tx, num_steps):
+def step_runner(model, input_shape, data, tx, num_steps, per_example=0):
     terms = objective.parse_terms(supervised_losses(), has_teacher=False)
     step = jax.jit(train.make_train_step(model, tx, objective.build_objective(
-        terms, num_steps=num_steps)), donate_argnums=(0,))
+        terms, num_steps=num_steps), per_example=per_example), donate_argnums=(0,))
     state = train.init_state(model, tx, input_shape, 0)
     clusters = sharing.find_cluster_state(state.opt_state)
     if clusters is not None:  # snap once, as train_and_evaluate does
@@ -92,7 +93,10 @@ def bench_model(label, name, kwargs, shape, args, rng):
     runners, skipped = {}, {}
     for v, (p, c) in VARIANTS.items():
         try:
-            runners[v] = step_runner(model, shape, data, make_tx(p, c, total), total)
+            # Fisher scores need per-example gradients, as the trainer computes them.
+            per_example = Pruning().fisher_examples if p and p["method"] == "fisher" else 0
+            runners[v] = step_runner(model, shape, data, make_tx(p, c, total), total,
+                                     per_example)
         except ValueError as e:  # e.g. 2:4 on cnn1d, whose convs have 25 input channels
             skipped[v] = str(e)
     # Each variant is timed between two plain timings and divided by their mean, so that a

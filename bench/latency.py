@@ -43,14 +43,22 @@ MODELS = {
 BATCHES = (1, 100, 1000)
 
 
+MIN_SECONDS = 0.05  # per measurement: microsecond calls need thousands of repeats
+
+
 def per_call(fn, x, calls: int) -> float:
+    """Milliseconds per call over at least ``calls`` calls and :data:`MIN_SECONDS`."""
     jax.block_until_ready(fn(x))
-    start = time.perf_counter()
-    out = None
-    for _ in range(calls):
-        out = fn(x)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls * 1e3
+    done, start = 0, time.perf_counter()
+    while True:
+        out = None
+        for _ in range(calls):
+            out = fn(x)
+        jax.block_until_ready(out)
+        done += calls
+        elapsed = time.perf_counter() - start
+        if elapsed >= MIN_SECONDS:
+            return elapsed / done * 1e3
 
 
 def main() -> None:
@@ -63,14 +71,14 @@ def main() -> None:
              "|---|---:|---:|---:|---|---:|---|"]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        for label, (name, kwargs, shape) in MODELS.items():
+        for n, (label, (name, kwargs, shape)) in enumerate(MODELS.items()):
             model = models.get_model(name, num_classes=10, **kwargs)
             calib = jnp.asarray(rng.normal(size=(256, *shape)), jnp.float32)
             variables = jax.jit(model.init)(jax.random.PRNGKey(0), calib[:1])
             ranges = quant.calibrate(model, variables, [calib])
             fns = {"fp32": jax.jit(lambda x, v=variables, m=model: m.apply(v, x))}
             for bits in (8, 4):
-                directory = os.path.join(tmp, f"{name}-{bits}")
+                directory = os.path.join(tmp, f"{n}-{name}-{bits}")
                 export.export(directory, name, kwargs, 10, variables,
                               {"weight_bits": bits, "activation_bits": 8}, ranges, {},
                               input_shape=shape)
@@ -78,9 +86,11 @@ def main() -> None:
             for batch in BATCHES:
                 x = jax.device_put(jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32))
                 times = {k: [] for k in fns}
-                for _ in range(args.rounds):
+                for r in range(args.rounds + 1):
                     for k, fn in fns.items():
-                        times[k].append(per_call(fn, x, args.calls))
+                        t = per_call(fn, x, args.calls)
+                        if r:  # round 0 warms up
+                            times[k].append(t)
                 cells = [f"{np.median(times['fp32']):.3f} ({min(times['fp32']):.3f} - "
                          f"{max(times['fp32']):.3f})"]
                 for k in ("int8", "int4"):
@@ -89,8 +99,9 @@ def main() -> None:
                 lines.append(f"| {label} | {batch} | " + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
     lines += ["", f"Milliseconds per call on {jax.devices()[0].platform}, median (min - max) of "
-              f"{args.rounds} interleaved rounds of {args.calls} calls; input on the device, "
-              "every function jitted."]
+              f"{args.rounds} interleaved rounds (after a warm-up round) of at least {args.calls} "
+              f"calls and {1e3 * MIN_SECONDS:.0f} ms; input on the device, every function "
+              "jitted."]
     publish("latency", "\n".join(lines), docs=args.docs)
 
 

@@ -142,7 +142,7 @@ def make_train_step(
     with intercepted layers (e.g. quantization-aware training). ``project(params,
     opt_state) -> params`` runs after each update (e.g. clustering's snap to centroids).
     ``per_example > 0`` computes the gradients of the first ``per_example`` examples one by
-    one (``jax.vmap``, the model in inference mode) and passes their mean square to
+    one (``jax.lax.scan``, the model in inference mode) and passes their mean square to
     ``tx.update(..., per_example_grad_sq=...)`` (Fisher pruning's empirical Fisher).
     """
     apply = student_apply or model.apply
@@ -159,9 +159,16 @@ def make_train_step(
                                    task.targets(example))
             return loss
 
+        # One example at a time (lax.scan), squares summed as they come: a batch of
+        # per-example gradients (vmap) would hold m copies of the parameters and, on CPU,
+        # was 20x slower for the 784-800-800 MLP (bench/compress_step.py).
+        def add(total, example):
+            return jax.tree.map(lambda t, g: t + jnp.square(g), total,
+                                jax.grad(one)(trainable, *example)), None
+
         head = jax.tree.map(lambda x: x[:m], (batch, teacher_outs))
-        grads = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(trainable, *head)
-        return jax.tree.map(lambda g: jnp.mean(jnp.square(g), axis=0), grads)
+        total, _ = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, trainable), head)
+        return jax.tree.map(lambda t: t / m, total)
 
     def train_step(state, batch, teacher_variables):
         inputs, targets = task.model_inputs(batch), task.targets(batch)
@@ -189,20 +196,25 @@ def make_train_step(
         if per_example:
             extra["per_example_grad_sq"] = per_example_grad_sq(
                 state, batch, teacher_outs, trainable, per_example)
-        updates, opt_state = tx.update(grads, state.opt_state, trainable, **extra)
-        trainable = optax.apply_updates(trainable, updates)
-        if project is not None:
-            trainable = {**trainable, "model": project(trainable["model"], opt_state)}
-        new_state = state.replace(
-            params=trainable["model"], adapters=trainable["adapters"],
-            batch_stats=updated.get("batch_stats", {}), opt_state=opt_state,
-            collections={k: updated.get(k, v) for k, v in state.collections.items()})
+
+        def update(state):
+            updates, opt_state = tx.update(grads, state.opt_state, trainable, **extra)
+            new = optax.apply_updates(trainable, updates)
+            if project is not None:
+                new = {**new, "model": project(new["model"], opt_state)}
+            return state.replace(
+                params=new["model"], adapters=new["adapters"],
+                batch_stats=updated.get("batch_stats", {}), opt_state=opt_state,
+                collections={k: updated.get(k, v) for k, v in state.collections.items()})
+
         # A step with a non-finite loss or gradient is not applied (optax.apply_if_finite);
-        # the host stops the run, or skips up to config.skip_nonfinite_steps such steps.
+        # the host stops the run, or skips up to config.skip_nonfinite_steps such steps. The
+        # update runs inside the cond: selecting between a computed new state and the old
+        # one instead cost 15 % of the Hinton MLP step at batch 128 (bench/kd_step.py).
         grad_norm = optax.tree.norm(grads)
         loss_ok, grads_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
         ok = loss_ok & grads_ok
-        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        new_state = jax.lax.cond(ok, update, lambda state: state, state)
         first_bad = jnp.where(
             (state.first_nonfinite[0] < 0) & ~ok,
             jnp.stack([state.step, jnp.where(loss_ok, 2, 1)]), state.first_nonfinite)

@@ -228,6 +228,42 @@ def test_gradient_scores_use_the_mean_of_the_accumulated_gradients(method):
     assert set(jaxkd_layers.find(state.grad_stats, jaxkd_layers.Weights(min_ndim=0))) == set(layers)
 
 
+def test_the_train_step_gives_fisher_the_mean_square_of_per_example_gradients():
+    """What ``make_train_step(per_example=m)`` hands to ``tx.update`` against the per-example
+    gradients of a 1-hidden-layer softmax MLP written out by hand in numpy."""
+    from jaxkd import objective, train
+    from jaxkd.config import supervised_losses
+
+    received = {}
+
+    def capture(grads, state, params=None, *, per_example_grad_sq):
+        received["sq"] = per_example_grad_sq
+        return jax.tree.map(jnp.zeros_like, grads), state
+
+    tx = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), capture)
+    model = models.get_model("mlp", num_classes=3, widths=(5,))
+    terms = objective.parse_terms(supervised_losses(), has_teacher=False)
+    step = train.make_train_step(model, tx, objective.build_objective(terms, num_steps=10),
+                                 per_example=4)  # not jitted: capture sees the values
+    state = train.init_state(model, tx, (6,), 0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 7).astype(np.int32)
+    step(state, {"image": x, "label": y}, [])
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), state.params)
+    sq = {"hidden1": 0.0, "head": 0.0}
+    for i in range(4):  # only the first 4 examples
+        h = np.maximum(x[i] @ p["hidden1"]["kernel"] + p["hidden1"]["bias"], 0)
+        z = h @ p["head"]["kernel"] + p["head"]["bias"]
+        dz = np.exp(z - z.max()) / np.exp(z - z.max()).sum() - np.eye(3)[y[i]]
+        dh = (p["head"]["kernel"] @ dz) * (h > 0)
+        sq["head"] = sq["head"] + np.outer(h, dz) ** 2 / 4
+        sq["hidden1"] = sq["hidden1"] + np.outer(x[i], dh) ** 2 / 4
+    for layer in sq:
+        np.testing.assert_allclose(received["sq"]["model"][layer]["kernel"], sq[layer],
+                                   rtol=1e-4, atol=1e-7)
+
+
 def _wrapped(kind, c):
     if kind == "masked-adam":
         return pruning.masked(optax.adam(1e-2), **c, total_steps=30)
