@@ -32,12 +32,14 @@ def add_output_args(parser: argparse.ArgumentParser, bench: str) -> None:
 
 def run(c: Any, workdir: str) -> dict[str, Any]:
     """The summary of the run ``c`` in ``workdir``: read when it finished before, else
-    trained (a pipeline through ``jaxkd.compression``)."""
-    from jaxkd import compression, metrics, train
+    trained (a chain through ``jaxkd.chain``, a pipeline through ``jaxkd.compression``)."""
+    from jaxkd import chain, compression, metrics, train
 
     summary = metrics.read_summary(workdir)
     if summary is None or ("accuracy" not in summary and "stages" not in summary):
-        if compression.is_pipeline(c):
+        if chain.is_chain(c):
+            summary = chain.run_chain(c, workdir)
+        elif compression.is_pipeline(c):
             summary = compression.run_pipeline(c, workdir)
         else:
             summary = train.train_and_evaluate(c, workdir)

@@ -49,6 +49,9 @@ class Data(Block):
       jitter_pixels: the largest shift of 'jitter'.
       image_size: side of variable-size images (imagenet2012) after resize and crop.
       in_memory: hold the training examples in host memory.
+      drop_labels: examples of ``train_split`` with one of these labels are left out of
+        the training stream (Hinton et al. 2015, section 3: a transfer set without any 3);
+        ``num_epochs`` still counts the whole split.
     """
 
     name: str = "mnist1d"
@@ -61,6 +64,7 @@ class Data(Block):
     jitter_pixels: int = schema.integer(2, minimum=0)
     image_size: int = schema.integer(224, minimum=1)
     in_memory: bool = True
+    drop_labels: tuple = schema.items((), schema.Integer(minimum=0))
 
     def check(self) -> None:
         datasets.get(self.name)
@@ -314,7 +318,9 @@ class Pruning(Block):
         (:func:`jaxkd.layers.edge_layers`).
       seed: the draw of method 'random'.
       fisher_examples: method 'fisher': the examples of each batch whose per-example
-        gradients (``jax.vmap``) estimate the empirical Fisher every step.
+        gradients (one at a time, ``jax.lax.scan``) estimate the empirical Fisher every
+        step; they cost about 0.05 plain steps each on the 784-800-800 MLP
+        (bench/compress_step.py).
       from_zeros: the masks start as ``params != 0`` of the selected weights at ``init``
         (instead of all True), so the zeros of an already pruned model stay zero while it
         is fine-tuned, clustered or quantized; the schedule may then prune further.
@@ -380,7 +386,8 @@ class Clustering(Block):
       layers: regex, matched (``re.fullmatch``) against the path of each weight's layer.
       reassign_every: re-assign weights to their nearest centroid every this many steps
         (from latent dense weights); 0 keeps the assignments made at init (Han et al.).
-        The latent kernels are trained by the optimizer too (TF-MOT style): about 1.3x the
+        The latent kernels are trained by the optimizer too (TF-MOT style), and the
+        weights are projected onto their centroids after every update: about 1.6x the
         plain step on a dense 784-800-800 MLP (bench/compress_step.py), against <= 1.0x
         with fixed assignments.
       keep_first_last: leave the first layer and the classifier ``head`` unclustered
@@ -534,13 +541,15 @@ def parse_run(config: ml_collections.ConfigDict | Mapping[str, Any] | Run) -> Ru
 def validation(c: ml_collections.ConfigDict, fraction: float = 0.1) -> ml_collections.ConfigDict:
     """``c`` (a run, or every stage of a chain) trained on the first ``1 - fraction`` of its
     train split and evaluated on the rest: the validation split, carved deterministically
-    (tfds slices ``train[:90%]`` / ``train[90%:]``), on which hyper-parameters are chosen
-    before the test split is read once."""
-    keep = round(100 * (1 - fraction))
+    (tfds slices ``train[:90%]`` / ``train[90%:]``, or the dataset's own
+    ``validation_examples``: ``train[:-10000]`` / ``train[-10000:]`` for MNIST), on which
+    hyper-parameters are chosen before the test split is read once."""
     runs = [c.stages[name] for name in c.stage_order] if "stages" in c else [c]
     for run in runs:
         base = run.data.train_split.split("[", 1)[0]
-        run.data.train_split, run.data.eval_split = f"{base}[:{keep}%]", f"{base}[{keep}%:]"
+        held_out = datasets.get(run.data.name).validation_examples
+        cut = f"-{held_out}" if held_out else f"{round(100 * (1 - fraction))}%"
+        run.data.train_split, run.data.eval_split = f"{base}[:{cut}]", f"{base}[{cut}:]"
     return c
 
 

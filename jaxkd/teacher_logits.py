@@ -111,6 +111,7 @@ _INPUT_FIELDS = {
     "image_size": "config.data.image_size",
     "mean": "the normalisation mean",
     "std": "the normalisation std",
+    "drop_labels": "config.data.drop_labels",
 }
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import ml_collections
 
-from jaxkd import checkpoint, metrics, multihost
+from jaxkd import checkpoint, metrics, multihost, schema
+from jaxkd.config import Run
 from jaxkd.schema import ConfigError
 
 # Fields that change what is logged or kept, not the result: may change on relaunch.
@@ -101,11 +102,17 @@ def check_kind(workdir: str, *, stages: bool) -> None:
 
 def differences(before: ml_collections.ConfigDict, now: ml_collections.ConfigDict
                 ) -> list[tuple[str, Any, Any]]:
-    """``(field, before, now)`` of every result-changing field that differs."""
+    """``(field, before, now)`` of every result-changing field that differs.
+
+    A field that ``before`` lacks and ``now`` holds at its default is no difference: a
+    later jaxkd added the field, with a default that keeps what runs did before it.
+    """
     a = flatten(ml_collections.ConfigDict(before.to_dict()).to_dict())
     b = flatten(ml_collections.ConfigDict(now.to_dict()).to_dict())
+    new_defaults = flatten(schema.defaults(Run).to_dict())
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not k.startswith(RESULT_NEUTRAL_FIELDS)]
+            if a.get(k) != b.get(k) and not k.startswith(RESULT_NEUTRAL_FIELDS)
+            and not (k not in a and k in new_defaults and b.get(k) == new_defaults[k])]
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -195,6 +195,24 @@ def test_transfer_examples_and_only_they_are_labelled_minus_one():
     assert set(labels[~is_transfer]) == set(range(10))
 
 
+def test_dropped_labels_never_reach_the_training_stream():
+    """Hinton et al.'s transfer set without any 3."""
+    pipeline.get_info(config("digits"))  # prepared
+    images, labels = split_arrays("digits", "train")
+    c = config("digits", drop_labels=(3,))
+    inputs = pipeline.train_inputs(c)
+    assert len(inputs.source) == int((labels != 3).sum()) < 1437
+    assert inputs.spec["drop_labels"] == [3]
+    assert "drop_labels" not in pipeline.train_inputs(config("digits")).spec
+    epoch = len(inputs.source) // 7
+    batches = take(pipeline.train_batches(c, batch_size=7, seed=0), epoch)
+    seen = stack(batches, "label")
+    assert 3 not in seen and len(seen) == 7 * epoch
+    kept = {row.tobytes() for row in images[labels != 3]}
+    raw = (stack(batches, "image") * 6.017 + 4.887).round().astype(np.uint8)
+    assert {row.tobytes() for row in raw} <= kept
+
+
 def shifted(signal, s):
     """Independent reference: ``signal`` moved right by ``s`` samples, zeros shifted in."""
     out = np.zeros_like(signal)

@@ -198,3 +198,22 @@ def test_workdir_of_another_config_is_refused(data_dir, tmp_path):
     c.log_every_steps = 10  # only changes what is logged: allowed
     summary = train.train_and_evaluate(c, str(tmp_path), allow_config_change=True)
     assert summary["resumed_from_step"] == 10
+
+
+def test_a_field_added_since_a_run_was_saved_is_no_change_at_its_default():
+    """A workdir saved by an older jaxkd lacks the fields added since; they hold their
+    defaults (which keep what runs did before), so a relaunch continues it."""
+    import ml_collections
+
+    from jaxkd import workdir
+    from jaxkd.config import run_config
+
+    now = run_config("mnist1d", "mlp")
+    before = ml_collections.ConfigDict(now.to_dict())
+    del before.data["drop_labels"]
+    assert workdir.differences(before, now) == []
+    now.data.drop_labels = (3,)
+    assert workdir.differences(before, now) == [("data.drop_labels", None, [3])]
+    before.data.in_memory = False  # a field both have: a change, as before
+    now.data.drop_labels = ()
+    assert workdir.differences(before, now) == [("data.in_memory", False, True)]

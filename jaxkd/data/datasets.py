@@ -15,6 +15,7 @@ Normalisation is ``(x - mean) / std`` per channel, in the raw units of the examp
 - ``mnist1d``: 0 and 1 (the generator already standardises its signals);
 - ``digits``: 4.887 and 6.017 (pixels of the train split, in the raw 0..16 units);
 - ``mnist``: 0.1307 and 0.3081 times 255 (the usual MNIST train statistics);
+- ``fashion_mnist``: 0.2860 and 0.3530 times 255 (its train statistics);
 - ``cifar10`` / ``cifar100``: per-channel train statistics times 255;
 - ``imagenet2012``: the usual ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224,
   0.225) times 255.
@@ -31,13 +32,18 @@ from jaxkd.schema import FieldError
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Per-dataset constants: normalisation (raw units, per channel) and defaults."""
+    """Per-dataset constants: normalisation (raw units, per channel) and defaults.
+
+    ``validation_examples``: the validation split (:func:`jaxkd.config.validation`) is the
+    last this many examples of ``train``; 0 = the last 10 %.
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     eval_split: str = "test"
     in_memory: bool = True
     task: str = "classification"
+    validation_examples: int = 0
 
 
 def _times_255(*values: float) -> tuple[float, ...]:
@@ -47,7 +53,10 @@ def _times_255(*values: float) -> tuple[float, ...]:
 DATASETS: dict[str, Dataset] = {
     "mnist1d": Dataset(mean=(0.0,), std=(1.0,)),
     "digits": Dataset(mean=(4.887,), std=(6.017,)),
-    "mnist": Dataset(mean=_times_255(0.1307), std=_times_255(0.3081)),
+    "mnist": Dataset(mean=_times_255(0.1307), std=_times_255(0.3081),
+                     validation_examples=10_000),
+    "fashion_mnist": Dataset(mean=_times_255(0.2860), std=_times_255(0.3530),
+                             validation_examples=10_000),
     "cifar10": Dataset(mean=_times_255(0.4914, 0.4822, 0.4465),
                        std=_times_255(0.2470, 0.2435, 0.2616)),
     "cifar100": Dataset(mean=_times_255(0.5071, 0.4865, 0.4409),

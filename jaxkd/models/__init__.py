@@ -14,7 +14,7 @@ contract). Registry names and their kwargs besides ``num_classes``:
   tie_hidden.
 - ``cnn1d``: the MNIST-1D CNN (Greydanus 2020); channels (one or three), kernel_size,
   tie_convs.
-- ``lenet5``: LeNet-5 (LeCun et al. 1998); padding.
+- ``lenet5``: LeNet-5 (LeCun et al. 1998); padding, channels, widths.
 - ``resnet8``, ``resnet14``, ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``,
   ``resnet110``: CIFAR ResNets (He et al. 2016); none.
 - ``resnet8x4``, ``resnet32x4``: RepDistiller's wide-stem ResNets (Tian et al. 2020); none.
@@ -102,9 +102,20 @@ def build_cnn1d(*, num_classes: int, channels: int | Sequence[int] = 25, kernel_
                  tie_convs=bool(tie_convs))
 
 
-def build_lenet5(*, num_classes: int, padding: str | None = None) -> LeNet5:
-    """LeNet-5 with ReLU and max pooling; ``padding`` None picks VALID for inputs >= 16x16."""
-    return LeNet5(num_classes=num_classes, padding=padding.upper() if padding else None)
+def build_lenet5(*, num_classes: int, padding: str | None = None,
+                 channels: Sequence[int] = (6, 16), widths: Sequence[int] = (120, 84)
+                 ) -> LeNet5:
+    """LeNet-5 with ReLU and max pooling; ``padding`` None picks VALID for inputs >= 16x16.
+    ``channels=(20, 50), widths=(500,)`` is Caffe's LeNet (Deep Compression's "LeNet-5")."""
+    channels, widths = tuple(int(c) for c in channels), tuple(int(w) for w in widths)
+    if len(channels) != 2 or min(channels) < 1:
+        raise ConfigError(f"config.model.kwargs.channels={channels!r} must be 2 positive ints "
+                          "(conv1, conv2)")
+    if not widths or min(widths) < 1:
+        raise ConfigError(f"config.model.kwargs.widths={widths!r} must be one or more "
+                          "positive ints (fc1, fc2, ...)")
+    return LeNet5(num_classes=num_classes, padding=padding.upper() if padding else None,
+                  channels=channels, widths=widths)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

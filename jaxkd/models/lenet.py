@@ -21,9 +21,14 @@ survive two unpadded 5x5 convolutions and two poolings, so ``'SAME'`` pads both 
 (8x8 digits -> 2x2x16). The default, ``padding=None``, picks ``'VALID'`` for inputs of at
 least 16x16 and ``'SAME'`` below.
 
-Named layers: ``conv1``, ``conv2``, ``fc1``, ``fc2``, ``head``.
+``channels`` (default ``(6, 16)``) and ``widths`` (default ``(120, 84)``) change the widths;
+``channels=(20, 50), widths=(500,)`` is Caffe's LeNet (431,080 parameters on 28x28), the
+"LeNet-5" of Han, Mao & Dally's Deep Compression (2016).
+
+Named layers: ``conv1``, ``conv2``, ``fc1``, ``fc2`` (one per width), ``head``.
 Features: ``conv1``, ``conv2`` (NHWC, after ReLU and pooling), ``fc1`` ``[B, 120]`` and
-``embedding`` ``[B, 84]`` (the ``fc2`` output that feeds the head).
+``embedding`` ``[B, 84]`` (the last hidden layer's output, which feeds the head; with one
+width, ``fc1``'s output is the embedding).
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class LeNet5(nn.Module):
 
     num_classes: int
     padding: str | None = None
+    channels: tuple[int, ...] = (6, 16)
+    widths: tuple[int, ...] = (120, 84)
 
     @nn.compact
     def __call__(
@@ -62,16 +69,16 @@ class LeNet5(nn.Module):
             raise ConfigError(f"lenet5 expects images [B, H, W, C], got shape {x.shape}")
         padding = self._padding(x.shape[1:3])
         features: dict[str, jax.Array] = {}
-        for i, channels in enumerate((6, 16), start=1):
+        for i, channels in enumerate(self.channels, start=1):
             x = nn.Conv(channels, (5, 5), padding=padding, name=f"conv{i}")(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
             features[f"conv{i}"] = x
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(120, name="fc1")(x))
-        features["fc1"] = x
-        embedding = nn.relu(nn.Dense(84, name="fc2")(x))
-        features["embedding"] = embedding
-        logits = nn.Dense(self.num_classes, name="head")(embedding)
+        for i, width in enumerate(self.widths, start=1):
+            x = nn.relu(nn.Dense(width, name=f"fc{i}")(x))
+            # The last hidden layer's output feeds the head: the embedding.
+            features["embedding" if i == len(self.widths) else f"fc{i}"] = x
+        logits = nn.Dense(self.num_classes, name="head")(x)
         return (logits, features) if return_features else logits
 
     def _padding(self, spatial: tuple[int, int]) -> str:
