@@ -18,6 +18,8 @@ import os
 import re
 import sys
 
+from jaxkd import multihost
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")
 
@@ -49,11 +51,7 @@ def parser() -> Parser:
                    help="print the resolved config (every field, after overrides) and exit")
     p.add_argument("--allow_config_change", action="store_true",
                    help="continue a workdir's checkpoints under a changed config")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (cluster found automatically)")
-    p.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-    p.add_argument("--num_processes", type=int, default=None, help="number of processes")
-    p.add_argument("--process_id", type=int, default=None, help="this process's index")
+    multihost.add_arguments(p)
     p.add_argument("--verbose", action="store_true", help="show the libraries' INFO logs")
     return p
 
@@ -66,22 +64,6 @@ def default_workdir(spec: str) -> str:
     if arg:
         name += "_" + re.sub(r"[^\w=+.-]", "_", arg)
     return os.path.join("runs", name)
-
-
-def initialize_distributed(args: argparse.Namespace) -> None:
-    import jax
-
-    try:
-        jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                   num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    except (ValueError, RuntimeError) as e:
-        what = "--distributed" if args.distributed else "--coordinator_address"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"jaxkd: error: {what}: jax.distributed.initialize() failed ({first}); on one "
-              "machine leave out --distributed, else pass --coordinator_address, "
-              "--num_processes and --process_id", file=sys.stderr)
-        sys.exit(2)
 
 
 def main(argv: list[str]) -> int:
@@ -109,8 +91,7 @@ def main(argv: list[str]) -> int:
 
     flags.FLAGS.mark_as_parsed()  # absl-logging libraries (orbax) need parsed flags
     logging.set_verbosity(logging.INFO if args.verbose else logging.WARNING)
-    if args.coordinator_address or args.distributed:
-        initialize_distributed(args)
+    multihost.initialize(args)
     from jaxkd import chain, compression, preemption, train
 
     workdir = args.workdir or default_workdir(spec)

@@ -486,6 +486,54 @@ class Export(Block):
     entropy_coding: bool = False
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+# Logical axes of the parameters (jaxkd.models.axes) -> mesh axes: FSDP splits a kernel's
+# input channels, tensor parallelism its outputs and attention heads.
+LOGICAL_AXES = {"batch": ["data", "fsdp"], "embed": "fsdp", "mlp": "tensor",
+                "vocab": "tensor", "heads": "tensor", "kv": None}
+_MESH_RULE = schema.Keys((("params", schema.Regex()),
+                          ("spec", schema.Items(schema.Maybe(schema.Choice(MESH_AXES))))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh(Block):
+    """``config.mesh`` (:mod:`jaxkd.partitioning`): the device mesh and the layout on it.
+
+    Fields:
+      data, fsdp, tensor: the sizes of the mesh axes; ``-1`` (at most one) takes the
+        devices left. The batch is split over data x fsdp, the weights over fsdp (FSDP)
+        and tensor (tensor parallelism). The default is pure data parallelism.
+      logical: logical axis of a parameter dimension (``embed``, ``mlp``, ``vocab``,
+        ``heads``, ``kv``; :mod:`jaxkd.models.axes`) -> a mesh axis, a list of them, or
+        None (replicated).
+      rules: ``{'params': regex, 'spec': [mesh axis or None per dimension]}`` for whole
+        parameters, before the logical table; each must match a parameter of the student.
+    """
+
+    data: int = schema.integer(-1, minimum=-1)
+    fsdp: int = schema.integer(1, minimum=-1)
+    tensor: int = schema.integer(1, minimum=-1)
+    logical: dict = schema.free(LOGICAL_AXES)
+    rules: tuple = schema.items((), _MESH_RULE)
+
+    def check(self) -> None:
+        sizes = {a: getattr(self, a) for a in MESH_AXES}
+        for axis, size in sizes.items():
+            if size == 0:
+                raise FieldError(axis, "=0 must be a positive size or -1 (the devices left)")
+        if list(sizes.values()).count(-1) > 1:
+            raise FieldError("data", f": at most one axis may be -1, got {sizes}")
+        for name, target in self.logical.items():
+            for axis in [target] if isinstance(target, str) or target is None else target:
+                if axis is not None and axis not in MESH_AXES:
+                    raise FieldError(f"logical.{name}", f"={target!r} is not a mesh axis; "
+                                                        f"allowed: {', '.join(MESH_AXES)}, None")
+
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("", "full", "dots", "dots_no_batch")
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -498,6 +546,15 @@ class Run(Block):
     log, evaluate and checkpoint; ``max_to_keep`` checkpoints; and
     ``skip_nonfinite_steps``: steps with a non-finite loss or gradient are never applied,
     and more than this many stop the run with an error naming the first.
+
+    Scale: ``mesh`` (:class:`Mesh`); ``dtype``, the precision of activations and matmuls
+    of the student and teachers, and ``param_dtype``, of the stored weights (float32
+    master weights; losses and the softmax of logits are always float32); ``remat``, a
+    ``jax.checkpoint`` policy for the student's blocks ('' = off, 'full' saves nothing,
+    'dots' / 'dots_no_batch' save matmul outputs); ``grad_accum_steps`` = k: the optimizer
+    (``optax.MultiSteps``) applies the mean gradient of k consecutive steps, so k steps of
+    ``batch_size`` make the update of one batch k times larger; ``num_steps`` still counts
+    steps (micro-batches), and every schedule counts updates.
     """
 
     seed: int = schema.integer(0, minimum=0)
@@ -517,6 +574,11 @@ class Run(Block):
     merging: Merging = schema.nested(Merging)
     compression: Compression = schema.nested(Compression)
     export: Export = schema.nested(Export)
+    mesh: Mesh = schema.nested(Mesh)
+    dtype: str = schema.choice("float32", PRECISIONS, noun="a precision")
+    param_dtype: str = schema.choice("float32", PRECISIONS, noun="a precision")
+    remat: str = schema.choice("", REMAT_POLICIES, noun="a remat policy")
+    grad_accum_steps: int = schema.integer(1, minimum=1)
     log_every_steps: int = schema.integer(100, minimum=1)
     eval_every_steps: int = schema.integer(1000, minimum=1)
     checkpoint_every_steps: int = schema.integer(1000, minimum=1)

@@ -242,6 +242,10 @@ def ensemble_logits(teacher_logits: Sequence[jax.Array], weights: Sequence[float
         log_p + jnp.log(w).reshape(-1, *([1] * (log_p.ndim - 1))), axis=0)
 
 
+def _float32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
 def build_objective(
     terms: Sequence[Term], *, num_steps: int, teacher_weights: Sequence[float] = (1.0,),
     ensemble: str = "sum_losses",
@@ -294,6 +298,9 @@ def build_objective(
         return fn(s, t, **kwargs)  # batch-level: already a scalar
 
     def objective(adapters, student_out, teacher_outs, batch, step, targets=None):
+        # Losses, and the softmax of logits inside them, in float32 whatever the models'
+        # compute dtype (config.dtype, e.g. bfloat16).
+        student_out, teacher_outs = jax.tree.map(_float32, (student_out, list(teacher_outs)))
         if targets is None:  # classification: label -1 marks a transfer-set input
             labels = batch["label"]
             targets = Targets(labels, (labels >= 0).astype(jnp.float32), None)

@@ -64,6 +64,7 @@ with ``--config.data.<field>=`` overrides; ``--transfer_split``, ``--train_split
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import hashlib
 import json
@@ -81,7 +82,8 @@ import ml_dtypes
 import numpy as np
 from array_record.python import array_record_module
 
-from jaxkd import checkpoint, files, teachers
+from jaxkd import checkpoint, files, multihost, partitioning, schema, teachers
+from jaxkd.config import MESH_AXES, Mesh
 from jaxkd.data import pipeline, sources
 from jaxkd.schema import ConfigError, MissingError
 
@@ -148,9 +150,15 @@ def checkpoint_sha256(directory: str) -> str:
 
 def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *,
           top_k: int = 0, dtype: str = "float16", temperature: float = 1.0,
-          batch_size: int = 500,
-          chunk_size: int = CHUNK_SIZE) -> dict[str, Any]:
+          batch_size: int = 500, chunk_size: int = CHUNK_SIZE,
+          mesh: ml_collections.ConfigDict | dict | None = None) -> dict[str, Any]:
     """Writes (or finishes writing) the teacher's logits on ``data``'s training stream.
+
+    With several processes (``jax.distributed``) every process writes its share of the
+    chunks (chunk ``c`` is process ``c mod P``'s), each on its own devices (a mesh over
+    them laid out by ``mesh``, ``config.mesh``'s fields: ``{'fsdp': -1}`` splits the
+    teacher over them), and the leader writes the one manifest; ``out_dir`` must be on a
+    file system that every process sees.
 
     Args:
       teacher_workdir: a finished run; its newest checkpoint is the teacher.
@@ -161,6 +169,7 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
       dtype: ``'float32'``, ``'float16'`` or ``'bfloat16'``, the stored values' type.
       batch_size: examples per teacher forward pass (a multiple of the device count).
       chunk_size: examples per array_record file.
+      mesh: ``config.mesh`` fields of each process's mesh (None: data parallel).
 
     Returns:
       The manifest (module docstring).
@@ -172,18 +181,23 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
     if top_k < 0 or batch_size <= 0 or chunk_size <= 0:
         raise ConfigError(f"top_k={top_k} must be >= 0, batch_size={batch_size} and "
                          f"chunk_size={chunk_size} > 0")
-    if jax.process_count() > 1 or batch_size % jax.device_count():
-        raise ConfigError(f"write on one process, with batch_size={batch_size} a multiple of "
-                         f"the device count ({jax.device_count()})")
+    settings = schema.build(Mesh, dict(mesh or {}), where="mesh")
+    local, shape = jax.local_devices(), None
+    try:
+        shape = partitioning.mesh_shape(settings, len(local))
+    except schema.FieldError as e:
+        raise ConfigError(f"{e} (the {len(local)} devices of each process)") from None
+    if batch_size % (shape[0] * shape[1]):
+        raise ConfigError(f"batch_size={batch_size} must be a multiple of data x fsdp = "
+                          f"{shape[0] * shape[1]} (each process's devices)")
     step = checkpoint.latest_step(teacher_workdir)
     if step is None:
         raise MissingError(f"teacher_workdir={teacher_workdir!r} has no checkpoint: "
                                 "train the teacher first")
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    teacher = teachers.load(teacher_workdir, sharding=replicated, field="teacher_workdir")
     model = files.read_json(os.path.join(teacher_workdir, checkpoint.MODEL_FILE))
+    teacher = _local_teacher(teacher_workdir, model["name"], settings, shape, local)
+    layout = partitioning.layout(teacher.mesh, settings, model["name"])
+    sharded = layout.batch
     inputs = pipeline.train_inputs(data)
     info = pipeline.get_info(data)
     if (model["num_classes"], tuple(model["input_shape"])) != (info.num_classes,
@@ -225,27 +239,59 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
                    for c in range(num_chunks)],
         "complete": False,
     }
-    _start_or_resume(out_dir, manifest)
+    if multihost.is_leader():
+        _start_or_resume(out_dir, manifest)
+    multihost.sync("jaxkd teacher_logits start")
 
-    forward = jax.jit(_forward_fn(teacher.model, top_k, temperature))
+    forward = jax.jit(_forward_fn(teacher.model, top_k, temperature, layout.gather))
     group_size = max(1, GROUP_BYTES // records.itemsize)
-    for chunk in manifest["chunks"]:
+    for c, chunk in enumerate(manifest["chunks"]):
         path = os.path.join(out_dir, chunk["file"])
-        if os.path.exists(path):
-            continue
+        if c % jax.process_count() != jax.process_index() or os.path.exists(path):
+            continue  # another process's chunk, or written before a kill
         start_time = time.perf_counter()
         values = _chunk_records(forward, teacher.variables, inputs, chunk, records,
                                 batch_size=batch_size, sharding=sharded)
         _write_chunk(path, values, group_size)
         print(f"{chunk['file']}: {chunk['count']} examples, "
-              f"{chunk['count'] / (time.perf_counter() - start_time):.0f} examples/s",
+              f"{chunk['count'] / (time.perf_counter() - start_time):.0f} examples/s"
+              + (f" (process {jax.process_index()})" if jax.process_count() > 1 else ""),
               flush=True)
-    for chunk in manifest["chunks"]:
-        path = os.path.join(out_dir, chunk["file"])
-        chunk.update(bytes=os.path.getsize(path), sha256=files.sha256(path))
-    manifest["complete"] = True
-    files.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
-    return manifest
+    multihost.sync("jaxkd teacher_logits chunks")
+    if multihost.is_leader():
+        for chunk in manifest["chunks"]:
+            path = os.path.join(out_dir, chunk["file"])
+            chunk.update(bytes=os.path.getsize(path), sha256=files.sha256(path))
+        manifest["complete"] = True
+        files.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
+    return multihost.broadcast_json(manifest)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Local:
+    model: Any
+    variables: Any
+    mesh: jax.sharding.Mesh
+
+
+def _local_teacher(workdir: str, name: str, settings: Mesh, shape: tuple[int, ...],
+                   local: list) -> _Local:
+    """The teacher on this process's devices: read by every process as the trainer reads
+    teachers (laid out on the mesh of all devices), gathered whole into host memory, then
+    laid out on a mesh of the local devices."""
+    mesh = jax.make_mesh(shape, MESH_AXES, devices=local,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    if jax.process_count() == 1:
+        teacher = teachers.load(workdir, layout_of=lambda n: partitioning.layout(
+            mesh, settings, n), field="teacher_workdir")
+        return _Local(teacher.model, teacher.variables, mesh)
+    everywhere = jax.make_mesh((jax.device_count(), 1, 1), MESH_AXES,
+                               axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    teacher = teachers.load(workdir, layout_of=lambda n: partitioning.layout(
+        everywhere, Mesh(), n), field="teacher_workdir")
+    host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), teacher.variables)
+    layout = partitioning.layout(mesh, settings, name)
+    return _Local(teacher.model, jax.device_put(host, layout.params(host)), mesh)
 
 
 def check(out_dir: str, data: ml_collections.ConfigDict, *, allow_augment: bool = False,
@@ -414,10 +460,11 @@ class StoredLogits:
         return fields
 
 
-def _forward_fn(model: Any, top_k: int, temperature: float
+def _forward_fn(model: Any, top_k: int, temperature: float,
+                gather: Callable[[Any], Any] = lambda tree: tree
                 ) -> Callable[[Any, jax.Array], tuple[jax.Array, ...]]:
     def forward(variables, images):
-        logits = model.apply(variables, images, train=False).astype(np.float32)
+        logits = model.apply(gather(variables), images, train=False).astype(np.float32)
         if not top_k:
             return (logits,)
         values, indices = jax.lax.top_k(logits, top_k)
@@ -570,6 +617,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a run config whose data block to use instead of the teacher's")
     for field in ("transfer_split", "train_split", "data_dir"):
         p.add_argument(f"--{field}", default=None, help=f"overrides config.data.{field}")
+    multihost.add_arguments(p)  # every process writes its share of the chunks
     p.error = lambda message: _usage_error(message)  # type: ignore[method-assign]
     return p
 
@@ -590,13 +638,15 @@ def main(argv: Sequence[str]) -> int:
         print(f"jaxkd: error: {e}", file=sys.stderr)
         return 2
     args = parser().parse_args(rest)
+    multihost.initialize(args)
     try:
+        mesh = None  # each process's devices: --config's config.mesh, else data parallel
         if not os.path.isdir(args.teacher_workdir):
             raise MissingError(f"--teacher_workdir={args.teacher_workdir!r} does not exist")
         if args.config:
             config = configfile.load(args.config)
             configfile.apply(config, overrides)
-            data = config.data
+            data, mesh = config.data, config.get("mesh")
         else:
             if overrides:
                 raise ConfigError(f"{overrides[0][0]}: --config.<field> overrides need "
@@ -608,11 +658,14 @@ def main(argv: Sequence[str]) -> int:
                 data[field] = getattr(args, field)
         manifest = write(args.teacher_workdir, data, args.out, top_k=args.top_k,
                          dtype=args.dtype, temperature=args.temperature,
-                         batch_size=args.batch_size, chunk_size=args.chunk_size)
+                         batch_size=args.batch_size, chunk_size=args.chunk_size,
+                         mesh=mesh.to_dict() if mesh is not None else None)
     except ConfigError as e:
         print(f"jaxkd: error: {e}", file=sys.stderr)
         return 2
     kind = f"top-{manifest['top_k']}" if manifest["top_k"] else "full"
+    if not multihost.is_leader():
+        return 0
     print(f"wrote {kind} {manifest['dtype']} logits of {manifest['count']} examples to "
           f"{args.out}: {bytes_per_example(args.out):.2f} bytes per example on disk "
           f"({manifest['record']['bytes']} bytes per record)", flush=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -45,10 +46,16 @@ class Teacher:
         return int(self.spec["num_classes"])
 
 
-def load(workdir: str, *, sharding: NamedSharding, weight: float = 1.0,
-         field: str = "config.distill.teacher.workdir") -> Teacher:
+def load(workdir: str, *, sharding: NamedSharding | None = None,
+         layout_of: Callable[[str], Any] | None = None, compute: dict[str, str] | None = None,
+         weight: float = 1.0, field: str = "config.distill.teacher.workdir") -> Teacher:
     """Reads a finished run's model variables from its newest Orbax checkpoint; errors name
-    ``field``."""
+    ``field``.
+
+    The variables are restored onto ``layout_of(model name).params`` (the run's mesh and
+    rule table: :func:`jaxkd.partitioning.layout`), or all onto ``sharding``; ``compute``
+    (``dtype``, ``param_dtype``) is the precision the teacher runs in.
+    """
     if not os.path.isdir(workdir):
         raise MissingError(f"{field}={workdir!r} does not exist")
     summary = metrics.read_summary(workdir)
@@ -67,24 +74,38 @@ def load(workdir: str, *, sharding: NamedSharding, weight: float = 1.0,
                           f"{step} of {config.get('num_steps')}, no summary.json): relaunch "
                           "its command to finish it, or name a finished run")
     spec = files.read_json(os.path.join(workdir, checkpoint.MODEL_FILE))
-    model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
+    if compute and not models.takes_precision(spec["name"]):
+        raise ConfigError(f"{field}={workdir!r}: its model {spec['name']!r} takes no dtype; "
+                          "use config.dtype='float32'")
+    model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"],
+                             **(compute or {}))
     abstract = jax.eval_shape(lambda: dict(model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, *spec["input_shape"]), jnp.float32), train=False)))
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+    if layout_of is not None:
+        shardings = layout_of(spec["name"]).params(abstract)
+    else:
+        if sharding is None:
+            raise TypeError("teachers.load needs sharding or layout_of")
+        shardings = jax.tree.map(lambda _: sharding, abstract)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            abstract, shardings)
     variables = checkpoint.restore_variables(workdir, step, abstract, field=field)
     return Teacher(workdir=workdir, model=model, config=config, variables=variables,
                    spec=spec, weight=weight, field=field)
 
 
-def load_all(distill: Distill, *, sharding: NamedSharding) -> list[Teacher]:
-    """The teachers of ``config.distill``: ``teachers`` (a list) or ``teacher.workdir``."""
+def load_all(distill: Distill, *, sharding: NamedSharding | None = None,
+             layout_of: Callable[[str], Any] | None = None,
+             compute: dict[str, str] | None = None) -> list[Teacher]:
+    """The teachers of ``config.distill``: ``teachers`` (a list) or ``teacher.workdir``
+    (placed as :func:`load` places them)."""
+    where = {"sharding": sharding, "layout_of": layout_of, "compute": compute}
     if distill.teachers:
-        return [load(t.workdir, sharding=sharding, weight=t.weight,
+        return [load(t.workdir, **where, weight=t.weight,
                      field=f"config.distill.teachers[{i}].workdir")
                 for i, t in enumerate(distill.teachers)]
     if distill.teacher.workdir:
-        return [load(distill.teacher.workdir, sharding=sharding)]
+        return [load(distill.teacher.workdir, **where)]
     return []
 
 

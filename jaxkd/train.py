@@ -33,11 +33,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import jaxkd
 from jaxkd import (
@@ -51,6 +49,7 @@ from jaxkd import (
     multihost,
     objective,
     optim,
+    partitioning,
     preemption,
     pruning,
     quant,
@@ -130,6 +129,8 @@ def make_train_step(
     project: Callable[[Any, Any], Any] | None = None,
     per_example: int = 0,
     task: tasks.Task = CLASSIFICATION,
+    gather: Callable[[Any], Any] | None = None,
+    teacher_gathers: Sequence[Callable[[Any], Any]] = (),
 ) -> Callable[[TrainState, dict[str, jax.Array], Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure ``train_step(state, batch, teacher_variables) -> (state, metrics)``.
 
@@ -144,15 +145,20 @@ def make_train_step(
     ``per_example > 0`` computes the gradients of the first ``per_example`` examples one by
     one (``jax.lax.scan``, the model in inference mode) and passes their mean square to
     ``tx.update(..., per_example_grad_sq=...)`` (Fisher pruning's empirical Fisher).
+    ``gather`` (the student's parameters) and ``teacher_gathers`` (one per teacher's
+    variables) place weights for the compute (:meth:`jaxkd.partitioning.Layout.gather`:
+    FSDP's all-gather); the identity when None.
     """
     apply = student_apply or model.apply
+    gather = gather or (lambda tree: tree)
+    teacher_gathers = list(teacher_gathers) or [lambda tree: tree] * len(teacher_models)
 
     def per_example_grad_sq(state, batch, teacher_outs, trainable, m):
         """``mean_i g_i^2`` over the batch's first ``m`` examples, shaped like ``trainable``."""
 
         def one(trainable, example, teacher_out):
             example, teacher_out = jax.tree.map(lambda x: x[None], (example, teacher_out))
-            out = apply(model_variables(trainable["model"], state.batch_stats,
+            out = apply(model_variables(gather(trainable["model"]), state.batch_stats,
                                         state.collections),
                         *task.model_inputs(example), train=False, return_features=True)
             loss, _ = objective_fn(trainable["adapters"], out, teacher_out, example, state.step,
@@ -173,14 +179,16 @@ def make_train_step(
     def train_step(state, batch, teacher_variables):
         inputs, targets = task.model_inputs(batch), task.targets(batch)
         teacher_outs = [
-            jax.lax.stop_gradient(m.apply(v, *inputs, train=False, return_features=True))
-            for m, v in zip(teacher_models, teacher_variables or (), strict=True)
+            jax.lax.stop_gradient(m.apply(g(v), *inputs, train=False, return_features=True))
+            for m, v, g in zip(teacher_models, teacher_variables or (), teacher_gathers,
+                               strict=True)
         ]
         dropout_rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(trainable):
             (logits, features), updates = apply(
-                model_variables(trainable["model"], state.batch_stats, state.collections),
+                model_variables(gather(trainable["model"]), state.batch_stats,
+                                state.collections),
                 *inputs, train=True, return_features=True,
                 mutable=["batch_stats", *state.collections], rngs={"dropout": dropout_rng},
             )
@@ -233,14 +241,17 @@ def make_train_step(
 
 
 def make_eval_step(model: nn.Module, apply: Callable[..., Any] | None = None, *,
-                   task: tasks.Task = CLASSIFICATION
+                   task: tasks.Task = CLASSIFICATION, gather: Callable[[Any], Any] | None = None
                    ) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
     """Returns ``eval_step(variables, batch) -> (sum, count) metrics`` of the task (which
-    honours the batch's ``mask``). ``apply`` replaces ``model.apply`` (e.g. QAT's)."""
+    honours the batch's ``mask``). ``apply`` replaces ``model.apply`` (e.g. QAT's);
+    ``gather`` places the variables for the compute (as in :func:`make_train_step`)."""
     apply = apply or model.apply
+    gather = gather or (lambda tree: tree)
 
     def eval_step(variables, batch):
-        return task.eval_metrics(apply(variables, *task.model_inputs(batch), train=False), batch)
+        return task.eval_metrics(apply(gather(variables), *task.model_inputs(batch),
+                                       train=False), batch)
 
     return eval_step
 
@@ -255,8 +266,8 @@ class Setup:
     run: Run
     info: pipeline.DatasetInfo
     task: tasks.Task
-    replicated: NamedSharding
-    data_sharding: NamedSharding
+    mesh: Mesh
+    layout: partitioning.Layout  # the student's
     methods: list[methods.Method]
     model: nn.Module
     model_kwargs: dict[str, Any]
@@ -276,26 +287,43 @@ class Setup:
     ctx: methods.Context
     num_steps: int
 
+    @property
+    def replicated(self) -> NamedSharding:
+        return self.layout.replicated
+
+    @property
+    def data_sharding(self) -> NamedSharding:
+        """Batches: split over the mesh's ('data', 'fsdp') axes."""
+        return self.layout.batch
+
 
 def build(run: Run) -> Setup:
     """Every part of the run, checked in the user's words before anything is compiled."""
     info = pipeline.get_info(run.data)
     task = tasks.get(datasets.get(run.data.name).task)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    data, fsdp, _ = partitioning.resolved_shape(run.mesh)
+    _check_batch_sizes(run, data * fsdp)
+    mesh = partitioning.make_mesh(run.mesh)
+    layout = partitioning.layout(mesh, run.mesh, run.model.name)
+
+    def layout_of(name: str) -> partitioning.Layout:  # teachers: the same table and mesh
+        return partitioning.layout(mesh, run.mesh, name)
+
+    compute = compute_kwargs(run)
     enabled = methods.enabled(run)
     model_kwargs = dict(run.model.kwargs)
     source, start_variables = None, None
     if run.init.method:
-        source = load_init_source(run, replicated)
+        source = load_init_source(run, layout_of)
         teachers.check_fit([source], num_classes=info.num_classes, dataset=run.data.name,
                            input_shape=info.input_shape)
         if run.init.method == "copy":
             start_variables = source.variables
             for m in enabled:  # e.g. similarity merging shrinks the copied weights
                 start_variables, model_kwargs = m.start(start_variables, model_kwargs)
-    model = models.get_model(run.model.name, num_classes=info.num_classes, **model_kwargs)
-    loaded = teachers.load_all(run.distill, sharding=replicated)
+    model = models.get_model(run.model.name, num_classes=info.num_classes, **model_kwargs,
+                             **compute, **remat_kwargs(run))
+    loaded = teachers.load_all(run.distill, layout_of=layout_of, compute=compute)
     teachers.check_fit(loaded, num_classes=info.num_classes, dataset=run.data.name,
                        input_shape=info.input_shape)
     precomputed = run.distill.teacher_logits
@@ -325,9 +353,11 @@ def build(run: Run) -> Setup:
     lr, tx = build_optimizer(run, info)
     example = task.example_inputs(info.input_shape, 1)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example))
+    layout.check_rules(abstract["params"], run.model.name)
     ctx = methods.Context(
         run=run, model=model, model_kwargs=model_kwargs, info=info, task=task,
-        num_steps=num_steps, sharding=replicated,
+        num_steps=num_updates(run, num_steps),
+        shardings=functools.partial(layout.follow, reference=dict(abstract)),
         layer_order=[p for p, _ in quant.find_layers(model, abstract, example[0])],
         sample=functools.partial(_first_batches, run, 1, one=True),
         batches=functools.partial(_first_batches, run))
@@ -335,6 +365,8 @@ def build(run: Run) -> Setup:
         m.check_params(abstract["params"], ctx)
     for m in reversed(enabled):  # the first method wraps outermost
         tx = m.optimizer(tx, ctx)
+    if run.grad_accum_steps > 1:  # outermost: every method sees the accumulated gradient
+        tx = optax.MultiSteps(tx, every_k_schedule=run.grad_accum_steps)
     ctx = dataclasses.replace(ctx, tx=tx)
     student_apply = model.apply
     for m in enabled:
@@ -343,8 +375,8 @@ def build(run: Run) -> Setup:
     project = functools.reduce(
         lambda f, g: lambda params, opt: g(f(params, opt), opt), projections) if projections \
         else None
-    return Setup(run=run, info=info, task=task, replicated=replicated,
-                 data_sharding=data_sharding, methods=enabled, model=model,
+    return Setup(run=run, info=info, task=task, mesh=mesh, layout=layout,
+                 methods=enabled, model=model,
                  model_kwargs=model_kwargs, init_source=source, start_variables=start_variables,
                  teachers=loaded, precomputed=precomputed, terms=terms,
                  student_out=student_out, teacher_outs=teacher_outs, objective_fn=objective_fn,
@@ -353,19 +385,51 @@ def build(run: Run) -> Setup:
                  ctx=ctx, num_steps=num_steps)
 
 
+def compute_kwargs(run: Run) -> dict[str, str]:
+    """The precision kwargs every model of the run is built with (none at float32, so
+    models registered without them keep working); one line for a model that lacks them."""
+    if run.dtype == "float32" and run.param_dtype == "float32":
+        return {}
+    if run.quantization.enabled:
+        raise ConfigError(f"config.dtype={run.dtype!r} with config.quantization.enabled: QAT's "
+                          "fake quantization and its integer export run in float32; use "
+                          "config.dtype='float32'")
+    if not models.takes_precision(run.model.name):
+        raise ConfigError(f"config.dtype={run.dtype!r}: model {run.model.name!r} takes no "
+                          "dtype/param_dtype kwargs; use float32 or give its builder them")
+    return {"dtype": run.dtype, "param_dtype": run.param_dtype}
+
+
+def remat_kwargs(run: Run) -> dict[str, str]:
+    """``remat_policy`` for the student's blocks, or a one-line error for a model without."""
+    if not run.remat:
+        return {}
+    if not models.takes_remat(run.model.name):
+        raise ConfigError(f"config.remat={run.remat!r}: model {run.model.name!r} has no blocks "
+                          "to rematerialise; the models that take it: "
+                          f"{', '.join(n for n in models.names() if models.takes_remat(n))}")
+    return {"remat_policy": run.remat}
+
+
+def num_updates(run: Run, num_steps: int) -> int:
+    """Optimizer updates in ``num_steps`` steps (``grad_accum_steps`` steps per update)."""
+    return max(num_steps // run.grad_accum_steps, 1)
+
+
 def _first_batches(run: Run, n: int, *, one: bool = False) -> Any:
     """The first ``n`` global training batches (all rows, on every process)."""
     batches = pipeline.train_batches(run.data, batch_size=run.batch_size, seed=run.seed)
     return next(batches) if one else itertools.islice(batches, n)
 
 
-def load_init_source(run: Run, sharding: NamedSharding) -> teachers.Teacher:
+def load_init_source(run: Run, layout_of: Callable[[str], partitioning.Layout]
+                     ) -> teachers.Teacher:
     """The finished run whose weights ``config.init`` starts from."""
     if run.init.teacher_workdir:
-        return teachers.load(run.init.teacher_workdir, sharding=sharding,
+        return teachers.load(run.init.teacher_workdir, layout_of=layout_of,
                              field="config.init.teacher_workdir")
     if run.distill.teachers or run.distill.teacher.workdir:
-        return teachers.load_all(run.distill, sharding=sharding)[0]
+        return teachers.load_all(run.distill, layout_of=layout_of)[0]
     raise ConfigError(f"config.init.method={run.init.method!r} needs a teacher: set "
                       "config.init.teacher_workdir or config.distill.teacher.workdir")
 
@@ -405,8 +469,10 @@ def build_optimizer(run: Run | ml_collections.ConfigDict, info: pipeline.Dataset
     """The learning-rate schedule and the optimizer, before any method wraps it."""
     run = parse_run(run)
     num_steps, steps_per_epoch = schedule_lengths(run, info)
+    k = run.grad_accum_steps  # the schedule counts updates
     lr = optim.learning_rate_schedule(run.schedule, peak=run.optimizer.learning_rate,
-                                      num_steps=num_steps, steps_per_epoch=steps_per_epoch)
+                                      num_steps=num_updates(run, num_steps),
+                                      steps_per_epoch=max(steps_per_epoch // k, 1))
     return lr, optim.make_optimizer(run.optimizer, lr)
 
 
@@ -420,14 +486,24 @@ def fresh_state(s: Setup, *, initialise: bool) -> TrainState:
     def init_adapters(rng):
         return objective.init_adapters(s.terms, s.student_out, s.teacher_outs, rng)
 
-    state = jax.jit(lambda: init_state(s.model, s.tx, s.info.input_shape, s.run.seed,
-                                       init_adapters, task=s.task),
-                    out_shardings=s.replicated)()
+    def init():
+        return init_state(s.model, s.tx, s.info.input_shape, s.run.seed, init_adapters,
+                          task=s.task)
+
+    state = jax.jit(init, out_shardings=state_shardings(s.layout, jax.eval_shape(init)))()
     if initialise and s.run.init.method:
         state = init_weights(s, state)
     for m in s.methods:
         state = m.prepare(state, s.ctx)
     return state
+
+
+def state_shardings(layout: partitioning.Layout, state: TrainState) -> TrainState:
+    """A ``TrainState`` of shardings: parameters, adapters and BatchNorm statistics by the
+    layout's rules, whatever is shaped like them (optimizer state) alike, the rest
+    replicated (:mod:`jaxkd.partitioning`)."""
+    return layout.follow(state, reference={"params": state.params, "adapters": state.adapters,
+                                           "batch_stats": state.batch_stats})
 
 
 def init_weights(s: Setup, state: TrainState) -> TrainState:
@@ -445,7 +521,7 @@ def init_weights(s: Setup, state: TrainState) -> TrainState:
             s.run.init, teacher_model=s.init_source.model,
             teacher_variables=s.init_source.variables, student_model=s.model,
             student_variables=student, calibration_images=images)
-    variables = jax.device_put(variables, s.replicated)
+    variables = jax.device_put(variables, s.layout.params(variables))
     state = state.replace(params=variables["params"],
                           batch_stats=variables.get("batch_stats", {}))
     return s.ctx.reinit_optimizer(state)
@@ -478,17 +554,27 @@ def evaluate(eval_step: Callable, variables: Any, run: Run, sharding: NamedShard
     return evaluation.evaluate(lambda b: eval_step(variables, to_global(b, sharding)), batches)
 
 
+def jitted_train_step(s: Setup, state: TrainState) -> Callable:
+    """The run's step, jitted: the state donated and kept in its layout (sharded like
+    ``state``'s parameters), weights gathered for the compute as the mesh says."""
+    teacher_gathers = [partitioning.layout(s.mesh, s.run.mesh, t.spec["name"]).gather
+                       for t in s.teachers]
+    return jax.jit(make_train_step(s.model, s.tx, s.objective_fn, [t.model for t in s.teachers],
+                                   student_apply=s.student_apply, project=s.project,
+                                   per_example=s.per_example, task=s.task,
+                                   gather=s.layout.gather, teacher_gathers=teacher_gathers),
+                   donate_argnums=(0,),
+                   out_shardings=(state_shardings(s.layout, state), s.replicated))
+
+
 def train_loop(s: Setup, state: TrainState, start_step: int, manager: Any, workdir: str
                ) -> tuple[TrainState, float, int]:
     """Trains from ``start_step`` to the end; returns the state, the timed seconds and the
     number of timed steps (the first step of a process compiles and is not timed)."""
     run = s.run
-    train_step = jax.jit(make_train_step(s.model, s.tx, s.objective_fn,
-                                         [t.model for t in s.teachers],
-                                         student_apply=s.student_apply, project=s.project,
-                                         per_example=s.per_example, task=s.task),
-                         donate_argnums=(0,), out_shardings=(s.replicated, s.replicated))
-    eval_step = jax.jit(make_eval_step(s.model, s.student_apply, task=s.task))
+    train_step = jitted_train_step(s, state)
+    eval_step = jax.jit(make_eval_step(s.model, s.student_apply, task=s.task,
+                                       gather=s.layout.gather))
     teacher_variables = [t.variables for t in s.teachers]
     writer = metrics.MetricWriter(workdir, total_steps=s.num_steps, start_step=start_step)
     extra = teacher_logits.stream(s.precomputed, run.data) if s.precomputed else None
@@ -516,7 +602,8 @@ def train_loop(s: Setup, state: TrainState, start_step: int, manager: Any, workd
                 at_checkpoint = step % run.checkpoint_every_steps == 0 or step == s.num_steps
                 if at_log:
                     train_means = metrics.mean_of(metrics.sum_pairs(jax.device_get(window)))
-                    train_means["learning_rate"] = float(s.lr(step - 1))
+                    train_means["learning_rate"] = float(
+                        s.lr((step - 1) // run.grad_accum_steps))
                     window = []
                     writer.write(step, "train", train_means)
                     writer.progress(step, {"loss": train_means["loss"],
@@ -598,8 +685,9 @@ def evaluate_teachers(s: Setup) -> dict[str, Any]:
     """Each teacher's eval metrics (printed), as ``summary.json`` records them."""
     summary = {}
     for i, t in enumerate(s.teachers):
-        teacher_eval = evaluate(jax.jit(make_eval_step(t.model, task=s.task)), t.variables,
-                                s.run, s.data_sharding)
+        gather = partitioning.layout(s.mesh, s.run.mesh, t.spec["name"]).gather
+        teacher_eval = evaluate(jax.jit(make_eval_step(t.model, task=s.task, gather=gather)),
+                                t.variables, s.run, s.data_sharding)
         summary["teacher" if i == 0 else f"teacher_{i}"] = {
             "workdir": t.workdir, "eval": teacher_eval, "model": t.config.model.name,
             "num_params": models.count_params(t.variables["params"])}
@@ -612,10 +700,16 @@ def summarise(s: Setup, state: TrainState, workdir: str, teacher_summary: dict[s
               config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Final eval, ``weights.npz``, the artifact and ``summary.json``."""
     run = s.run
-    eval_step = jax.jit(make_eval_step(s.model, s.student_apply, task=s.task))
+    eval_step = jax.jit(make_eval_step(s.model, s.student_apply, task=s.task,
+                                       gather=s.layout.gather))
     final_eval = evaluate(eval_step, student_variables(state), run, s.data_sharding)
     metrics.append_jsonl(workdir, {"step": s.num_steps, "final": True,
                                     **{f"eval/{k}": v for k, v in final_eval.items()}})
+    per_device = {"params": partitioning.per_device_bytes(state.params),
+                  "opt_state": partitioning.per_device_bytes(state.opt_state)}
+    # What the host reads from here on (weights.npz, the artifact, the reports) needs the
+    # whole of every weight: one replicated copy of the trained variables.
+    state = jax.jit(lambda st: st, out_shardings=s.replicated)(state)
     weights_bytes = checkpoint.save_weights(workdir, student_variables(state))
     summary: dict[str, Any] = dict(teacher_summary)
     summary["method"] = methods.label(s.methods, distilled=bool(s.teachers or s.precomputed))
@@ -639,6 +733,11 @@ def summarise(s: Setup, state: TrainState, workdir: str, teacher_summary: dict[s
         "resumed_from_step": start_step,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
+        "mesh": partitioning.describe(s.mesh),
+        # What one device holds of the student's parameters and optimizer state.
+        "per_device_bytes": per_device,
+        "unsharded_dims": s.layout.uneven,
+        "dtype": run.dtype, "param_dtype": run.param_dtype,
         "platform": jax.devices()[0].platform,
         "config": config.to_dict(),
     })
@@ -651,12 +750,15 @@ def summarise(s: Setup, state: TrainState, workdir: str, teacher_summary: dict[s
     return summary
 
 
-def _check_batch_sizes(run: Run) -> None:
+def _check_batch_sizes(run: Run, shards: int) -> None:
+    """Batches are split over data x fsdp = ``shards`` (and each process reads its own
+    rows)."""
+    what = (f"the device count ({shards})" if shards == jax.device_count() else
+            f"data x fsdp = {shards} (config.mesh)")
     for field in ("batch_size", "eval_batch_size"):
         size = getattr(run, field)
-        if size <= 0 or size % jax.device_count():
-            raise ConfigError(f"config.{field}={size} must be a positive multiple of the "
-                              f"device count ({jax.device_count()})")
+        if size <= 0 or size % shards or size % jax.process_count():
+            raise ConfigError(f"config.{field}={size} must be a positive multiple of {what}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -671,7 +773,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise ConfigError(f"config.compression.stages={list(run.compression.stages)} makes "
                           "this a pipeline of runs: use jaxkd.compression.run_pipeline "
                           "(launch.py does)")
-    _check_batch_sizes(run)
     check_workdir(workdir, config, allow_config_change)
     s = build(run)
     os.makedirs(workdir, exist_ok=True)  # only once the run is known to be valid

@@ -18,9 +18,11 @@ from jaxkd import checkpoint, metrics, multihost, schema
 from jaxkd.config import Run
 from jaxkd.schema import ConfigError
 
-# Fields that change what is logged or kept, not the result: may change on relaunch.
+# Fields that change what is logged or kept, or where arrays live and what is recomputed,
+# not the result (up to float rounding): may change on relaunch. A run saved on one mesh
+# resumes on another (Orbax reshards the checkpoint onto the new layout).
 RESULT_NEUTRAL_FIELDS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                         "max_to_keep", "data.data_dir", "eval_batch_size")
+                         "max_to_keep", "data.data_dir", "eval_batch_size", "mesh.", "remat")
 
 
 def check(workdir: str, config: ml_collections.ConfigDict, allow_config_change: bool) -> None:

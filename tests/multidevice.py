@@ -39,3 +39,43 @@ def three_steps(data_dir: str, teacher_dir: str) -> dict[str, np.ndarray]:
         jax.block_until_ready(state)
     flat = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+
+
+def kd_steps_on_mesh(data_dir: str, teacher_dir: str, mesh: dict, steps: int = 3
+                     ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """``steps`` KD steps of the trainer's own parts (``train.build``: mesh, layouts of
+    student and teacher, state shardings) on ``config.mesh = mesh``; returns the student's
+    parameters and, for every parameter of student and teacher, ``[total bytes, bytes on
+    one device, shards its spec implies]``."""
+    from jaxkd import partitioning
+    from jaxkd.prefetch import device_batches
+
+    c = run_config("mnist1d", "mlp", widths=(64, 64))
+    c.data.data_dir = data_dir
+    c.data.transfer_split = "unlabelled"
+    c.batch_size, c.num_steps = 64, steps
+    c.distill.teacher.workdir = teacher_dir
+    c.distill.losses = hinton_losses(alpha=0.7, temperature=3.0)
+    c.mesh.update(**mesh)
+    s = train.build(train.parse_run(c))
+    state = train.fresh_state(s, initialise=True)
+    step = train.jitted_train_step(s, state)
+    batches = device_batches(pipeline.train_batches(c.data, batch_size=c.batch_size,
+                                                    seed=c.seed), s.data_sharding)
+    for _ in range(steps):
+        state, _ = step(state, next(batches), [t.variables for t in s.teachers])
+        jax.block_until_ready(state)
+    report = {}
+    trees = {"student": state.params, "opt_state": state.opt_state,
+             "teacher": s.teachers[0].variables["params"]}
+    for name, tree in trees.items():
+        for keys, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            spec = x.sharding.spec
+            shards = 1
+            for axes in spec:
+                for a in (axes,) if isinstance(axes, str) else (axes or ()):
+                    shards *= s.mesh.shape[a]
+            report[f"{name}/{partitioning.path_of(keys)}"] = [
+                int(x.nbytes), int(x.addressable_shards[0].data.nbytes), shards]
+    flat = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}, report

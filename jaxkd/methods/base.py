@@ -10,7 +10,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
 
 from jaxkd import surgery
 from jaxkd.config import Run
@@ -37,7 +36,9 @@ class Context:
     task: Task
     num_steps: int
     layer_order: list[str]
-    sharding: NamedSharding
+    # Shardings of any tree of the run's state (jaxkd.partitioning.Layout.follow): leaves
+    # shaped like a parameter follow it, the rest are replicated.
+    shardings: Callable[[Any], Any]
     sample: Callable[[], dict[str, np.ndarray]]
     batches: Callable[[int], Iterator[dict[str, np.ndarray]]]
     tx: optax.GradientTransformation | None = None
@@ -45,8 +46,9 @@ class Context:
     def reinit_optimizer(self, state: Any) -> Any:
         """``state`` with a fresh optimizer state for its parameters (after a hook changed
         them); the trainer's state trains ``{'model': params, 'adapters': adapters}``."""
-        opt_state = jax.jit(self.tx.init, out_shardings=self.sharding)(
-            {"model": state.params, "adapters": state.adapters})
+        trainable = {"model": state.params, "adapters": state.adapters}
+        opt_state = jax.jit(self.tx.init, out_shardings=self.shardings(
+            jax.eval_shape(self.tx.init, trainable)))(trainable)
         return state.replace(opt_state=opt_state)
 
 

@@ -77,7 +77,7 @@ class Clustering(Method):
     def prepare(self, state: Any, ctx: Context) -> Any:
         # Snap each clustered kernel to its codebook once; updates keep it clustered.
         clusters = sharing.find_cluster_state(state.opt_state)
-        params = jax.jit(sharing.materialize, out_shardings=ctx.sharding)(
+        params = jax.jit(sharing.materialize, out_shardings=ctx.shardings(state.params))(
             state.params, clusters.codebooks, clusters.assignments)
         return state.replace(params=params)
 

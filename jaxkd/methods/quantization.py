@@ -66,12 +66,13 @@ class Quantization(Method):
         observers = quant.init_observers(ctx.model, variables, sample, **s.kwargs())
         if observers:
             state = state.replace(collections={**state.collections, quant.OBSERVERS:
-                                               jax.device_put(observers, ctx.sharding)})
+                                               jax.device_put(observers,
+                                                              ctx.shardings(observers))})
         if s.method != "lsq":
             return state
         # The learned step sizes join the parameters (LSQ's initialisation on one batch).
-        params = jax.device_put(quant.init_qat_params(ctx.model, variables, sample,
-                                                      **s.kwargs()), ctx.sharding)
+        params = quant.init_qat_params(ctx.model, variables, sample, **s.kwargs())
+        params = jax.device_put(params, ctx.shardings(params))
         return ctx.reinit_optimizer(state.replace(params=params))
 
     def export(self, artifact: Artifact, state: Any, ctx: Context) -> Artifact:

@@ -21,6 +21,12 @@ contract). Registry names and their kwargs besides ``num_classes``:
 - ``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``: Wide ResNets (Zagoruyko &
   Komodakis 2016); dropout_rate.
 - ``wrn``: WRN-depth-widen_factor, default WRN-28-10; depth, widen_factor, dropout_rate.
+
+Every zoo model also takes ``dtype`` and ``param_dtype`` (mixed precision: one of
+:data:`DTYPES`, default float32 for both), and the ResNets and WRNs ``remat_policy``
+(rematerialisation of every residual block: one of :data:`REMAT_POLICIES`, ``''`` = off);
+see :mod:`jaxkd.models.compute`. :func:`takes_precision` and :func:`takes_remat` tell
+whether a registered model accepts them.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.typing import DTypeLike
 
 from jaxkd.models.cnn1d import CNN1D
+from jaxkd.models.compute import DTYPES, REMAT_POLICIES, as_dtype
 from jaxkd.models.lenet import LeNet5
 from jaxkd.models.mlp import MLP
 from jaxkd.models.resnet import (
@@ -68,10 +76,13 @@ def build_mlp(
     dropout_rate: float = 0.0,
     input_dropout_rate: float = 0.0,
     tie_hidden: bool = False,
+    dtype: DTypeLike = "float32",
+    param_dtype: DTypeLike = "float32",
 ) -> MLP:
     """ReLU MLP; Hinton et al.'s MNIST teacher is ``widths=(1200, 1200), dropout_rate=0.5,
     input_dropout_rate=0.2``, the student ``widths=(800, 800)``. ``tie_hidden`` shares
-    ``hidden2..N`` (ALBERT-style cross-layer sharing)."""
+    ``hidden2..N`` (ALBERT-style cross-layer sharing). ``dtype``, ``param_dtype``: mixed
+    precision (:mod:`jaxkd.models.compute`)."""
     widths = tuple(int(w) for w in widths)
     if tie_hidden and len(set(widths)) > 1:
         raise ConfigError(f"config.model.kwargs.tie_hidden=True needs equal widths, got {widths}")
@@ -81,13 +92,17 @@ def build_mlp(
         dropout_rate=float(dropout_rate),
         input_dropout_rate=float(input_dropout_rate),
         tie_hidden=bool(tie_hidden),
+        dtype=as_dtype(dtype, "dtype"),
+        param_dtype=as_dtype(param_dtype, "param_dtype"),
     )
 
 
 def build_cnn1d(*, num_classes: int, channels: int | Sequence[int] = 25, kernel_size: int = 5,
-                tie_convs: bool = False) -> CNN1D:
+                tie_convs: bool = False, dtype: DTypeLike = "float32",
+                param_dtype: DTypeLike = "float32") -> CNN1D:
     """The MNIST-1D paper's CNN (5,210 parameters for 10 classes); ``channels`` is one width
-    or one per convolution; ``tie_convs`` shares ``conv2``/``conv3``."""
+    or one per convolution; ``tie_convs`` shares ``conv2``/``conv3``. ``dtype``,
+    ``param_dtype``: mixed precision (:mod:`jaxkd.models.compute`)."""
     if isinstance(channels, int):
         channels = int(channels)
     else:
@@ -99,14 +114,16 @@ def build_cnn1d(*, num_classes: int, channels: int | Sequence[int] = 25, kernel_
     if tie_convs and len(set(widths)) > 1:
         raise ConfigError(f"config.model.kwargs.tie_convs=True needs equal channels, got {widths}")
     return CNN1D(num_classes=num_classes, channels=channels, kernel_size=int(kernel_size),
-                 tie_convs=bool(tie_convs))
+                 tie_convs=bool(tie_convs), dtype=as_dtype(dtype, "dtype"),
+                 param_dtype=as_dtype(param_dtype, "param_dtype"))
 
 
 def build_lenet5(*, num_classes: int, padding: str | None = None,
-                 channels: Sequence[int] = (6, 16), widths: Sequence[int] = (120, 84)
-                 ) -> LeNet5:
+                 channels: Sequence[int] = (6, 16), widths: Sequence[int] = (120, 84),
+                 dtype: DTypeLike = "float32", param_dtype: DTypeLike = "float32") -> LeNet5:
     """LeNet-5 with ReLU and max pooling; ``padding`` None picks VALID for inputs >= 16x16.
-    ``channels=(20, 50), widths=(500,)`` is Caffe's LeNet (Deep Compression's "LeNet-5")."""
+    ``channels=(20, 50), widths=(500,)`` is Caffe's LeNet (Deep Compression's "LeNet-5").
+    ``dtype``, ``param_dtype``: mixed precision (:mod:`jaxkd.models.compute`)."""
     channels, widths = tuple(int(c) for c in channels), tuple(int(w) for w in widths)
     if len(channels) != 2 or min(channels) < 1:
         raise ConfigError(f"config.model.kwargs.channels={channels!r} must be 2 positive ints "
@@ -115,7 +132,8 @@ def build_lenet5(*, num_classes: int, padding: str | None = None,
         raise ConfigError(f"config.model.kwargs.widths={widths!r} must be one or more "
                           "positive ints (fc1, fc2, ...)")
     return LeNet5(num_classes=num_classes, padding=padding.upper() if padding else None,
-                  channels=channels, widths=widths)
+                  channels=channels, widths=widths, dtype=as_dtype(dtype, "dtype"),
+                  param_dtype=as_dtype(param_dtype, "param_dtype"))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -157,10 +175,36 @@ def register(name: str, builder: Callable[..., nn.Module], *, replace: bool = Fa
     MODELS[name] = builder
 
 
+def names() -> list[str]:
+    """The registered model names (``config.model.name`` values), sorted."""
+    return sorted(MODELS)
+
+
 def model_kwargs(name: str) -> list[str]:
     """The keyword arguments, besides ``num_classes``, that model ``name`` accepts (sorted)."""
     params = inspect.signature(MODELS[name]).parameters
     return sorted(p for p in params if p != "num_classes")
+
+
+def takes_precision(name: str) -> bool:
+    """Whether model ``name``'s builder accepts ``dtype`` and ``param_dtype`` (every zoo model
+    does; a model added with :func:`register` may not)."""
+    _check_name(name)
+    return {"dtype", "param_dtype"} <= set(model_kwargs(name))
+
+
+def takes_remat(name: str) -> bool:
+    """Whether model ``name``'s builder accepts ``remat_policy`` (the zoo's ResNets and WRNs,
+    which have repeated residual blocks)."""
+    _check_name(name)
+    return "remat_policy" in model_kwargs(name)
+
+
+def _check_name(name: str) -> None:
+    if name not in MODELS:
+        raise ConfigError(
+            f"config.model.name={name!r} is not a model; choose one of: {', '.join(names())}"
+        )
 
 
 def get_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
@@ -170,10 +214,7 @@ def get_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
       ValueError: in one line, for an unknown name, an unknown kwarg (naming the allowed
         ones) or a ``num_classes`` that is not a positive integer.
     """
-    if name not in MODELS:
-        raise ConfigError(
-            f"config.model.name={name!r} is not a model; choose one of: {', '.join(sorted(MODELS))}"
-        )
+    _check_name(name)
     allowed = model_kwargs(name)
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
@@ -193,7 +234,9 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
+    "DTYPES",
     "MODELS",
+    "REMAT_POLICIES",
     "MLP",
     "CNN1D",
     "LeNet5",
@@ -204,5 +247,8 @@ __all__ = [
     "count_params",
     "get_model",
     "model_kwargs",
+    "names",
     "register",
+    "takes_precision",
+    "takes_remat",
 ]

@@ -22,6 +22,9 @@ ALBERT, Lan et al. 2020; stored under ``conv2``; needs equal widths).
 Named layers: ``conv1``, ``conv2``, ``conv3``, ``head``.
 Features: ``conv1``, ``conv2``, ``conv3`` (``[B, L_i, channels]`` after the ReLU) and
 ``embedding`` (the flattened ``conv3`` output that feeds the head).
+
+Mixed precision (:mod:`jaxkd.models.compute`): layers compute in ``dtype`` and keep their
+parameters in ``param_dtype``; features are in ``dtype``, logits in float32.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxkd.schema import ConfigError
 
@@ -43,12 +47,16 @@ class CNN1D(nn.Module):
       channels: channels of every convolution, or one per convolution ``(c1, c2, c3)``.
       kernel_size: kernel of the first convolution (the later two use 3, as in the reference).
       tie_convs: ``conv3`` reuses ``conv2``'s parameters.
+      dtype: dtype of the activations and of the convolutions and matmuls.
+      param_dtype: dtype in which the parameters are stored.
     """
 
     num_classes: int
     channels: int | Sequence[int] = 25
     kernel_size: int = 5
     tie_convs: bool = False
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
 
     def widths(self) -> tuple[int, int, int]:
         """The output channels of ``conv1``, ``conv2``, ``conv3``."""
@@ -65,7 +73,7 @@ class CNN1D(nn.Module):
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Logits ``[B, num_classes]`` for signals ``[B, L]`` or ``[B, L, C]``."""
         del train  # no dropout or normalisation
-        x = jnp.asarray(x, jnp.float32)
+        x = jnp.asarray(x, self.dtype)
         if x.ndim == 2:
             x = x[..., None]
         if x.ndim != 3:
@@ -75,7 +83,8 @@ class CNN1D(nn.Module):
             raise ValueError(f"cnn1d: tie_convs=True needs equal channels, got {widths}")
         features: dict[str, jax.Array] = {}
         kernels = (self.kernel_size, 3, 3)
-        convs = [nn.Conv(c, (k,), strides=(2,), padding=[(1, 1)], name=f"conv{i}")
+        precision = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        convs = [nn.Conv(c, (k,), strides=(2,), padding=[(1, 1)], name=f"conv{i}", **precision)
                  for i, (c, k) in enumerate(zip(widths, kernels, strict=True), start=1)
                  if not (self.tie_convs and i == 3)]
         if self.tie_convs:
@@ -85,5 +94,6 @@ class CNN1D(nn.Module):
             features[f"conv{i}"] = x
         embedding = x.reshape(x.shape[0], -1)
         features["embedding"] = embedding
-        logits = nn.Dense(self.num_classes, name="head")(embedding)
+        logits = nn.Dense(self.num_classes, name="head", **precision)(embedding)
+        logits = logits.astype(jnp.float32)
         return (logits, features) if return_features else logits

@@ -29,6 +29,9 @@ Named layers: ``conv1``, ``conv2``, ``fc1``, ``fc2`` (one per width), ``head``.
 Features: ``conv1``, ``conv2`` (NHWC, after ReLU and pooling), ``fc1`` ``[B, 120]`` and
 ``embedding`` ``[B, 84]`` (the last hidden layer's output, which feeds the head; with one
 width, ``fc1``'s output is the embedding).
+
+Mixed precision (:mod:`jaxkd.models.compute`): layers compute in ``dtype`` and keep their
+parameters in ``param_dtype``; features are in ``dtype``, logits in float32.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxkd.schema import ConfigError
 
@@ -49,12 +53,18 @@ class LeNet5(nn.Module):
       num_classes: number of logits.
       padding: ``'VALID'``, ``'SAME'`` or ``None`` (``'VALID'`` for inputs of at least 16x16,
         else ``'SAME'``).
+      channels: output channels of ``conv1``, ``conv2``.
+      widths: widths of the hidden dense layers ``fc1``, ``fc2``, ...
+      dtype: dtype of the activations and of the convolutions and matmuls.
+      param_dtype: dtype in which the parameters are stored.
     """
 
     num_classes: int
     padding: str | None = None
     channels: tuple[int, ...] = (6, 16)
     widths: tuple[int, ...] = (120, 84)
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(
@@ -62,23 +72,24 @@ class LeNet5(nn.Module):
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Logits ``[B, num_classes]`` for images ``[B, H, W, C]`` (or ``[B, H, W]``)."""
         del train  # no dropout or normalisation
-        x = jnp.asarray(x, jnp.float32)
+        x = jnp.asarray(x, self.dtype)
         if x.ndim == 3:
             x = x[..., None]
         if x.ndim != 4:
             raise ConfigError(f"lenet5 expects images [B, H, W, C], got shape {x.shape}")
         padding = self._padding(x.shape[1:3])
+        precision = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         features: dict[str, jax.Array] = {}
         for i, channels in enumerate(self.channels, start=1):
-            x = nn.Conv(channels, (5, 5), padding=padding, name=f"conv{i}")(x)
+            x = nn.Conv(channels, (5, 5), padding=padding, name=f"conv{i}", **precision)(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
             features[f"conv{i}"] = x
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.widths, start=1):
-            x = nn.relu(nn.Dense(width, name=f"fc{i}")(x))
+            x = nn.relu(nn.Dense(width, name=f"fc{i}", **precision)(x))
             # The last hidden layer's output feeds the head: the embedding.
             features["embedding" if i == len(self.widths) else f"fc{i}"] = x
-        logits = nn.Dense(self.num_classes, name="head")(x)
+        logits = nn.Dense(self.num_classes, name="head", **precision)(x).astype(jnp.float32)
         return (logits, features) if return_features else logits
 
     def _padding(self, spatial: tuple[int, int]) -> str:

@@ -19,6 +19,9 @@ Features (``return_features=True``): ``hidden1`` ... ``hiddenN`` ``[B, w_i]`` af
 before dropout, and ``embedding``, the last hidden layer (the flattened input when ``widths`` is
 empty). In eval mode ``head(embedding)`` are the logits; in train mode the head sees
 ``dropout(embedding)``.
+
+Mixed precision (:mod:`jaxkd.models.compute`): layers compute in ``dtype`` and keep their
+parameters in ``param_dtype``; features are in ``dtype``, logits in float32.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 
 class MLP(nn.Module):
@@ -39,6 +43,8 @@ class MLP(nn.Module):
       dropout_rate: dropout on every hidden layer's output (rng stream ``'dropout'``).
       input_dropout_rate: dropout on the flattened input.
       tie_hidden: share one set of parameters between ``hidden2`` ... ``hiddenN``.
+      dtype: dtype of the activations and of the matmuls.
+      param_dtype: dtype in which the parameters are stored.
     """
 
     num_classes: int
@@ -46,24 +52,28 @@ class MLP(nn.Module):
     dropout_rate: float = 0.0
     input_dropout_rate: float = 0.0
     tie_hidden: bool = False
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(
         self, x: jax.Array, *, train: bool = False, return_features: bool = False
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Logits ``[B, num_classes]`` (and the feature dict) for inputs ``[B, ...]``."""
-        x = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
+        precision = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        x = jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
         features: dict[str, jax.Array] = {}
         h = nn.Dropout(self.input_dropout_rate, deterministic=not train)(x)
         embedding = x
         if self.tie_hidden and len(set(self.widths)) > 1:
             raise ValueError(f"mlp: tie_hidden=True needs equal widths, got {tuple(self.widths)}")
-        shared = nn.Dense(self.widths[0], name="hidden2") if self.tie_hidden else None
+        shared = nn.Dense(self.widths[0], name="hidden2", **precision) if self.tie_hidden else None
         for i, width in enumerate(self.widths, start=1):
-            layer = shared if shared is not None and i >= 2 else nn.Dense(width, name=f"hidden{i}")
+            tied = shared is not None and i >= 2
+            layer = shared if tied else nn.Dense(width, name=f"hidden{i}", **precision)
             embedding = nn.relu(layer(h))
             features[f"hidden{i}"] = embedding
             h = nn.Dropout(self.dropout_rate, deterministic=not train)(embedding)
         features["embedding"] = embedding
-        logits = nn.Dense(self.num_classes, name="head")(h)
+        logits = nn.Dense(self.num_classes, name="head", **precision)(h).astype(jnp.float32)
         return (logits, features) if return_features else logits

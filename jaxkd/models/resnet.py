@@ -28,6 +28,10 @@ Named layers: ``stem_conv``, ``stem_bn``, ``stage{s}_block{b}`` (s from 1, b fro
 Features: ``conv1`` (the stem after ReLU), ``stage1``, ``stage2``, ``stage3`` (NHWC stage
 outputs after the final ReLU) and ``embedding`` ``[B, widths[-1]]`` (the pooled vector that
 feeds the head). Any input of at least 4x4 works: pooling is global.
+
+Mixed precision and rematerialisation (:mod:`jaxkd.models.compute`): layers compute in
+``dtype`` and keep their parameters in ``param_dtype`` (features in ``dtype``, logits in
+float32); ``remat_policy`` wraps every basic block in ``nn.remat``, names unchanged.
 """
 
 from __future__ import annotations
@@ -38,13 +42,19 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from jaxkd.models.compute import as_dtype, checkpoint_policy, remat_block
 
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def batch_norm(train: bool, name: str) -> nn.BatchNorm:
-    """BatchNorm with PyTorch's defaults (momentum 0.9 on the running average, epsilon 1e-5)."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+def batch_norm(train: bool, name: str, dtype: DTypeLike = jnp.float32,
+               param_dtype: DTypeLike = jnp.float32) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults (momentum 0.9 on the running average, epsilon 1e-5),
+    output in ``dtype``, scale and bias stored in ``param_dtype``."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -53,23 +63,30 @@ class BasicBlock(nn.Module):
     Attributes:
       features: output channels.
       strides: stride of the first convolution and of the projection shortcut.
+      dtype: dtype of the activations and of the convolutions.
+      param_dtype: dtype in which the parameters are stored.
     """
 
     features: int
     strides: int = 1
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_normal_fan_out)
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        precision = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_normal_fan_out,
+                                 **precision)
+        norm = functools.partial(batch_norm, train, **precision)
         pad = ((1, 1), (1, 1))
         y = conv(self.features, (3, 3), strides=self.strides, padding=pad, name="conv1")(x)
-        y = nn.relu(batch_norm(train, "bn1")(y))
+        y = nn.relu(norm("bn1")(y))
         y = conv(self.features, (3, 3), padding=pad, name="conv2")(y)
-        y = batch_norm(train, "bn2")(y)
+        y = norm("bn2")(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
             shortcut = conv(self.features, (1, 1), strides=self.strides, name="shortcut_conv")(x)
-            shortcut = batch_norm(train, "shortcut_bn")(shortcut)
+            shortcut = norm("shortcut_bn")(shortcut)
         return nn.relu(y + shortcut)
 
 
@@ -81,12 +98,19 @@ class CifarResNet(nn.Module):
       depth: 6n + 2 (n blocks per stage, two convolutions per block, stem and head).
       widths: channels of the three stages.
       stem_width: channels of the stem convolution.
+      dtype: dtype of the activations and of the convolutions and matmuls.
+      param_dtype: dtype in which the parameters are stored.
+      remat_policy: rematerialise every basic block with this policy
+        (:data:`jaxkd.models.compute.REMAT_POLICIES`); ``''`` keeps all activations.
     """
 
     num_classes: int
     depth: int = 20
     widths: Sequence[int] = (16, 32, 64)
     stem_width: int = 16
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+    remat_policy: str = ""
 
     @nn.compact
     def __call__(
@@ -95,10 +119,12 @@ class CifarResNet(nn.Module):
         """Logits ``[B, num_classes]`` for images ``[B, H, W, C]``."""
         if (self.depth - 2) % 6 or self.depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 >= 8, got {self.depth}")
-        x = jnp.asarray(x, jnp.float32)
+        x = jnp.asarray(x, self.dtype)
         if x.ndim != 4:
             raise ValueError(f"CIFAR ResNet expects images [B, H, W, C], got shape {x.shape}")
         blocks_per_stage = (self.depth - 2) // 6
+        precision = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        block = remat_block(BasicBlock, self.remat_policy)
         x = nn.Conv(
             self.stem_width,
             (3, 3),
@@ -106,30 +132,47 @@ class CifarResNet(nn.Module):
             use_bias=False,
             kernel_init=kaiming_normal_fan_out,
             name="stem_conv",
+            **precision,
         )(x)
-        x = nn.relu(batch_norm(train, "stem_bn")(x))
+        x = nn.relu(batch_norm(train, "stem_bn", **precision)(x))
         features = {"conv1": x}
         for s, width in enumerate(self.widths, start=1):
             for b in range(blocks_per_stage):
                 strides = 2 if s > 1 and b == 0 else 1
-                x = BasicBlock(width, strides, name=f"stage{s}_block{b}")(x, train=train)
+                x = block(width, strides, name=f"stage{s}_block{b}", **precision)(x, train)
             features[f"stage{s}"] = x
         embedding = jnp.mean(x, axis=(1, 2))
         features["embedding"] = embedding
-        logits = nn.Dense(self.num_classes, name="head")(embedding)
+        logits = nn.Dense(self.num_classes, name="head", **precision)(embedding)
+        logits = logits.astype(jnp.float32)
         return (logits, features) if return_features else logits
 
 
 def _cifar_resnet(
     name: str, depth: int, widths: tuple[int, int, int], stem_width: int
 ) -> Callable[..., CifarResNet]:
-    def constructor(*, num_classes: int) -> CifarResNet:
+    def constructor(
+        *,
+        num_classes: int,
+        dtype: DTypeLike = "float32",
+        param_dtype: DTypeLike = "float32",
+        remat_policy: str = "",
+    ) -> CifarResNet:
+        checkpoint_policy(remat_policy)  # refuses an unknown name early
         return CifarResNet(
-            num_classes=num_classes, depth=depth, widths=widths, stem_width=stem_width
+            num_classes=num_classes,
+            depth=depth,
+            widths=widths,
+            stem_width=stem_width,
+            dtype=as_dtype(dtype, "dtype"),
+            param_dtype=as_dtype(param_dtype, "param_dtype"),
+            remat_policy=remat_policy,
         )
 
     constructor.__name__ = constructor.__qualname__ = name
-    constructor.__doc__ = f"ResNet-{depth}, stem {stem_width}, stage widths {widths}."
+    constructor.__doc__ = (f"ResNet-{depth}, stem {stem_width}, stage widths {widths}; "
+                           "``dtype``, ``param_dtype`` and ``remat_policy`` as in "
+                           ":mod:`jaxkd.models.compute`.")
     return constructor
 
 

@@ -23,6 +23,10 @@ Features: ``conv1`` (the stem output), ``stage1``, ``stage2``, ``stage3`` and ``
 ``[B, 64k]``. In this pre-activation network a stage's output is the residual stream *before*
 the next BatchNorm-ReLU (RepDistiller's ``f1..f3``; attention transfer uses the same maps);
 ``embedding`` is ``mean(ReLU(final_bn(stage3)))``, what feeds the head.
+
+Mixed precision and rematerialisation (:mod:`jaxkd.models.compute`): layers compute in
+``dtype`` and keep their parameters in ``param_dtype`` (features in ``dtype``, logits in
+float32); ``remat_policy`` wraps every block in ``nn.remat``, names unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
+from jaxkd.models.compute import as_dtype, checkpoint_policy, remat_block
 from jaxkd.models.resnet import batch_norm, kaiming_normal_fan_out
 
 
@@ -44,19 +50,26 @@ class WideBasicBlock(nn.Module):
       features: output channels.
       strides: stride of the first convolution and of the projection shortcut.
       dropout_rate: dropout between the two convolutions (rng stream ``'dropout'``).
+      dtype: dtype of the activations and of the convolutions.
+      param_dtype: dtype in which the parameters are stored.
     """
 
     features: int
     strides: int = 1
     dropout_rate: float = 0.0
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_normal_fan_out)
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        precision = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_normal_fan_out,
+                                 **precision)
+        norm = functools.partial(batch_norm, train, **precision)
         pad = ((1, 1), (1, 1))
-        activated = nn.relu(batch_norm(train, "bn1")(x))
+        activated = nn.relu(norm("bn1")(x))
         y = conv(self.features, (3, 3), strides=self.strides, padding=pad, name="conv1")(activated)
-        y = nn.relu(batch_norm(train, "bn2")(y))
+        y = nn.relu(norm("bn2")(y))
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         y = conv(self.features, (3, 3), padding=pad, name="conv2")(y)
         shortcut = x
@@ -75,12 +88,19 @@ class WideResNet(nn.Module):
       depth: 6n + 4 (n blocks per stage).
       widen_factor: k, the stages have 16k, 32k and 64k channels.
       dropout_rate: dropout inside every block.
+      dtype: dtype of the activations and of the convolutions and matmuls.
+      param_dtype: dtype in which the parameters are stored.
+      remat_policy: rematerialise every block with this policy
+        (:data:`jaxkd.models.compute.REMAT_POLICIES`); ``''`` keeps all activations.
     """
 
     num_classes: int
     depth: int = 28
     widen_factor: int = 10
     dropout_rate: float = 0.0
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+    remat_policy: str = ""
 
     @nn.compact
     def __call__(
@@ -91,10 +111,12 @@ class WideResNet(nn.Module):
             raise ValueError(f"WRN depth must be 6n + 4 >= 10, got {self.depth}")
         if self.widen_factor < 1:
             raise ValueError(f"WRN widen_factor must be >= 1, got {self.widen_factor}")
-        x = jnp.asarray(x, jnp.float32)
+        x = jnp.asarray(x, self.dtype)
         if x.ndim != 4:
             raise ValueError(f"WRN expects images [B, H, W, C], got shape {x.shape}")
         blocks_per_stage = (self.depth - 4) // 6
+        precision = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        block = remat_block(WideBasicBlock, self.remat_policy)
         x = nn.Conv(
             16,
             (3, 3),
@@ -102,44 +124,73 @@ class WideResNet(nn.Module):
             use_bias=False,
             kernel_init=kaiming_normal_fan_out,
             name="stem_conv",
+            **precision,
         )(x)
         features = {"conv1": x}
         for s, width in enumerate((16, 32, 64), start=1):
             for b in range(blocks_per_stage):
-                x = WideBasicBlock(
+                x = block(
                     width * self.widen_factor,
                     strides=2 if s > 1 and b == 0 else 1,
                     dropout_rate=self.dropout_rate,
                     name=f"stage{s}_block{b}",
-                )(x, train=train)
+                    **precision,
+                )(x, train)
             features[f"stage{s}"] = x
-        x = nn.relu(batch_norm(train, "final_bn")(x))
+        x = nn.relu(batch_norm(train, "final_bn", **precision)(x))
         embedding = jnp.mean(x, axis=(1, 2))
         features["embedding"] = embedding
-        logits = nn.Dense(self.num_classes, name="head")(embedding)
+        logits = nn.Dense(self.num_classes, name="head", **precision)(embedding)
+        logits = logits.astype(jnp.float32)
         return (logits, features) if return_features else logits
 
 
 def wide_resnet(
-    *, num_classes: int, depth: int = 28, widen_factor: int = 10, dropout_rate: float = 0.0
+    *,
+    num_classes: int,
+    depth: int = 28,
+    widen_factor: int = 10,
+    dropout_rate: float = 0.0,
+    dtype: DTypeLike = "float32",
+    param_dtype: DTypeLike = "float32",
+    remat_policy: str = "",
 ) -> WideResNet:
-    """WRN-depth-widen_factor; the defaults are the paper's WRN-28-10 without dropout."""
+    """WRN-depth-widen_factor; the defaults are the paper's WRN-28-10 without dropout.
+    ``dtype``, ``param_dtype`` and ``remat_policy`` as in :mod:`jaxkd.models.compute`."""
+    checkpoint_policy(remat_policy)  # refuses an unknown name early
     return WideResNet(
-        num_classes=num_classes, depth=depth, widen_factor=widen_factor, dropout_rate=dropout_rate
+        num_classes=num_classes,
+        depth=depth,
+        widen_factor=widen_factor,
+        dropout_rate=dropout_rate,
+        dtype=as_dtype(dtype, "dtype"),
+        param_dtype=as_dtype(param_dtype, "param_dtype"),
+        remat_policy=remat_policy,
     )
 
 
 def _fixed_wrn(name: str, depth: int, widen_factor: int) -> Callable[..., WideResNet]:
-    def constructor(*, num_classes: int, dropout_rate: float = 0.0) -> WideResNet:
-        return WideResNet(
+    def constructor(
+        *,
+        num_classes: int,
+        dropout_rate: float = 0.0,
+        dtype: DTypeLike = "float32",
+        param_dtype: DTypeLike = "float32",
+        remat_policy: str = "",
+    ) -> WideResNet:
+        return wide_resnet(
             num_classes=num_classes,
             depth=depth,
             widen_factor=widen_factor,
             dropout_rate=dropout_rate,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat_policy=remat_policy,
         )
 
     constructor.__name__ = constructor.__qualname__ = name
-    constructor.__doc__ = f"WRN-{depth}-{widen_factor}."
+    constructor.__doc__ = (f"WRN-{depth}-{widen_factor}; ``dtype``, ``param_dtype`` and "
+                           "``remat_policy`` as in :mod:`jaxkd.models.compute`.")
     return constructor
 
 
