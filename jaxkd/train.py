@@ -666,7 +666,7 @@ def export_artifact(s: Setup, state: TrainState, workdir: str, extra_metrics: di
                       model_variables(artifact.params, artifact.batch_stats),
                       artifact.quantization, artifact.activation_ranges, extra_metrics,
                       input_shape=s.info.input_shape, overwrite=True,
-                      entropy_coding=s.run.export.entropy_coding)
+                      entropy_coding=s.run.export.entropy_coding, lineage=lineage(s))
         predict, manifest = export.load(directory)
         task = s.task
         artifact_eval = evaluation.evaluate(
@@ -679,6 +679,22 @@ def export_artifact(s: Setup, state: TrainState, workdir: str, extra_metrics: di
                   "storage": export.storage_report(manifest),
                   "artifact_model_kwargs": artifact.model_kwargs}
     return multihost.broadcast_json(result)
+
+
+def lineage(s: Setup) -> dict[str, Any]:
+    """Where the run's model came from (:mod:`jaxkd.export.lineage`): its config, data,
+    teachers, the run its weights started from and its precomputed logits."""
+    from jaxkd.export import lineage as lineage_module
+
+    init = None
+    if s.init_source is not None:
+        init = s.init_source.workdir
+    precomputed = None
+    if s.precomputed:
+        precomputed = files.read_json(os.path.join(s.precomputed, teacher_logits.MANIFEST_FILE))
+    return lineage_module.of_run(s.run.to_dict(), pipeline.train_inputs(s.run.data).spec,
+                                 teachers=[t.workdir for t in s.teachers], init=init,
+                                 precomputed=precomputed)
 
 
 def evaluate_teachers(s: Setup) -> dict[str, Any]:

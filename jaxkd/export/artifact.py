@@ -201,8 +201,8 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
            variables: Mapping[str, Any], quantization: Quantization | Mapping[str, Any] | None,
            activation_ranges: Mapping[str, Any] | None, metrics: Mapping[str, Any], *,
            input_shape: tuple[int, ...], overwrite: bool = False,
-           encodings: Sequence[str] | None = None, entropy_coding: bool = False
-           ) -> dict[str, Any]:
+           encodings: Sequence[str] | None = None, entropy_coding: bool = False,
+           lineage: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Writes the artifact of a trained model to ``directory``; returns its manifest.
 
     Args:
@@ -221,6 +221,8 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
       encodings: the tensor encodings to choose from (``ENCODINGS``, the default: all);
         ``("dense+raw",)`` stores every tensor element by element.
       entropy_coding: zlib-compress each ``.bin`` file that gets smaller by it.
+      lineage: where the model came from (:func:`jaxkd.export.lineage.of_run`), recorded
+        in the manifest.
     """
     directory = files.path(directory)
     _prepare_directory(directory, overwrite)
@@ -272,6 +274,7 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
         "storage": {"encodings": writer.by_encoding, "weights": int(weights),
                     "nonzero_weights": int(nonzero_weights)},
         "metrics": dict(metrics),
+        "lineage": dict(lineage) if lineage is not None else None,
         "files": {},
     }
     # Everything goes to a fresh directory beside the target, renamed into place at the end.
