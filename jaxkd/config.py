@@ -475,15 +475,27 @@ class Compression(Block):
                                         f"({len(names)}) or none")
 
 
+EXPORT_FORMATS = ("stablehlo", "onnx", "safetensors")
+
+
 @dataclasses.dataclass(frozen=True)
 class Export(Block):
-    """``config.export``: the artifact (:mod:`jaxkd.export`).
+    """``config.export``: the artifact (:mod:`jaxkd.export`) and the other formats.
 
     ``entropy_coding`` compresses its tensor files with zlib (Deep Compression's final
-    Huffman stage) when that makes them smaller.
+    Huffman stage) when that makes them smaller. ``formats`` (:mod:`jaxkd.export.formats`,
+    written to ``DIR/formats/``): ``()`` every one of 'stablehlo', 'onnx', 'safetensors'
+    that can express the model (the others skipped with one logged line), a list of them
+    (each must succeed), or ``('none',)``.
     """
 
     entropy_coding: bool = False
+    formats: tuple = schema.items((), schema.Choice(EXPORT_FORMATS + ("none",),
+                                                    noun="an export format"))
+
+    def check(self) -> None:
+        if "none" in self.formats and len(self.formats) > 1:
+            raise FieldError("formats", f"={list(self.formats)}: 'none' goes alone")
 
 
 MESH_AXES = ("data", "fsdp", "tensor")

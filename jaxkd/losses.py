@@ -33,6 +33,21 @@ examples from the batch:
 ``dist_loss``              inter- and intra-class Pearson relations    Huang et al. 2022
 =========================  ==========================================  =====================
 
+Sequence (transformer) losses take per-layer tensors of a student and a teacher encoder and
+a token mask ``[B, L]`` (nonzero = real token) and return ``[B]``: per example, the mean
+over its real tokens (and heads); padded queries and keys never count, whatever they hold:
+
+=============================  ======================================  =====================
+``tinybert_hidden_mse``        ``mean_{i,h} (H_s W_h - H_t)^2``        Jiao et al. 2020
+``tinybert_attention_mse``     ``mean_{a,i,j} (A_s - A_t)^2``, scores  Jiao et al. 2020
+``minilm_attention_kl``        ``mean_{a,i} KL(A_t || A_s)``, probs    Wang et al. 2020
+``minilm_value_relation_kl``   ``KL`` of ``softmax(V V^T / sqrt d)``   Wang et al. 2020
+``minilmv2_relation_kl``       ``KL`` of relation-head Q-Q/K-K/V-V     Wang et al. 2021
+=============================  ======================================  =====================
+
+Token-level Hinton KD on sequence logits ``[B, L, C]`` is :func:`soft_target_kl` reduced
+with ``masked_mean(loss, mask)``.
+
 Everything is jit/vmap/grad-safe: log-probabilities come from ``log_softmax``, square
 roots and normalisations have finite gradients at zero, and values and gradients stay
 finite for logits of magnitude ``1e4`` in float32. Inputs are computed in at least
@@ -40,9 +55,13 @@ float32 (bfloat16 logits are upcast). None of the functions applies ``stop_gradi
 the teacher: the caller decides what is trained.
 """
 
+from numbers import Integral
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+from jaxkd.schema import ConfigError
 
 __all__ = [
     "attention_transfer",
@@ -788,3 +807,276 @@ def dist_loss(
     rho_cols = _pearson_centered(center_cols(p_s), center_cols(p_t), 0)
     intra = jnp.where(count > 0, 1.0 - jnp.mean(rho_cols), 0.0)
     return temperature**2 * (beta * inter + gamma * intra)
+
+
+# --------------------------------------------------------------------------- sequences
+# Transformer distillation: per-layer tensors of a student and a teacher encoder and the
+# token mask ``[B, L]`` (nonzero = real token, 0 = padding). Padded query positions never
+# count, and neither do padded keys; values there (even -1e9, inf or NaN) never reach the
+# value or the gradient. Each loss returns one value per example, ``[B]``: the mean over
+# that example's real tokens (and heads), 0 for an example without any.
+
+
+def _check_rank(name: str, arg: str, x: Array, layout: str) -> None:
+    rank = len(layout.split(","))
+    if x.ndim != rank:
+        raise ConfigError(f"{name}: {arg} must be [{layout}], got shape {x.shape}.")
+
+
+def _token_mask(name: str, mask: ArrayLike, batch: int, length: int) -> Array:
+    """Boolean ``[B, L]`` from a 0/1 (or boolean, or float) token mask."""
+    mask = jnp.asarray(mask)
+    if mask.shape != (batch, length):
+        raise ConfigError(
+            f"{name}: mask must be [B, L] = ({batch}, {length}) (1 = token, 0 = padding), "
+            f"got shape {mask.shape}."
+        )
+    return mask != 0
+
+
+def _key_mask(keep: Array) -> Array:
+    """``[B, 1, 1, L]`` keys a query attends to: the real tokens (every key for an example
+    without any, so that its rows, which never count, stay finite)."""
+    has_token = jnp.any(keep, axis=-1, keepdims=True)
+    return (keep | ~has_token)[:, None, None, :]
+
+
+def _per_example_mean(values: Array, keep: Array) -> Array:
+    """``sum(values) / count`` over the kept entries of all non-batch axes; 0 if none."""
+    keep = jnp.broadcast_to(keep, values.shape)
+    axes = tuple(range(1, values.ndim))
+    total = jnp.sum(jnp.where(keep, values, 0.0), axis=axes)
+    count = jnp.sum(keep, axis=axes).astype(values.dtype)
+    return total / jnp.maximum(count, 1.0)
+
+
+def _row_kl(log_p: Array, log_q: Array, keys: Array) -> Array:
+    """``KL(p || q)`` over the kept keys of the last axis."""
+    return jnp.sum(jnp.where(keys, jnp.exp(log_p) * (log_p - log_q), 0.0), axis=-1)
+
+
+def _relation_kl(student: Array, teacher: Array, keep: Array) -> Array:
+    """``mean_{r, real i} KL(R_t[r, i] || R_s[r, i])`` per example for ``[B, R, L, d]`` inputs
+    (``d`` may differ), ``R = softmax_{real j}(X X^T / sqrt(d))``."""
+    keys = _key_mask(keep)
+
+    def log_relation(x: Array) -> Array:
+        x = jnp.where(keep[:, None, :, None], x, 0.0)
+        scores = jnp.einsum("brid,brjd->brij", x, x, precision=_HIGHEST) / x.shape[-1] ** 0.5
+        keys_full = jnp.broadcast_to(keys, scores.shape)
+        lse = jax.nn.logsumexp(scores, axis=-1, where=keys_full, keepdims=True)
+        return jnp.where(keys_full, scores - lse, 0.0)
+
+    rows = _row_kl(log_relation(teacher), log_relation(student), keys)
+    return _per_example_mean(rows, keep[:, None, :])
+
+
+def tinybert_hidden_mse(
+    student_hidden: ArrayLike, teacher_hidden: ArrayLike, mask: ArrayLike
+) -> Array:
+    """TinyBERT hidden-state (and embedding) loss over real tokens.
+
+    ``L_hidn = MSE(H_s W_h, H_t)`` (Jiao et al. 2020, "TinyBERT: Distilling BERT for Natural
+    Language Understanding", eq. 8; eq. 9 is the same loss on the embedding outputs): per
+    example ``sum_{real i} sum_h (S_ih - T_ih)^2 / (n H)``, ``n`` its number of real
+    tokens. ``student_hidden`` is the PROJECTED student ``H_s W_h``: the learned ``W_h``
+    ``[H_s, H_t]`` is a trainable adapter (:mod:`jaxkd.objective`, ``adapter=True``; like
+    the official code's ``fit_dense`` it also has a bias), not part of the loss.
+
+    Args:
+      student_hidden: ``[B, L, H]``, already projected to the teacher's width.
+      teacher_hidden: ``[B, L, H]``.
+      mask: ``[B, L]``, nonzero = real token.
+
+    Returns:
+      Unreduced losses ``[B]``.
+    """
+    name = "tinybert_hidden_mse"
+    student, teacher = _as_float(student_hidden), _as_float(teacher_hidden)
+    _check_rank(name, "student_hidden", student, "B, L, H")
+    _check_rank(name, "teacher_hidden", teacher, "B, L, H")
+    if student.shape != teacher.shape:
+        raise ConfigError(
+            f"{name}: student_hidden {student.shape} and teacher_hidden {teacher.shape} differ; "
+            "project the student to the teacher's width first (adapter=True in the objective)."
+        )
+    keep = _token_mask(name, mask, *student.shape[:2])[..., None]
+    diff = jnp.where(keep, student, 0.0) - jnp.where(keep, teacher, 0.0)
+    return _per_example_mean(jnp.square(diff), keep)
+
+
+def tinybert_attention_mse(
+    student_scores: ArrayLike, teacher_scores: ArrayLike, mask: ArrayLike
+) -> Array:
+    """TinyBERT attention loss: MSE between unnormalised attention scores.
+
+    ``L_attn = 1/h sum_a MSE(A_s,a, A_t,a)`` with ``A = Q K^T / sqrt(d)`` before the softmax
+    (Jiao et al. 2020, "TinyBERT", eq. 7): per example
+    ``sum_a sum_{real i, real j} (A_s,aij - A_t,aij)^2 / (h n^2)``. Pairs with a padded query
+    or key are excluded, so the large negative padding bias (-1e9, -inf) never enters (the
+    official code zeroes scores <= -100 instead, which also lets padding count in the mean).
+
+    Args:
+      student_scores: ``[B, heads, L, L]``.
+      teacher_scores: ``[B, heads, L, L]``, the same number of heads.
+      mask: ``[B, L]``, nonzero = real token.
+
+    Returns:
+      Unreduced losses ``[B]``.
+    """
+    name = "tinybert_attention_mse"
+    student, teacher = _as_float(student_scores), _as_float(teacher_scores)
+    _check_attention_maps(name, "scores", student, teacher)
+    keep = _token_mask(name, mask, student.shape[0], student.shape[-1])
+    pairs = keep[:, None, :, None] & keep[:, None, None, :]
+    diff = jnp.where(pairs, student, 0.0) - jnp.where(pairs, teacher, 0.0)
+    return _per_example_mean(jnp.square(diff), pairs)
+
+
+def _check_attention_maps(name: str, what: str, student: Array, teacher: Array) -> None:
+    _check_rank(name, f"student_{what}", student, "B, heads, L, L")
+    _check_rank(name, f"teacher_{what}", teacher, "B, heads, L, L")
+    if student.shape[1] != teacher.shape[1]:
+        raise ConfigError(
+            f"{name}: student and teacher need the same number of heads, got "
+            f"{student.shape[1]} and {teacher.shape[1]} (student_{what} {student.shape}, "
+            f"teacher_{what} {teacher.shape})."
+        )
+    if student.shape != teacher.shape or student.shape[-1] != student.shape[-2]:
+        raise ConfigError(
+            f"{name}: student_{what} {student.shape} and teacher_{what} {teacher.shape} must "
+            "both be [B, heads, L, L] with the same B and L."
+        )
+
+
+def minilm_attention_kl(
+    student_probs: ArrayLike, teacher_probs: ArrayLike, mask: ArrayLike
+) -> Array:
+    """MiniLM self-attention distribution transfer ``KL(A_t || A_s)``.
+
+    ``L_AT = 1/(h n) sum_a sum_{real i} KL(A_t,ai || A_s,ai)`` per example, ``A`` the
+    attention probabilities of the last layer (Wang et al. 2020, "MiniLM: Deep
+    Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained Transformers",
+    eq. 6). Each row is a distribution over the real keys only: the probabilities are
+    renormalised there (``A_ij / sum_{real j} A_ij``, a no-op for a properly masked
+    softmax), so whatever sits at padded keys does not count. ``0 log 0 = 0``; a student
+    probability that underflowed to 0 where the teacher's is not is floored at the
+    smallest normal float (a large but finite loss, no gradient through that entry).
+
+    Args:
+      student_probs: ``[B, heads, L, L]``, rows summing to 1.
+      teacher_probs: ``[B, heads, L, L]``, the same number of heads.
+      mask: ``[B, L]``, nonzero = real token.
+
+    Returns:
+      Unreduced losses ``[B]``.
+    """
+    name = "minilm_attention_kl"
+    student, teacher = _as_float(student_probs), _as_float(teacher_probs)
+    _check_attention_maps(name, "probs", student, teacher)
+    keep = _token_mask(name, mask, student.shape[0], student.shape[-1])
+    keys = _key_mask(keep)
+    pairs = keep[:, None, :, None] & keys
+    tiny = jnp.finfo(student.dtype).tiny
+
+    def renormalised(p: Array) -> tuple[Array, Array]:
+        # In log space: a row without mass on real keys keeps finite gradients (no 1/total^2).
+        p = jnp.where(pairs, p, 0.0)
+        total = jnp.sum(p, axis=-1, keepdims=True)
+        log_p = jnp.log(jnp.maximum(p, tiny)) - jnp.log(jnp.maximum(total, tiny))
+        return jnp.where(p > 0, jnp.exp(log_p), 0.0), log_p
+
+    p_t, log_pt = renormalised(teacher)
+    _, log_ps = renormalised(student)
+    rows = jnp.sum(jnp.where(keys, p_t * (log_pt - log_ps), 0.0), axis=-1)
+    return _per_example_mean(rows, keep[:, None, :])
+
+
+def minilm_value_relation_kl(
+    student_value: ArrayLike, teacher_value: ArrayLike, mask: ArrayLike
+) -> Array:
+    """MiniLM value-relation transfer ``KL(VR_t || VR_s)``.
+
+    ``VR = softmax(V V^T / sqrt(d))`` per head over the real keys and
+    ``L_VR = 1/(h n) sum_a sum_{real i} KL(VR_t,ai || VR_s,ai)`` per example (Wang et al.
+    2020, "MiniLM", eq. 7-8). The head size ``d`` may differ between student and teacher
+    (each side is scaled by its own ``sqrt(d)``); the head count may not (see
+    :func:`minilmv2_relation_kl` for that).
+
+    Args:
+      student_value: ``[B, heads, L, d_s]``.
+      teacher_value: ``[B, heads, L, d_t]``, the same number of heads.
+      mask: ``[B, L]``, nonzero = real token.
+
+    Returns:
+      Unreduced losses ``[B]``.
+    """
+    name = "minilm_value_relation_kl"
+    student, teacher = _as_float(student_value), _as_float(teacher_value)
+    _check_rank(name, "student_value", student, "B, heads, L, d")
+    _check_rank(name, "teacher_value", teacher, "B, heads, L, d")
+    if student.shape[1] != teacher.shape[1]:
+        raise ConfigError(
+            f"{name}: student and teacher need the same number of heads, got "
+            f"{student.shape[1]} and {teacher.shape[1]}; minilmv2_relation_kl relates "
+            "different head counts."
+        )
+    if student.shape[:3] != teacher.shape[:3]:
+        raise ConfigError(
+            f"{name}: student_value {student.shape} and teacher_value {teacher.shape} must "
+            "have the same B, heads and L."
+        )
+    keep = _token_mask(name, mask, student.shape[0], student.shape[2])
+    return _relation_kl(student, teacher, keep)
+
+
+def minilmv2_relation_kl(
+    student_x: ArrayLike, teacher_x: ArrayLike, mask: ArrayLike, *, num_relation_heads: int
+) -> Array:
+    """MiniLMv2 multi-head self-attention relation transfer (Q-Q, K-K or V-V).
+
+    The queries (or keys, or values) of all attention heads are concatenated to
+    ``X = [x_1, ..., x_h]`` ``[B, L, h d]`` and split again into ``A_r`` relation heads
+    ``X_r`` of size ``d_r = h d / A_r``; ``R_r = softmax(X_r X_r^T / sqrt(d_r))`` over the
+    real keys and ``L = 1/(A_r n) sum_r sum_{real i} KL(R_t,ri || R_s,ri)`` per example
+    (Wang et al. 2021, "MiniLMv2: Multi-Head Self-Attention Relation Distillation for
+    Compressing Pretrained Transformers", eq. 3-5). Student and teacher use the same
+    ``A_r``, so their head counts and head sizes may differ. With ``A_r = h`` on both sides
+    this is :func:`minilm_value_relation_kl` (MiniLM's V-V relation).
+
+    Args:
+      student_x: ``[B, heads_s, L, d_s]``.
+      teacher_x: ``[B, heads_t, L, d_t]``.
+      mask: ``[B, L]``, nonzero = real token.
+      num_relation_heads: ``A_r``, dividing both ``heads_s d_s`` and ``heads_t d_t``.
+
+    Returns:
+      Unreduced losses ``[B]``.
+    """
+    name = "minilmv2_relation_kl"
+    student, teacher = _as_float(student_x), _as_float(teacher_x)
+    _check_rank(name, "student_x", student, "B, heads, L, d")
+    _check_rank(name, "teacher_x", teacher, "B, heads, L, d")
+    if (student.shape[0], student.shape[2]) != (teacher.shape[0], teacher.shape[2]):
+        raise ConfigError(
+            f"{name}: student_x {student.shape} and teacher_x {teacher.shape} must have the "
+            "same B and L."
+        )
+    if isinstance(num_relation_heads, bool) or not isinstance(num_relation_heads, Integral):
+        raise ConfigError(f"{name}: num_relation_heads must be an int, got {num_relation_heads!r}.")
+    num_relation_heads = int(num_relation_heads)
+    for side, x in (("student", student), ("teacher", teacher)):
+        width = x.shape[1] * x.shape[3]
+        if num_relation_heads < 1 or width % num_relation_heads:
+            raise ConfigError(
+                f"{name}: num_relation_heads={num_relation_heads} must divide the {side}'s "
+                f"heads * d = {x.shape[1]} * {x.shape[3]} = {width}."
+            )
+    keep = _token_mask(name, mask, student.shape[0], student.shape[2])
+
+    def relation_heads(x: Array) -> Array:  # [B, h, L, d] -> [B, A_r, L, h d / A_r]
+        batch, _, length, _ = x.shape
+        x = jnp.transpose(x, (0, 2, 1, 3)).reshape(batch, length, num_relation_heads, -1)
+        return jnp.transpose(x, (0, 2, 1, 3))
+
+    return _relation_kl(relation_heads(student), relation_heads(teacher), keep)

@@ -40,6 +40,7 @@ line naming the field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -61,6 +62,7 @@ from jaxkd.tasks.base import Targets
 #   topk          fn(student_logits, topk_values, topk_indices)
 #   features      fn(student_feature, teacher_feature)    per example
 #   batch         fn(student_feature, teacher_feature)    scalar over the batch
+#   sequence      fn(student_feature, teacher_feature, token_mask [B, L])   per example
 LOSSES: dict[str, tuple[Callable[..., jax.Array], str]] = {
     "cross_entropy": (losses.cross_entropy, "labels"),
     "soft_target_kl": (losses.soft_target_kl, "logits"),
@@ -77,7 +79,13 @@ LOSSES: dict[str, tuple[Callable[..., jax.Array], str]] = {
     "similarity_preserving": (losses.similarity_preserving, "batch"),
     "pkt": (losses.pkt, "batch"),
     "dist_loss": (losses.dist_loss, "batch"),
+    "tinybert_hidden_mse": (losses.tinybert_hidden_mse, "sequence"),
+    "tinybert_attention_mse": (losses.tinybert_attention_mse, "sequence"),
+    "minilm_attention_kl": (losses.minilm_attention_kl, "sequence"),
+    "minilm_value_relation_kl": (losses.minilm_value_relation_kl, "sequence"),
+    "minilmv2_relation_kl": (losses.minilmv2_relation_kl, "sequence"),
 }
+ADAPTED = ("hint_mse", "tinybert_hidden_mse")  # an adapter by default
 ENSEMBLES = ("probabilities", "sum_losses")
 
 
@@ -143,7 +151,8 @@ def parse_terms(spec: Any, *, has_teacher: bool) -> list[Term]:
         default_feature = "embedding" if kind == "batch" else "logits"
         if kind == "batch" and name == "dist_loss":
             default_feature = "logits"
-        if kind == "features" and not (term.student_feature and term.teacher_feature):
+        if kind in ("features", "sequence") and not (term.student_feature
+                                                     and term.teacher_feature):
             raise ConfigError(f"{where} ({name}) needs student_feature and teacher_feature")
         terms.append(Term(
             label=label, name=name, weight=term.weight, kwargs=kwargs,
@@ -151,7 +160,7 @@ def parse_terms(spec: Any, *, has_teacher: bool) -> list[Term]:
             teacher_feature=term.teacher_feature or default_feature,
             schedule=term.schedule, weight_end=term.weight_end,
             temperature_end=term.temperature_end,
-            adapter=name == "hint_mse" if term.adapter is None else term.adapter,
+            adapter=name in ADAPTED if term.adapter is None else term.adapter,
         ))
     if not terms:
         raise ConfigError("config.distill.losses is empty: give at least one term")
@@ -184,7 +193,7 @@ def check_features(terms: Sequence[Term], student_out: Any, teacher_outs: Sequen
     ``student_out`` and ``teacher_outs`` are (logits, features) of ShapeDtypeStructs.
     """
     for term in terms:
-        if term.kind not in ("features", "batch"):
+        if term.kind not in ("features", "batch", "sequence"):
             continue
         where = f"config.distill.losses.{term.label}"
         for side, outputs, name in [("student", student_out, term.student_feature)] + [
@@ -196,12 +205,23 @@ def check_features(terms: Sequence[Term], student_out: Any, teacher_outs: Sequen
         s = feature(student_out, term.student_feature).shape
         for t_out in teacher_outs:
             t = feature(t_out, term.teacher_feature).shape
-            if term.name == "hint_mse" and s[:-1] != t[:-1]:
+            if term.name in ADAPTED and s[:-1] != t[:-1]:
                 raise ConfigError(f"{where}: student feature {term.student_feature} {s} and "
                                   f"teacher feature {term.teacher_feature} {t} differ in more "
                                   "than the channel axis; pick features of the same resolution")
-            if term.name == "hint_mse" and not term.adapter and s != t:
+            if term.name in ADAPTED and not term.adapter and s != t:
                 raise ConfigError(f"{where}: shapes {s} and {t} differ; set adapter=True")
+            if term.kind == "sequence":  # the loss's own checks, before compiling
+                tokens = student_out[1].get("mask")
+                if tokens is None:
+                    raise ConfigError(f"{where} ({term.name}) needs the student's token mask, a "
+                                      "feature 'mask' [B, L]")
+                s_in = jax.ShapeDtypeStruct(s[:-1] + t[-1:] if term.adapter else s, jnp.float32)
+                try:
+                    jax.eval_shape(functools.partial(LOSSES[term.name][0], **term.kwargs), s_in,
+                                   jax.ShapeDtypeStruct(t, jnp.float32), tokens)
+                except (ConfigError, TypeError) as e:
+                    raise ConfigError(f"{where}: {e}") from None
             if term.name == "attention_transfer" and s[:-1] != t[:-1]:
                 raise ConfigError(f"{where}: attention maps need the same spatial size, got "
                                   f"student {s} and teacher {t}")
@@ -293,6 +313,9 @@ def build_objective(
             s = apply_adapter(adapters[f"{term.label}_{i}"], s)
         if kind == "features":
             return losses.masked_mean(fn(s, t, **kwargs), mask)
+        if kind == "sequence":  # token mask: a sequence task's [B, L] mask, else the student's
+            tokens = mask if mask is not None and mask.ndim == 2 else student_out[1]["mask"]
+            return losses.masked_mean(fn(s, t, tokens, **kwargs), jnp.any(tokens != 0, axis=-1))
         if mask is not None:
             kwargs = {**kwargs, "mask": mask}
         return fn(s, t, **kwargs)  # batch-level: already a scalar

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
@@ -67,6 +68,7 @@ from jaxkd.workdir import check as check_workdir
 
 CLASSIFICATION = tasks.CLASSIFICATION
 ARTIFACT_DIR = "artifact"
+FORMATS_DIR = "formats"
 
 
 @struct.dataclass
@@ -323,6 +325,10 @@ def build(run: Run) -> Setup:
                 start_variables, model_kwargs = m.start(start_variables, model_kwargs)
     model = models.get_model(run.model.name, num_classes=info.num_classes, **model_kwargs,
                              **compute, **remat_kwargs(run))
+    if run.export.formats:  # formats named explicitly must work: say so before training
+        from jaxkd.export import formats as export_formats_module
+
+        export_formats_module.check(run.export.formats, model)
     loaded = teachers.load_all(run.distill, layout_of=layout_of, compute=compute)
     teachers.check_fit(loaded, num_classes=info.num_classes, dataset=run.data.name,
                        input_shape=info.input_shape)
@@ -673,12 +679,29 @@ def export_artifact(s: Setup, state: TrainState, workdir: str, extra_metrics: di
             jax.jit(lambda b: task.eval_metrics(predict(*task.model_inputs(b)), b)),
             pipeline.eval_batches(s.run.data, split=s.run.data.eval_split,
                                   batch_size=s.run.eval_batch_size))
+        formats = export_formats(s, directory, os.path.join(workdir, FORMATS_DIR))
         result = {"artifact_eval": artifact_eval,
+                  "formats": formats,
                   "artifact_bytes": export.artifact_bytes(directory),
                   "artifact_num_params": models.count_params(quant.strip_steps(artifact.params)),
                   "storage": export.storage_report(manifest),
                   "artifact_model_kwargs": artifact.model_kwargs}
     return multihost.broadcast_json(result)
+
+
+def export_formats(s: Setup, artifact_dir: str, out_dir: str) -> dict[str, Any]:
+    """The artifact in the formats of ``config.export.formats`` (:mod:`jaxkd.export.formats`),
+    the ONNX model checked on the eval split; their ``formats.json`` entries."""
+    from jaxkd.export import formats
+
+    if tuple(s.run.export.formats) == ("none",):
+        return {}
+    inputs = None
+    if s.task is CLASSIFICATION:
+        inputs = np.concatenate([b["image"][b["mask"] > 0] for b in pipeline.eval_batches(
+            s.run.data, split=s.run.data.eval_split, batch_size=s.run.eval_batch_size)])
+    return formats.write(artifact_dir, out_dir, s.run.export.formats,
+                         inputs=inputs)["formats"]
 
 
 def lineage(s: Setup) -> dict[str, Any]:

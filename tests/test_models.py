@@ -129,10 +129,10 @@ def abstract_variables(model, shape):
 
 
 def test_registry_has_the_documented_names():
-    assert set(MODELS) == {"mlp", "cnn1d", "lenet5", *RESNETS, *WRNS}
+    assert set(MODELS) == {"mlp", "cnn1d", "lenet5", *RESNETS, *WRNS, "bert"}
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(n for n in MODELS if n != "bert"))  # test_bert.py
 def test_every_model_has_documented_logits_and_features(name):
     num_classes = 7
     model = get_model(name, num_classes=num_classes)

@@ -201,7 +201,7 @@ def test_bad_remat_policy_is_one_line_naming_the_field():
 def test_takes_precision_and_remat(monkeypatch):
     assert all(models.takes_precision(n) for n in models.names())
     assert [n for n in models.names() if models.takes_remat(n)] == [
-        n for n in models.names() if n.startswith(("resnet", "wrn"))]
+        n for n in models.names() if n.startswith(("resnet", "wrn", "bert"))]
     monkeypatch.setitem(models.MODELS, "plain", lambda *, num_classes: CifarResNet(num_classes))
     assert not models.takes_precision("plain") and not models.takes_remat("plain")
     with pytest.raises(ConfigError, match="config.model.name='foo'"):

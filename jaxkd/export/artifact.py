@@ -367,7 +367,7 @@ def verify(directory: str) -> dict[str, Any]:
     return manifest
 
 
-def _read_files(directory: str, manifest: Mapping[str, Any]) -> dict[str, bytes]:
+def read_files(directory: str, manifest: Mapping[str, Any]) -> dict[str, bytes]:
     """The decompressed bytes of every file the manifest lists."""
     contents = {}
     for name, entry in manifest["files"].items():
@@ -418,7 +418,7 @@ def integer_kernels(directory: str) -> dict[str, dict[str, Any]]:
     """``{layer: {'values': int8 array, 'bits': b}}``: the integer kernels of an artifact as
     stored (decoded, after ``verify``), for checks such as ``jaxkd.compression``'s."""
     manifest = verify(directory)
-    contents = _read_files(directory, manifest)
+    contents = read_files(directory, manifest)
     return {e["path"]: {"values": read_tensor(contents, e["kernel"]), "bits": e["weight_bits"]}
             for e in manifest["layers"]}
 
@@ -432,7 +432,7 @@ def load(directory: str, *, check: bool = True
     float32.
     """
     manifest = verify(directory) if check else read_manifest(directory)
-    contents = _read_files(directory, manifest)
+    contents = read_files(directory, manifest)
     spec = manifest["model"]
     model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
     flat = {(t["collection"], *t["path"].split("/")): read_tensor(contents, t)

@@ -37,7 +37,7 @@ def _matmul(x: jax.Array, w: jax.Array, acc: Any) -> jax.Array:
     return jax.lax.dot_general(x, w, dims, preferred_element_type=acc)
 
 
-def _conv_setup(module: nn.Conv, x: jax.Array, kernel_size: tuple[int, ...]) -> tuple:
+def conv_setup(module: nn.Conv, x: jax.Array, kernel_size: tuple[int, ...]) -> tuple:
     """``(x, padding, strides, kernel dilation, input dilation, dilated kernel)`` of a
     ``flax.linen.Conv`` call, with CIRCULAR/REFLECT padding applied to ``x`` already."""
     if module.mask is not None or not module.shared_weights:
@@ -72,7 +72,7 @@ def _im2col(module: nn.Conv, x: jax.Array, kernel_size: tuple[int, ...], pad_val
     one GEMM with the kernel reshaped to ``[-1, C_out]``: XLA:CPU's int8 GEMM is faster
     than its float one while its int8 convolution can be 10x slower. None for grouped or
     input-dilated convolutions (they go through ``lax.conv_general_dilated``)."""
-    x, padding, strides, kernel_dilation, input_dilation, dilated = _conv_setup(
+    x, padding, strides, kernel_dilation, input_dilation, dilated = conv_setup(
         module, x, kernel_size)
     if module.feature_group_count != 1 or any(d != 1 for d in input_dilation):
         return None
@@ -91,7 +91,7 @@ def _im2col(module: nn.Conv, x: jax.Array, kernel_size: tuple[int, ...], pad_val
 def _lax_conv(module: nn.Conv, x: jax.Array, w: jax.Array, *, pad_value: Any, acc: Any
               ) -> jax.Array:
     """``module``'s convolution by ``lax.conv_general_dilated`` (grouped, input-dilated)."""
-    x, padding, strides, kernel_dilation, input_dilation, _ = _conv_setup(
+    x, padding, strides, kernel_dilation, input_dilation, _ = conv_setup(
         module, x, w.shape[:-2])
     if any(d != 1 for d in input_dilation):
         if pad_value != 0:  # the inserted holes would be read as 0, not as pad_value

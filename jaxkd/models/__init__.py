@@ -21,12 +21,17 @@ contract). Registry names and their kwargs besides ``num_classes``:
 - ``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``: Wide ResNets (Zagoruyko &
   Komodakis 2016); dropout_rate.
 - ``wrn``: WRN-depth-widen_factor, default WRN-28-10; depth, widen_factor, dropout_rate.
+- ``bert``: BERT encoder (Devlin et al. 2019) on token ids ``[B, L]`` (input shape ``(L,)``,
+  with optional ``attention_mask`` and ``token_type_ids``); vocab_size, hidden_size,
+  num_layers, num_heads, intermediate_size, max_position, type_vocab_size, layer_norm_eps,
+  dropout_rate, attention_dropout_rate, pooling, head_dim, layer_heads, layer_intermediate
+  (:mod:`jaxkd.models.bert`; HF weights: :mod:`jaxkd.models.pretrained`).
 
 Every zoo model also takes ``dtype`` and ``param_dtype`` (mixed precision: one of
-:data:`DTYPES`, default float32 for both), and the ResNets and WRNs ``remat_policy``
-(rematerialisation of every residual block: one of :data:`REMAT_POLICIES`, ``''`` = off);
-see :mod:`jaxkd.models.compute`. :func:`takes_precision` and :func:`takes_remat` tell
-whether a registered model accepts them.
+:data:`DTYPES`, default float32 for both), and the ResNets, WRNs and BERT ``remat_policy``
+(rematerialisation of every residual block or layer: one of :data:`REMAT_POLICIES`,
+``''`` = off); see :mod:`jaxkd.models.compute`. :func:`takes_precision` and
+:func:`takes_remat` tell whether a registered model accepts them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import flax.linen as nn
 import jax
 from jax.typing import DTypeLike
 
+from jaxkd.models.bert import BertEncoder, build_bert
 from jaxkd.models.cnn1d import CNN1D
 from jaxkd.models.compute import DTYPES, REMAT_POLICIES, as_dtype
 from jaxkd.models.lenet import LeNet5
@@ -154,6 +160,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn_16_2": wrn_16_2,
     "wrn_40_1": wrn_40_1,
     "wrn_40_2": wrn_40_2,
+    "bert": build_bert,
 }
 
 
@@ -194,8 +201,8 @@ def takes_precision(name: str) -> bool:
 
 
 def takes_remat(name: str) -> bool:
-    """Whether model ``name``'s builder accepts ``remat_policy`` (the zoo's ResNets and WRNs,
-    which have repeated residual blocks)."""
+    """Whether model ``name``'s builder accepts ``remat_policy`` (the zoo's ResNets, WRNs
+    and BERT, which have repeated residual blocks)."""
     _check_name(name)
     return "remat_policy" in model_kwargs(name)
 
@@ -238,6 +245,7 @@ __all__ = [
     "MODELS",
     "REMAT_POLICIES",
     "MLP",
+    "BertEncoder",
     "CNN1D",
     "LeNet5",
     "BasicBlock",

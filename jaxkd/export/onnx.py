@@ -1,0 +1,578 @@
+"""ONNX export of an artifact: its integer function, run by ONNX's integer operators.
+
+``export_onnx(artifact_dir, out_path)`` writes an ONNX model computing what
+``jaxkd.export.load(artifact_dir)[0]`` computes, for the zoo's ``mlp``, ``cnn1d``,
+``lenet5``, CIFAR ``resnet*`` and ``wrn*``; ``verify_onnx`` compares the two. The graph is
+written with ``onnx.helper``, walking each architecture's layers by name and the artifact's
+tensors; a Conv's padding, strides and dilation are the Flax module's, resolved as the
+integer runtime resolves them. Input ``"input"``: float32 ``[batch, *input_shape]`` (the
+manifest's, in the jaxkd layout: NHWC images, ``[L]`` / ``[L, C]`` signals); output
+``"logits"``: float32 ``[batch, num_classes]``; ``batch`` is symbolic. Convolutions run
+channels-first inside; maps return to NHWC before a flatten (jaxkd's flatten order).
+
+Artifact construct (:mod:`jaxkd.export.integer`) -> ONNX:
+
+- a quantized layer's input -> ``QuantizeLinear`` (divides, rounds half to even) to uint8
+  for a non-negative grid (the unsigned 8-bit grid, int8 with zero point -128 in the
+  artifact, is the same integers + 128) or int8, then ``Clip`` to a narrower grid
+  (``[-127, 127]``, 4/2-bit grids); ONNX zero point 0, so convolutions pad with the integer
+  of 0, as the artifact does. No stored scale: ``max|x| / q_max`` of the batch in-graph.
+- quantized Dense -> ``MatMulInteger`` (int32, per-column weight zero points); quantized
+  Conv -> ``ConvInteger``, a per-channel weight zero point (ONNX Runtime's takes only a
+  scalar) as the term ``- z_w[c] * ConvInteger(q_x, ones)``; then ``Cast``, ``Mul`` by
+  ``s_x * s_w``, ``Add`` bias: the artifact's operations in its order.
+- int4 / int2 weights -> int8 initializers holding the values (exact: the artifact's GEMM
+  multiplies the same int8 values; ONNX has no 4-bit integer matmul).
+- weight-only layer -> ``Cast``, ``Sub`` z_w, ``Mul`` s_w of the int8 values (folded into a
+  float initializer by ONNX Runtime), float ``MatMul`` / ``Conv``. Not ``DequantizeLinear``:
+  ONNX Runtime 1.32 fuses ``DequantizeLinear`` (int8 or INT4) + ``MatMul`` into
+  ``MatMulNBits``, which by default quantizes the activations to int8 (0.5 % of the logit
+  scale off on a test MLP).
+- float kernel -> ``MatMul`` / ``Conv`` + ``Add``; BatchNorm -> ``Sub`` mean, ``Mul``
+  ``scale / sqrt(var + eps)``, ``Add`` bias (flax's order, not folded); ReLU, max pool,
+  global average pool, residual -> ``Relu``, ``MaxPool``, ``GlobalAveragePool``, ``Add``.
+
+Anything else (a model outside the zoo, a non-float32 model, grouped, input-dilated,
+circular or reflect convolutions, a bit width the manifest should not hold) is refused in
+one :class:`~jaxkd.schema.ConfigError` line naming the layer.
+
+**Tolerance.** Integer sums are exact on both sides, so most examples agree to float
+rounding (``< 1e-6`` of the logit scale). Where the two compute a float an ulp apart, a
+value at a rounding boundary of the next layer's grid rounds to the neighbouring integer:
+one activation one step apart, a logit change of about ``s_x |w|`` (0.3 % of the logit
+scale in the tests, on 0-2 of 500 examples). The ulps come from XLA:CPU's vectorised
+float32 division, which is not always correctly rounded (``x / s`` = 33.499996 where IEEE
+and ONNX Runtime give 33.5), and from BatchNorm's ``1 / sqrt`` and pooling sums. The tests
+ask for argmax agreement on >= 99.9 % of the examples, >= 99 % of them within ``1e-5`` of
+the logit scale and none beyond 2 %; float and weight-only models within ``1e-5``. (They
+ran on AVX512-VNNI; on x86 without VNNI, ONNX Runtime's u8 x s8 kernels use VPMADDUBSW,
+whose int16 pair sums can saturate, as its quantization guide warns.)
+
+**jax2onnx** 0.17.1 (jax 0.10.2, onnx 1.23.2, onnxruntime 1.32.0) on the artifact's jitted
+integer predict function (mlp, cnn1d w8a8): the ``int8 x int8 -> int32`` ``dot_general``
+becomes ``Gemm`` / ``Einsum`` on int8 with an int8 result (the int32 accumulation is lost;
+``onnx.checker`` with ``full_check`` and ONNX Runtime reject both models), never
+``MatMulInteger`` / ``ConvInteger``; it also pins ``orbax-checkpoint<0.11.37`` against
+jaxkd's ``>=0.12.8``. Hence the hand-written graph.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.linen.linear import canonicalize_padding
+
+from jaxkd import files, models, quant
+from jaxkd.config import ACTIVATION_BITS, WEIGHT_BITS
+from jaxkd.export import artifact, integer
+from jaxkd.schema import ConfigError
+
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError as e:  # the optional extra
+    raise ImportError("jaxkd.export.onnx needs onnx and onnxruntime: "
+                      "pip install 'jaxkd[export]'") from e
+
+INPUT, OUTPUT, BATCH = "input", "logits", "batch"
+MIN_OPSET = 13  # Clip of int8/uint8 (opset 12), Reshape/ReduceMax/... as of opset 13
+
+
+class _Call(NamedTuple):
+    """One Dense/Conv/BatchNorm of the model: its module and, for a Conv, ``(kernel_size,
+    ONNX pads, strides, dilations)``."""
+
+    module: nn.Module
+    conv: tuple | None
+
+
+def _layer_calls(model: nn.Module, variables: Any, input_shape: tuple[int, ...]
+                 ) -> dict[str, _Call]:
+    """Every Dense, Conv and BatchNorm the model calls on one example (eval mode), by path,
+    with a Conv's geometry as the integer path resolves it (abstract: no FLOPs)."""
+    calls: dict[str, _Call] = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(
+                module, nn.Dense | nn.Conv | nn.BatchNorm):
+            path = "/".join(module.path)
+            if path not in calls:
+                calls[path] = _Call(module, _conv_geometry(path, module, args[0])
+                                    if isinstance(module, nn.Conv) else None)
+        return next_fun(*args, **kwargs)
+
+    def run(v, x):
+        with nn.intercept_methods(record):
+            return model.apply(v, x, train=False)
+
+    jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    return calls
+
+
+def _conv_geometry(path: str, module: nn.Conv, x: Any) -> tuple:
+    """``(kernel_size, ONNX pads, strides, dilations)`` of a flax Conv call, as
+    :mod:`jaxkd.export.integer` resolves them; refuses what ONNX Conv cannot express."""
+    kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
+                   else tuple(module.kernel_size))
+    padding = canonicalize_padding(module.padding, len(kernel_size))
+    input_dilation = np.atleast_1d(1 if module.input_dilation is None else module.input_dilation)
+    unsupported = [
+        (padding in ("CIRCULAR", "REFLECT"), f"padding={padding!r}"),
+        (module.feature_group_count != 1, f"feature_group_count={module.feature_group_count}"),
+        (np.any(input_dilation != 1), f"input_dilation={module.input_dilation}"),
+        (module.mask is not None or not module.shared_weights, "a mask or unshared weights"),
+        (x.ndim != len(kernel_size) + 2, f"an input of shape {tuple(x.shape)}"),
+    ]
+    for refused, what in unsupported:
+        if refused:
+            raise ConfigError(f"layer {path!r}: a Conv with {what} has no ONNX export")
+    # The integer runtime's own resolution of flax's padding (SAME, CAUSAL, explicit).
+    _, pads, strides, dilations, _, _ = integer.conv_setup(module, x, kernel_size)
+    onnx_pads = [p[0] for p in pads] + [p[1] for p in pads]
+    return kernel_size, onnx_pads, list(strides), list(dilations)
+
+
+class _Graph:
+    """The ONNX graph under construction: nodes, initializers (once per name), names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        self.uses: collections.Counter[str] = collections.Counter()
+
+    def const(self, name: str, value: Any, dtype: Any = None) -> str:
+        """An initializer holding ``value`` (numpy dtype ``dtype``); reused by name."""
+        if name not in self.initializers:
+            array = np.asarray(value, dtype)
+            self.initializers[name] = numpy_helper.from_array(array, name)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        """Appends one node; returns its (unique) output name."""
+        self.uses[name] += 1
+        out = name if self.uses[name] == 1 else f"{name}:{self.uses[name] - 1}"
+        if out in self.initializers:
+            out = f"{out}:out"
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+
+class _Builder:
+    """Emits the ONNX nodes of one artifact's layers (quantized, weight-only or float),
+    BatchNorms and the glue between them, by layer path."""
+
+    def __init__(self, graph: _Graph, calls: Mapping[str, _Call],
+                 floats: Mapping[tuple[str, ...], np.ndarray],
+                 quantized: Mapping[str, dict[str, Any]], manifest_path: str):
+        self.g, self.calls, self.floats, self.quantized = graph, calls, floats, quantized
+        self.where = manifest_path
+        self.kinds: dict[str, str] = {}  # layer path: 'integer', 'weight_only' or 'float'
+
+    # --------------------------------------------------------------------- glue
+
+    def relu(self, x: str) -> str:
+        return self.g.op("Relu", [x], "relu")
+
+    def add(self, a: str, b: str) -> str:
+        return self.g.op("Add", [a, b], "residual")
+
+    def flatten(self, x: str) -> str:
+        """``x.reshape(B, -1)``, batch kept (Reshape's 0 copies the dimension)."""
+        return self.g.op("Reshape", [x, self.g.const("flat", [0, -1], np.int64)], "flatten")
+
+    def channels_first(self, x: str, rank: int) -> str:
+        return self.g.op("Transpose", [x], "nchw", perm=[0, rank + 1, *range(1, rank + 1)])
+
+    def channels_last(self, x: str, rank: int) -> str:
+        return self.g.op("Transpose", [x], "nhwc", perm=[0, *range(2, rank + 2), 1])
+
+    def max_pool(self, x: str, window: int) -> str:
+        return self.g.op("MaxPool", [x], "max_pool", kernel_shape=[window, window],
+                         strides=[window, window])
+
+    def global_average_pool(self, x: str) -> str:
+        """``mean(x, spatial axes)``: ``[B, C]``."""
+        return self.flatten(self.g.op("GlobalAveragePool", [x], "mean"))
+
+    def image(self, x: str, input_shape: tuple[int, ...], rank: int) -> str:
+        """The model's input ``[B, *spatial(, C)]`` as channels-first ``[B, C, *spatial]``
+        (a missing channel axis is 1, as the zoo models add it)."""
+        if len(input_shape) == rank:
+            shape = [0, *input_shape, 1]
+            x = self.g.op("Reshape", [x, self.g.const("with_channel", shape, np.int64)],
+                          "with_channel")
+        return self.channels_first(x, rank)
+
+    # --------------------------------------------------------------------- layers
+
+    def _float(self, path: str, name: str) -> np.ndarray | None:
+        return self.floats.get(("params", *path.split("/"), name))
+
+    def _per_channel(self, path: str, value: np.ndarray) -> np.ndarray:
+        """A per-output-channel vector shaped to broadcast over ``path``'s output (``[C]``
+        for a Dense, ``[C, 1, ..]`` for a channels-first Conv); a scalar stays one."""
+        conv = self.calls[path].conv
+        value = np.asarray(value)
+        if conv is None or value.ndim == 0:
+            return value
+        return value.reshape(-1, *[1] * len(conv[0]))
+
+    def layer(self, path: str, x: str) -> str:
+        """The Dense or Conv at ``path`` applied to ``x`` (channels-first for a Conv)."""
+        if path not in self.calls:
+            raise ConfigError(f"{self.where}: the model calls no layer {path!r}")
+        entry, kernel = self.quantized.get(path), self._float(path, "kernel")
+        if entry is None and kernel is None:
+            raise ConfigError(f"{self.where}: layer {path!r} has neither an integer kernel "
+                              "nor a float one")
+        if entry is None:
+            self.kinds[path] = "float"
+            y = self._product(path, x, self.g.const(f"{path}/kernel", self._kernel(path, kernel),
+                                                    np.float32))
+        elif not entry["activation"]["bits"]:
+            self.kinds[path] = "weight_only"
+            y = self._product(path, x, self._dequantized(path, entry))
+        else:
+            self.kinds[path] = "integer"
+            y = self._integer(path, x, entry)
+        bias = self._float(path, "bias")
+        if bias is not None:
+            y = self.g.op("Add", [y, self.g.const(f"{path}/bias", self._per_channel(path, bias),
+                                                  np.float32)], f"{path}/bias_add")
+        return y
+
+    def _kernel(self, path: str, kernel: np.ndarray) -> np.ndarray:
+        """A flax kernel in ONNX's layout: Dense ``[K, C]`` as is, Conv ``[*k, I, O]`` as
+        ``[O, I, *k]``."""
+        if self.calls[path].conv is None:
+            return kernel
+        rank = kernel.ndim - 2
+        return np.transpose(kernel, (rank + 1, rank, *range(rank)))
+
+    def _product(self, path: str, x: str, w: str) -> str:
+        """Float ``x @ w`` or ``conv(x, w)``."""
+        conv = self.calls[path].conv
+        if conv is None:
+            return self.g.op("MatMul", [x, w], f"{path}/matmul")
+        _, pads, strides, dilations = conv
+        return self.g.op("Conv", [x, w], f"{path}/conv", pads=pads, strides=strides,
+                         dilations=dilations)
+
+    def _dequantized(self, path: str, entry: Mapping[str, Any]) -> str:
+        """The float kernel ``s_w (q_w - z_w)`` in ONNX's layout, from int8 values: ``Cast``,
+        ``Sub``, ``Mul`` (the artifact's operations; see the module docstring for why not
+        ``DequantizeLinear``)."""
+        q_w = self._kernel(path, entry["values"])
+
+        def per_output(value):  # broadcast over the output axis: Dense [K, C], Conv [C, ...]
+            value = np.asarray(value, np.float32)
+            if self.calls[path].conv is None or value.ndim == 0:
+                return value
+            return value.reshape(-1, *[1] * (q_w.ndim - 1))
+
+        w = self.g.op("Cast", [self.g.const(f"{path}/kernel_q", q_w, np.int8)],
+                      f"{path}/kernel_int", to=TensorProto.FLOAT)
+        if entry["zero_point"] is not None:
+            z_w = self.g.const(f"{path}/kernel_zero_point", per_output(entry["zero_point"]))
+            w = self.g.op("Sub", [w, z_w], f"{path}/kernel_centred")
+        s_w = self.g.const(f"{path}/scale", per_output(entry["scale"]))
+        return self.g.op("Mul", [w, s_w], f"{path}/kernel")
+
+    def _quantize_input(self, path: str, x: str, act: Mapping[str, Any]) -> tuple[str, str]:
+        """``(q_x, s_x)``: ``x`` on the layer's activation grid (ONNX zero point 0)."""
+        offset = -int(act.get("zero_point", 0))
+        if offset not in (0, 128):
+            raise ConfigError(f"{self.where}: layer {path!r} has activation zero point "
+                              f"{-offset}, which the ONNX graph cannot express (0 or -128)")
+        lo, hi = int(act["q_min"]) + offset, int(act["q_max"]) + offset
+        dtype = np.uint8 if lo >= 0 else np.int8
+        if act["scale"] is None:  # per batch: max|x| / q_max, 1 for an all-zero batch
+            absmax = self.g.op("ReduceMax", [self.g.op("Abs", [x], f"{path}/abs")],
+                               f"{path}/absmax", keepdims=0)
+            q_max = quant.int_range(act["bits"])[1]
+            scale = self.g.op("Div", [absmax, self.g.const(f"{path}/q_max", q_max, np.float32)],
+                              f"{path}/dynamic_scale")
+            positive = self.g.op("Greater", [absmax, self.g.const("zero", 0.0, np.float32)],
+                                 f"{path}/nonzero")
+            scale = self.g.op("Where", [positive, scale, self.g.const("one", 1.0, np.float32)],
+                              f"{path}/input_scale")
+        else:
+            scale = self.g.const(f"{path}/input_scale", act["scale"], np.float32)
+        zero = self.g.const(f"zero_{np.dtype(dtype).name}", 0, dtype)
+        q = self.g.op("QuantizeLinear", [x, scale, zero], f"{path}/quantize")
+        info = np.iinfo(dtype)
+        if (lo, hi) != (info.min, info.max):
+            q = self.g.op("Clip", [q, self.g.const(f"{np.dtype(dtype).name}_{lo}", lo, dtype),
+                                   self.g.const(f"{np.dtype(dtype).name}_{hi}", hi, dtype)],
+                          f"{path}/grid")
+        return q, scale
+
+    def _integer(self, path: str, x: str, entry: Mapping[str, Any]) -> str:
+        """``Cast(q_x * q_w -> int32) * (s_x * s_w)``: the artifact's integer layer."""
+        q_x, s_x = self._quantize_input(path, x, entry["activation"])
+        q_w = self.g.const(f"{path}/kernel_q", self._kernel(path, entry["values"]), np.int8)
+        z_w = entry["zero_point"]
+        conv = self.calls[path].conv
+        if conv is None:
+            inputs = [q_x, q_w]
+            if z_w is not None:
+                inputs += ["", self.g.const(f"{path}/kernel_zero_point", z_w, np.int8)]
+            acc = self.g.op("MatMulInteger", inputs, f"{path}/matmul_integer")
+        else:
+            _, pads, strides, dilations = conv
+            geometry = {"pads": pads, "strides": strides, "dilations": dilations}
+            scalar_zp = z_w is not None and np.ndim(z_w) == 0
+            inputs = [q_x, q_w]
+            if scalar_zp:
+                inputs += ["", self.g.const(f"{path}/kernel_zero_point", z_w, np.int8)]
+            acc = self.g.op("ConvInteger", inputs, f"{path}/conv_integer", **geometry)
+            if z_w is not None and not scalar_zp:  # - z_w[c] * sum of q_x over the window
+                *window, c_in, _ = entry["values"].shape
+                ones = np.ones((1, c_in, *window), np.int8)
+                sums = self.g.op("ConvInteger", [q_x, self.g.const(f"{path}/ones", ones)],
+                                 f"{path}/window_sum", **geometry)
+                z = self.g.const(f"{path}/kernel_zero_point_i32",
+                                 self._per_channel(path, z_w), np.int32)
+                acc = self.g.op("Sub", [acc, self.g.op("Mul", [z, sums], f"{path}/zp_term")],
+                                f"{path}/accumulator")
+        y = self.g.op("Cast", [acc], f"{path}/to_float", to=TensorProto.FLOAT)
+        s_w = self._per_channel(path, entry["scale"]).astype(np.float32)
+        if entry["activation"]["scale"] is None:
+            rescale = self.g.op("Mul", [s_x, self.g.const(f"{path}/scale", s_w)],
+                                f"{path}/rescale")
+        else:  # the artifact's float32 product s_x * s_w, computed once here
+            rescale = self.g.const(f"{path}/rescale",
+                                   np.float32(entry["activation"]["scale"]) * s_w)
+        return self.g.op("Mul", [y, rescale], f"{path}/rescaled")
+
+    def batch_norm(self, path: str, x: str) -> str:
+        """Inference BatchNorm, as flax computes it: ``(x - mean) * (scale * rsqrt(var +
+        eps)) + bias``, channels-first."""
+        module = self.calls[path].module
+        if module.axis != -1 or not module.use_running_average:
+            raise ConfigError(f"layer {path!r}: a BatchNorm over axis {module.axis} (or in "
+                              "training mode) has no ONNX export")
+        keys = path.split("/")
+        mean = self.floats[("batch_stats", *keys, "mean")]
+        var = self.floats[("batch_stats", *keys, "var")]
+        mul = np.float32(1.0) / np.sqrt(var + np.float32(module.epsilon))
+        if module.use_scale:
+            mul = mul * self.floats[("params", *keys, "scale")]
+        y = self.g.op("Sub", [x, self.g.const(f"{path}/mean", self._channels(mean))],
+                      f"{path}/centred")
+        y = self.g.op("Mul", [y, self.g.const(f"{path}/mul", self._channels(mul))],
+                      f"{path}/normalized")
+        if module.use_bias:
+            bias = self.floats[("params", *keys, "bias")]
+            y = self.g.op("Add", [y, self.g.const(f"{path}/bias", self._channels(bias))],
+                          f"{path}/shifted")
+        return y
+
+    def _channels(self, value: np.ndarray) -> np.ndarray:
+        """A BatchNorm vector ``[C]`` as ``[C, 1, 1]`` (maps are NCHW)."""
+        return np.asarray(value, np.float32).reshape(-1, 1, 1)
+
+
+# ------------------------------------------------------------------------- architectures
+
+
+def _mlp(b: _Builder, model: models.MLP, x: str, input_shape: tuple[int, ...]) -> str:
+    """flatten -> (Dense -> ReLU) per width -> head (dropout is off at inference)."""
+    x = b.flatten(x)
+    for i in range(1, len(model.widths) + 1):
+        x = b.relu(b.layer("hidden2" if model.tie_hidden and i >= 2 else f"hidden{i}", x))
+    return b.layer("head", x)
+
+
+def _cnn1d(b: _Builder, model: models.CNN1D, x: str, input_shape: tuple[int, ...]) -> str:
+    """Three (Conv1d -> ReLU), position-major flatten, head."""
+    x = b.image(x, input_shape, rank=1)
+    for i in (1, 2, 3):
+        x = b.relu(b.layer("conv2" if model.tie_convs and i == 3 else f"conv{i}", x))
+    return b.layer("head", b.flatten(b.channels_last(x, 1)))
+
+
+def _lenet5(b: _Builder, model: models.LeNet5, x: str, input_shape: tuple[int, ...]) -> str:
+    """(Conv 5x5 -> ReLU -> max pool 2x2) per channel width, NHWC flatten, (Dense -> ReLU)
+    per width, head."""
+    x = b.image(x, input_shape, rank=2)
+    for i in range(1, len(model.channels) + 1):
+        x = b.max_pool(b.relu(b.layer(f"conv{i}", x)), 2)
+    x = b.flatten(b.channels_last(x, 2))
+    for i in range(1, len(model.widths) + 1):
+        x = b.relu(b.layer(f"fc{i}", x))
+    return b.layer("head", x)
+
+
+def _resnet(b: _Builder, model: models.CifarResNet, x: str, input_shape: tuple[int, ...]
+            ) -> str:
+    """Stem, post-activation basic blocks (projection shortcut where the model has one),
+    global average pool, head."""
+    x = b.relu(b.batch_norm("stem_bn", b.layer("stem_conv", b.image(x, input_shape, 2))))
+    for s in range(1, len(model.widths) + 1):
+        for i in range((model.depth - 2) // 6):
+            p = f"stage{s}_block{i}"
+            y = b.relu(b.batch_norm(f"{p}/bn1", b.layer(f"{p}/conv1", x)))
+            y = b.batch_norm(f"{p}/bn2", b.layer(f"{p}/conv2", y))
+            shortcut = x
+            if f"{p}/shortcut_conv" in b.calls:
+                shortcut = b.batch_norm(f"{p}/shortcut_bn", b.layer(f"{p}/shortcut_conv", x))
+            x = b.relu(b.add(y, shortcut))
+    return b.layer("head", b.global_average_pool(x))
+
+
+def _wrn(b: _Builder, model: models.WideResNet, x: str, input_shape: tuple[int, ...]) -> str:
+    """Stem, pre-activation blocks (the shortcut conv reads the activated input), final
+    BatchNorm-ReLU, global average pool, head."""
+    x = b.layer("stem_conv", b.image(x, input_shape, 2))
+    for s in (1, 2, 3):
+        for i in range((model.depth - 4) // 6):
+            p = f"stage{s}_block{i}"
+            activated = b.relu(b.batch_norm(f"{p}/bn1", x))
+            y = b.relu(b.batch_norm(f"{p}/bn2", b.layer(f"{p}/conv1", activated)))
+            y = b.layer(f"{p}/conv2", y)
+            shortcut = x
+            if f"{p}/shortcut_conv" in b.calls:
+                shortcut = b.layer(f"{p}/shortcut_conv", activated)
+            x = b.add(y, shortcut)
+    x = b.relu(b.batch_norm("final_bn", x))
+    return b.layer("head", b.global_average_pool(x))
+
+
+ARCHITECTURES = {models.MLP: _mlp, models.CNN1D: _cnn1d, models.LeNet5: _lenet5,
+                 models.CifarResNet: _resnet, models.WideResNet: _wrn}
+
+
+# ------------------------------------------------------------------------- artifact
+
+
+def _read_artifact(artifact_dir: str) -> tuple[dict[str, Any], dict, dict]:
+    """``(manifest, float tensors by key, quantized layers by path)``, checked against the
+    manifest (sizes and sha256) and decoded to dense arrays."""
+    manifest = artifact.verify(artifact_dir)
+    contents = artifact.read_files(artifact_dir, manifest)
+    floats = {(t["collection"], *t["path"].split("/")): artifact.read_tensor(contents, t)
+              for t in manifest["float_tensors"]}
+    where = os.path.join(artifact_dir, artifact.MANIFEST)
+    quantized = {}
+    for e in manifest["layers"]:
+        bits, act_bits = e["weight_bits"], e["activation"]["bits"]
+        if bits not in WEIGHT_BITS or act_bits not in ACTIVATION_BITS:
+            raise ConfigError(f"{where}: layer {e['path']!r} has weight_bits={bits}, "
+                              f"activation bits {act_bits}, which the ONNX graph cannot "
+                              f"express (weight bits {WEIGHT_BITS}, activation bits "
+                              f"{ACTIVATION_BITS})")
+        quantized[e["path"]] = {
+            "values": artifact.read_tensor(contents, e["kernel"]).astype(np.int8),
+            "scale": artifact.read_tensor(contents, e["scale"]).astype(np.float32),
+            "zero_point": (None if not e["zero_point"] else
+                           artifact.read_tensor(contents, e["zero_point"]).astype(np.int8)),
+            "bits": bits, "activation": e["activation"]}
+    return manifest, floats, quantized
+
+
+def _abstract_variables(floats: Mapping[tuple[str, ...], np.ndarray],
+                        quantized: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The model's variables as shapes (quantized kernels by their integer values)."""
+    flat = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in floats.items()}
+    for path, e in quantized.items():
+        flat[("params", *path.split("/"), "kernel")] = jax.ShapeDtypeStruct(
+            e["values"].shape, jnp.float32)
+    return traverse_util.unflatten_dict(flat)
+
+
+def export_onnx(artifact_dir: str, out_path: str, *, opset: int = 21) -> dict[str, Any]:
+    """Writes the ONNX model of the artifact in ``artifact_dir`` to ``out_path``.
+
+    The file is written whole or not at all (a temporary file beside it, then renamed).
+
+    Returns:
+      ``{"path", "opset", "bytes", "input": {"name", "shape"}, "output": {"name",
+      "shape"}, "layers": {"integer", "weight_only", "float"} (counts), "ops": {op_type:
+      count}}``; shapes name the batch dimension ``"batch"``.
+
+    Raises:
+      ConfigError: one line, for an opset outside ``[13, onnx's newest]``, a model
+        outside the zoo or not float32, or a layer the graph cannot express (naming it).
+      MissingError, ArtifactError: as :func:`jaxkd.export.verify`.
+    """
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not (
+            MIN_OPSET <= opset <= newest):
+        raise ConfigError(f"opset={opset!r} is not supported: choose {MIN_OPSET}..{newest}")
+    manifest, floats, quantized = _read_artifact(artifact_dir)
+    spec = manifest["model"]
+    where = os.path.join(artifact_dir, artifact.MANIFEST)
+    model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
+    build = ARCHITECTURES.get(type(model))
+    if build is None:
+        raise ConfigError(f"{where}: model {spec['name']!r} ({type(model).__name__}) has no "
+                          "ONNX export; supported: mlp, cnn1d, lenet5, resnet*, wrn*")
+    for field in ("dtype", "param_dtype"):
+        if jnp.dtype(getattr(model, field)) != jnp.float32:
+            raise ConfigError(f"{where}: model.kwargs.{field}="
+                              f"{jnp.dtype(getattr(model, field)).name!r}: the ONNX graph "
+                              "computes in float32; export a float32 model")
+    input_shape = tuple(int(d) for d in spec["input_shape"])
+    calls = _layer_calls(model, _abstract_variables(floats, quantized), input_shape)
+    graph = _Graph()
+    builder = _Builder(graph, calls, floats, quantized, where)
+    logits = build(builder, model, INPUT, input_shape)
+    graph.nodes.append(helper.make_node("Identity", [logits], [OUTPUT], name=OUTPUT))
+    in_shape, out_shape = [BATCH, *input_shape], [BATCH, int(spec["num_classes"])]
+    proto = helper.make_model_gen_version(  # the oldest IR version of that opset
+        helper.make_graph(graph.nodes, f"jaxkd_{spec['name']}",
+                          [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, in_shape)],
+                          [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, out_shape)],
+                          list(graph.initializers.values())),
+        opset_imports=[helper.make_opsetid("", opset)], producer_name="jaxkd",
+        doc_string=f"jaxkd artifact {spec['name']} ({artifact_dir})")
+    with open(where, "rb") as f:
+        helper.set_model_props(proto, {"jaxkd.model": spec["name"],
+                                       "jaxkd.format": manifest["format"],
+                                       "jaxkd.manifest_sha256": hashlib.sha256(
+                                           f.read()).hexdigest()})
+    data = proto.SerializeToString()
+    files.makedirs(os.path.dirname(os.path.abspath(out_path)))
+    files.write_bytes(out_path, data)  # a temporary file beside it, then os.replace
+    return {"path": str(out_path), "opset": opset, "bytes": len(data),
+            "input": {"name": INPUT, "shape": in_shape},
+            "output": {"name": OUTPUT, "shape": out_shape},
+            "layers": {k: sum(v == k for v in builder.kinds.values())
+                       for k in ("integer", "weight_only", "float")},
+            "ops": dict(sorted(collections.Counter(n.op_type for n in graph.nodes).items()))}
+
+
+def verify_onnx(artifact_dir: str, onnx_path: str, inputs: Any, *, rtol: float = 1e-5
+                ) -> dict[str, Any]:
+    """Checks the ONNX model (``onnx.checker``, with shape inference) and compares ONNX
+    Runtime's logits (CPUExecutionProvider) with the artifact's integer path
+    (``jaxkd.export.load(artifact_dir)[0]``) on ``inputs`` ``[B, ...]``.
+
+    Returns ``{"examples", "max_abs_diff", "logit_scale" (max |artifact logit|),
+    "relative_diff" (their ratio), "matching" (fraction of examples whose logits all agree
+    within ``rtol * logit_scale``), "argmax_agreement" (fraction of examples)}``.
+    """
+    import onnxruntime
+
+    onnx.checker.check_model(onnx_path, full_check=True)
+    x = np.asarray(inputs, np.float32)
+    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT], {INPUT: x})[0]
+    expected = np.asarray(artifact.load(artifact_dir)[0](x))
+    diff = np.abs(got - expected).max(axis=-1)
+    scale = float(np.abs(expected).max())
+    return {"examples": int(x.shape[0]), "max_abs_diff": float(diff.max()), "logit_scale": scale,
+            "relative_diff": float(diff.max()) / scale if scale else float(diff.max()),
+            "matching": float(np.mean(diff <= rtol * scale)),
+            "argmax_agreement": float(np.mean(got.argmax(-1) == expected.argmax(-1)))}
