@@ -410,6 +410,10 @@ def remat_kwargs(run: Run) -> dict[str, str]:
     """``remat_policy`` for the student's blocks, or a one-line error for a model without."""
     if not run.remat:
         return {}
+    if run.quantization.enabled:  # its calibration intercepts layers inside nn.remat
+        raise ConfigError(f"config.remat={run.remat!r} with config.quantization.enabled: QAT "
+                          "observes the layers' inputs, which rematerialised blocks hide; use "
+                          "config.remat=''")
     if not models.takes_remat(run.model.name):
         raise ConfigError(f"config.remat={run.remat!r}: model {run.model.name!r} has no blocks "
                           "to rematerialise; the models that take it: "

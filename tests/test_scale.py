@@ -268,8 +268,13 @@ def test_precision_and_remat_mistakes_are_one_line(data_dir, tmp_path):
     c = small_run(data_dir)
     c.remat = "full"
     with pytest.raises(ConfigError, match=r"config.remat='full': model 'mlp' has no blocks to "
-                                          r"rematerialise; the models that take it: resnet"):
+                                          r"rematerialise; the models that take it: bert, "):
         train.train_and_evaluate(c, str(tmp_path / "remat"))
+    c = run_config("mnist1d", "resnet8")
+    c.remat, c.quantization.enabled = "full", True
+    with pytest.raises(ConfigError, match=r"config.remat='full' with "
+                                          r"config.quantization.enabled"):
+        train.train_and_evaluate(c, str(tmp_path / "remat_qat"))
     c = small_run(data_dir)
     c.dtype = "bfloat16"
     c.quantization.enabled = True
