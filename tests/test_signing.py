@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jaxkd import train
+from jaxkd import export, train
 from jaxkd.config import hinton_losses, run_config
 from jaxkd.export import lineage, signing
 from jaxkd.export.encoding import ArtifactError
@@ -47,8 +47,7 @@ def export_cli(*args):
 
 def test_the_manifest_records_the_lineage_back_to_the_first_teacher(runs):
     teacher, student, third = runs
-    t, s, x = (json.load(open(os.path.join(d, "artifact", "manifest.json")))["lineage"]
-               for d in runs)
+    t, s, x = (export.read_lineage(os.path.join(d, "artifact")) for d in runs)
     assert t["teachers"] == [] and t["init"] is None
     assert t["dataset"]["spec"]["name"] == "digits" and len(t["config_sha256"]) == 64
     assert s["teachers"][0]["workdir"] == os.path.abspath(teacher)
@@ -111,6 +110,19 @@ def test_sign_and_verify_and_every_refusal(runs, tmp_path):
     open(path, "wb").write(bytes(data))
     with pytest.raises(ArtifactError, match=f"{path} does not match manifest.json"):
         signing.verify_signed(artifact, key + ".pub")
+    open(path, "wb").write(bytes(data[:len(data) // 2]) + bytes([data[len(data) // 2] ^ 1])
+                           + bytes(data[len(data) // 2 + 1:]))
+    signing.verify_signed(artifact, key + ".pub", require=True)
+    # A changed lineage: the manifest pins it, so the signature covers it.
+    path = os.path.join(artifact, "lineage.json")
+    lineage_record = json.load(open(path))
+    lineage_record["teachers"] = []
+    with open(path, "w") as f:
+        json.dump(lineage_record, f, separators=(",", ":"), sort_keys=True)
+    with pytest.raises(ArtifactError, match=f"{path} does not match manifest.json"):
+        signing.verify_signed(artifact, key + ".pub")
+    with pytest.raises(ArtifactError, match=f"{path} does not match manifest.json"):
+        export.read_lineage(artifact)
     # Bad key files.
     with pytest.raises(MissingError, match="nope.pem does not exist"):
         signing.sign(os.path.join(runs[1], "artifact"), str(tmp_path / "nope.pem"))

@@ -20,6 +20,7 @@ from jaxkd.export.artifact import (
     export,
     integer_kernels,
     load,
+    read_lineage,
     read_manifest,
     read_tensor,
     storage_report,
@@ -44,6 +45,6 @@ __all__ = [
     "CODECS", "ENCODINGS", "FLOAT_FILE", "FORMAT", "INT_FILE", "MANIFEST", "POSITIONS",
     "VALUE_CODINGS", "ArtifactError", "artifact_bytes", "check_encodings", "choose_encoding",
     "decode", "encode", "encoded_nbytes", "export", "index_dtype", "integer_apply",
-    "integer_kernels", "integer_layer", "load", "raw_nbytes", "read_manifest", "read_tensor",
-    "storage_report", "verify",
+    "integer_kernels", "integer_layer", "load", "raw_nbytes", "read_lineage", "read_manifest",
+    "read_tensor", "storage_report", "verify",
 ]

@@ -14,6 +14,9 @@
       float_tensors.bin   float32, little-endian: the stored values and codebooks of the
                           float tensors (weight scales, biases, BatchNorm parameters and
                           statistics, the kernels of layers that are not quantized)
+      lineage.json        where the model came from (:mod:`jaxkd.export.lineage`), pinned by
+                          its size and sha256 in ``manifest["lineage"]``; provenance, so
+                          ``artifact_bytes`` (the model's bytes on disk) leaves it out
 
 The rule is by dtype: float32 arrays go to ``float_tensors.bin``, every other array
 (uint8 / uint16 / uint32) to ``int_weights.bin``. Raw little-endian bytes indexed by
@@ -72,6 +75,7 @@ from jaxkd.schema import MissingError
 
 FORMAT = "jaxkd.export/2"
 MANIFEST = "manifest.json"
+LINEAGE = "lineage.json"
 INT_FILE = "int_weights.bin"
 FLOAT_FILE = "float_tensors.bin"
 CODECS = ("none", "zlib")
@@ -221,8 +225,8 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
       encodings: the tensor encodings to choose from (``ENCODINGS``, the default: all);
         ``("dense+raw",)`` stores every tensor element by element.
       entropy_coding: zlib-compress each ``.bin`` file that gets smaller by it.
-      lineage: where the model came from (:func:`jaxkd.export.lineage.of_run`), recorded
-        in the manifest.
+      lineage: where the model came from (:func:`jaxkd.export.lineage.of_run`), written
+        to ``lineage.json`` beside the tensors; the manifest pins it by size and sha256.
     """
     directory = files.path(directory)
     _prepare_directory(directory, overwrite)
@@ -274,7 +278,7 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
         "storage": {"encodings": writer.by_encoding, "weights": int(weights),
                     "nonzero_weights": int(nonzero_weights)},
         "metrics": dict(metrics),
-        "lineage": dict(lineage) if lineage is not None else None,
+        "lineage": None,
         "files": {},
     }
     # Everything goes to a fresh directory beside the target, renamed into place at the end.
@@ -282,6 +286,12 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
     tmp.mkdir()
     try:
         manifest["files"] = writer.write(tmp, entropy_coding)
+        if lineage is not None:
+            files.write_json(tmp / LINEAGE, dict(lineage), compact=True, sort_keys=True,
+                             default=_json_default)
+            data = (tmp / LINEAGE).read_bytes()
+            manifest["lineage"] = {"file": LINEAGE, "bytes": len(data),
+                                   "sha256": hashlib.sha256(data).hexdigest()}
         # Compact (one line): on a 5k-parameter model the manifest is a third of the bytes.
         files.write_json(tmp / MANIFEST, manifest, compact=True, sort_keys=True,
                          default=_json_default)
@@ -301,9 +311,25 @@ def _json_default(value: Any) -> Any:
 
 
 def artifact_bytes(directory: str) -> int:
-    """Bytes on disk of every file of an artifact, the manifest included."""
-    return sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory)
-               if os.path.isfile(os.path.join(directory, n)))
+    """Bytes on disk of the model: the manifest and the tensor files it lists.
+
+    Provenance is not the model and is left out: ``lineage.json`` (whose size grows with
+    every stage a model descends from) and a signature (:mod:`jaxkd.export.signing`).
+    """
+    manifest = read_manifest(directory)
+    return os.path.getsize(os.path.join(directory, MANIFEST)) + sum(
+        os.path.getsize(os.path.join(directory, name)) for name in manifest["files"])
+
+
+def read_lineage(directory: str) -> dict[str, Any] | None:
+    """The artifact's lineage (:mod:`jaxkd.export.lineage`), checked against the size and
+    sha256 its manifest records; None for an artifact exported without one."""
+    entry = read_manifest(directory).get("lineage")
+    if not entry:
+        return None
+    _check_file(directory, entry["file"], entry)
+    with open(os.path.join(directory, entry["file"])) as f:
+        return json.load(f)
 
 
 def storage_report(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -353,18 +379,24 @@ def verify(directory: str) -> dict[str, Any]:
     """
     manifest = read_manifest(directory)
     for name, expected in sorted(manifest["files"].items()):
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            raise MissingError(f"{path} is missing (listed in {MANIFEST})")
-        with open(path, "rb") as f:
-            data = f.read()
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != expected["bytes"] or digest != expected["sha256"]:
-            raise ArtifactError(
-                f"{path} does not match {MANIFEST}: {len(data)} bytes, sha256 {digest[:16]}..., "
-                f"expected {expected['bytes']} bytes, sha256 {expected['sha256'][:16]}..."
-            )
+        _check_file(directory, name, expected)
+    if manifest.get("lineage"):
+        _check_file(directory, manifest["lineage"]["file"], manifest["lineage"])
     return manifest
+
+
+def _check_file(directory: str, name: str, expected: Mapping[str, Any]) -> None:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise MissingError(f"{path} is missing (listed in {MANIFEST})")
+    with open(path, "rb") as f:
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != expected["bytes"] or digest != expected["sha256"]:
+        raise ArtifactError(
+            f"{path} does not match {MANIFEST}: {len(data)} bytes, sha256 {digest[:16]}..., "
+            f"expected {expected['bytes']} bytes, sha256 {expected['sha256'][:16]}..."
+        )
 
 
 def read_files(directory: str, manifest: Mapping[str, Any]) -> dict[str, bytes]:

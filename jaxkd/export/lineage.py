@@ -1,6 +1,6 @@
-"""Where an exported model came from: its lineage, recorded in the artifact's manifest.
+"""Where an exported model came from: its lineage, recorded beside the artifact's tensors.
 
-Every artifact's ``manifest.json`` holds ``lineage``::
+Every artifact holds ``lineage.json`` (its size and sha256 in ``manifest.json``)::
 
     config_sha256     sha256 of the resolved run config (canonical JSON, sorted keys)
     dataset           the training inputs' spec (jaxkd.data.pipeline.TrainInputs.spec:
@@ -15,8 +15,11 @@ Every artifact's ``manifest.json`` holds ``lineage``::
     jaxkd_version, packages   the versions of jaxkd, jax, jaxlib, flax, optax, orbax, numpy
 
 The manifest is what ``python -m jaxkd.export sign`` signs (:mod:`jaxkd.export.signing`),
-so a signature covers the lineage too; ``python -m jaxkd.export lineage DIR`` prints the
-chain back to the first teacher (:func:`chain`).
+so a signature covers the lineage too. The lineage is provenance, not model: it is not
+counted in the artifact's bytes (:func:`jaxkd.export.artifact.artifact_bytes`), where a
+chain's nested lineage would otherwise outweigh a small compressed model.
+``python -m jaxkd.export lineage DIR`` prints the chain back to the first teacher
+(:func:`chain`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jaxkd
-from jaxkd.export.artifact import MANIFEST, read_manifest
+from jaxkd.export.artifact import MANIFEST, read_lineage, read_manifest
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -64,7 +67,7 @@ def run_entry(workdir: str, artifact: str = "artifact") -> dict[str, Any]:
     directory = os.path.join(workdir, artifact)
     if os.path.exists(os.path.join(directory, MANIFEST)):
         entry["artifact_sha256"] = manifest_sha256(directory)
-        entry["lineage"] = read_manifest(directory).get("lineage")
+        entry["lineage"] = read_lineage(directory)
     return entry
 
 
@@ -125,5 +128,5 @@ def chain(artifact_dir: str) -> list[str]:
             lines.append(f"{pad}precomputed logits of {teacher['workdir']} (checkpoint "
                          f"sha256 {str(teacher['checkpoint_sha256'])[:16]}...)")
 
-    walk(manifest.get("lineage"), 1)
+    walk(read_lineage(artifact_dir), 1)
     return lines
