@@ -52,6 +52,16 @@ class Data(Block):
       drop_labels: examples of ``train_split`` with one of these labels are left out of
         the training stream (Hinton et al. 2015, section 3: a transfer set without any 3);
         ``num_epochs`` still counts the whole split.
+
+    Text datasets (whose tfds features have ``text``, e.g. ``bbc_news``;
+    :mod:`jaxkd.data.text`) are tokenised once into host memory (``in_memory`` and the
+    image fields do not apply; ``augment`` must be 'none'):
+      tokenizer: path of a Hugging Face ``tokenizer.json``; required for text, '' for
+        images. Its own padding and truncation settings are replaced by the two below.
+      max_length: tokens kept of each example, special tokens included (truncation).
+      bucket_lengths: each batch is padded to the smallest of these (capped at
+        ``max_length``, which is always one) that holds its longest sequence: a few
+        shapes, so a few compilations of the step.
     """
 
     name: str = "mnist1d"
@@ -65,6 +75,9 @@ class Data(Block):
     image_size: int = schema.integer(224, minimum=1)
     in_memory: bool = True
     drop_labels: tuple = schema.items((), schema.Integer(minimum=0))
+    tokenizer: str = ""
+    max_length: int = schema.integer(128, minimum=2)  # room for [CLS] and [SEP]
+    bucket_lengths: tuple = schema.items((32, 64, 128), schema.Integer(minimum=1))
 
     def check(self) -> None:
         datasets.get(self.name)
@@ -621,7 +634,11 @@ def validation(c: ml_collections.ConfigDict, fraction: float = 0.1) -> ml_collec
     runs = [c.stages[name] for name in c.stage_order] if "stages" in c else [c]
     for run in runs:
         base = run.data.train_split.split("[", 1)[0]
-        held_out = datasets.get(run.data.name).validation_examples
+        dataset = datasets.get(run.data.name)
+        if dataset.validation_split:  # a split of its own
+            run.data.eval_split = dataset.validation_split
+            continue
+        held_out = dataset.validation_examples
         cut = f"-{held_out}" if held_out else f"{round(100 * (1 - fraction))}%"
         run.data.train_split, run.data.eval_split = f"{base}[:{cut}]", f"{base}[{cut}:]"
     return c

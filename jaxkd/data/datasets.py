@@ -1,7 +1,7 @@
 """The dataset registry: what jaxkd knows of each dataset before opening it.
 
 A dataset is a tfds dataset (``tfds.builder(name)``: the offline builders of this package,
-``mnist1d`` and ``digits``, or any tfds dataset prepared as array_record) plus the
+``mnist1d``, ``digits`` and ``bbc_news``, or any tfds dataset prepared as array_record) plus the
 constants of :class:`Dataset`: the normalisation of its raw examples, its evaluation
 split, whether its training examples fit in host memory, and the task it serves
 (:mod:`jaxkd.tasks`). :func:`register` adds one, so a user's own tfds builder works with
@@ -18,7 +18,10 @@ Normalisation is ``(x - mean) / std`` per channel, in the raw units of the examp
 - ``fashion_mnist``: 0.2860 and 0.3530 times 255 (its train statistics);
 - ``cifar10`` / ``cifar100``: per-channel train statistics times 255;
 - ``imagenet2012``: the usual ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224,
-  0.225) times 255.
+  0.225) times 255;
+- ``bbc_news`` (text, :mod:`jaxkd.data.bbc_news`): none; its examples are token ids
+  (:mod:`jaxkd.data.text`), so ``mean`` / ``std`` are unused (0 and 1). Its task is
+  ``text_classification``.
 
 Nothing heavy is imported: configs read the registry without tfds.
 """
@@ -35,7 +38,8 @@ class Dataset:
     """Per-dataset constants: normalisation (raw units, per channel) and defaults.
 
     ``validation_examples``: the validation split (:func:`jaxkd.config.validation`) is the
-    last this many examples of ``train``; 0 = the last 10 %.
+    last this many examples of ``train``; 0 = the last 10 %. ``validation_split``: a split of
+    its own that is the validation split (``train`` stays whole).
     """
 
     mean: tuple[float, ...]
@@ -44,6 +48,7 @@ class Dataset:
     in_memory: bool = True
     task: str = "classification"
     validation_examples: int = 0
+    validation_split: str = ""
 
 
 def _times_255(*values: float) -> tuple[float, ...]:
@@ -64,6 +69,8 @@ DATASETS: dict[str, Dataset] = {
     "imagenet2012": Dataset(mean=_times_255(0.485, 0.456, 0.406),
                             std=_times_255(0.229, 0.224, 0.225),
                             eval_split="validation", in_memory=False),
+    "bbc_news": Dataset(mean=(0.0,), std=(1.0,), task="text_classification",
+                        validation_split="validation"),
 }
 
 

@@ -41,6 +41,15 @@ logits of :func:`jaxkd.teacher_logits.stream`): each batch also carries fields l
 the examples' index in the training stream, so they follow the shuffle, the
 ``start_step`` and the per-process rows exactly as the images do.
 
+**Text datasets** (whose tfds features have ``text``, e.g. ``bbc_news``) go the same way
+with token ids for images (:mod:`jaxkd.data.text`): each split is read once and tokenised
+with ``config.data.tokenizer`` (truncated to ``max_length``), the ids held in memory. The
+training stream, the per-process rows and the evaluation order are the ones above, to the
+same formula; a batch is ``{'input_ids', 'attention_mask': int32 [b, L], 'label'}`` (plus
+``'mask'`` in evaluation), ``L`` the smallest of ``config.data.bucket_lengths`` that holds
+the longest sequence of the global batch, so every process pads to the same ``L``. Text
+takes no augmentation; ``get_info(...).input_shape`` is ``(max_length,)``.
+
 **Normalisation** is built in: ``(x - mean) / std`` per channel with the constants of the
 dataset registry (:mod:`jaxkd.data.datasets`), after augmentation (so augmentation fills
 with the raw background). Images of varying size (``imagenet2012``) are first resized
@@ -70,12 +79,12 @@ import tensorflow_datasets as tfds
 
 from jaxkd import schema
 from jaxkd.config import Data
-from jaxkd.data import augment, datasets, sources
+from jaxkd.data import augment, datasets, sources, text
 from jaxkd.schema import ConfigError, MissingError
 
-# Importing the builders registers `mnist1d` and `digits` with tfds; `mnist` holds the
-# offline builders of tfds's own `mnist` and `fashion_mnist`.
-from jaxkd.data import digits, mnist, mnist1d  # noqa: F401 isort: skip
+# Importing the builders registers `mnist1d`, `digits` and `bbc_news` with tfds; `mnist`
+# holds the offline builders of tfds's own `mnist` and `fashion_mnist`.
+from jaxkd.data import bbc_news, digits, mnist, mnist1d  # noqa: F401 isort: skip
 
 NUM_THREADS = 2
 PREFETCH_BATCHES = 4
@@ -102,14 +111,17 @@ class DatasetInfo:
       name: ``config.data.name``.
       num_classes: number of labels.
       input_shape: shape of one example as the batches give it, e.g. ``(40,)``,
-        ``(8, 8, 1)``, ``(32, 32, 3)``.
+        ``(8, 8, 1)``, ``(32, 32, 3)``; for text ``(max_length,)``, the longest a batch's
+        ``input_ids`` can be.
       num_examples: split name -> number of examples.
+      vocab_size: the tokenizer's vocabulary (ids are below it) for text, else 0.
     """
 
     name: str
     num_classes: int
     input_shape: tuple[int, ...]
     num_examples: dict[str, int]
+    vocab_size: int = 0
 
 
 def _settings(data: Any) -> Data:
@@ -124,11 +136,15 @@ def get_info(data: Data | ml_collections.ConfigDict) -> DatasetInfo:
     for split in (data.train_split, data.eval_split, data.transfer_split):
         if split and split not in splits:
             splits.append(split)
+    vocab_size = 0
+    if is_text(builder):
+        vocab_size = text.load_tokenizer(data.tokenizer, data.max_length)[0].get_vocab_size()
     return DatasetInfo(
         name=data.name,
         num_classes=builder.info.features["label"].num_classes,
         input_shape=_input_shape(builder, data),
         num_examples={s: len(builder.as_data_source(s)) for s in splits},
+        vocab_size=vocab_size,
     )
 
 
@@ -139,14 +155,18 @@ class TrainInputs:
     Attributes:
       source: the raw examples of ``train_split`` then ``transfer_split`` (labels -1), one
         index space in this order: the one :func:`train_batches` shuffles over. Not held in
-        memory (``train_batches`` loads it when ``data.in_memory``).
-      normalise: raw images -> float32 model inputs, ``(x - mean) / std`` per channel.
+        memory (``train_batches`` loads it when ``data.in_memory``); for text, the token
+        ids in memory (:class:`jaxkd.data.text.TokenizedText`).
+      normalise: raw images -> float32 model inputs, ``(x - mean) / std`` per channel
+        (for text, the identity).
       spec: what fixes the un-augmented inputs of every index, as JSON values: ``name``,
         ``builder_config`` (resolved, e.g. ``'default'``), the prepared dataset's
         ``version``, ``train_split`` / ``train_examples``, ``transfer_split`` /
         ``transfer_examples`` (``''`` / 0 for none), ``input_shape``, ``image_size`` (None
         for fixed-size examples), the normalisation ``mean`` / ``std``, and
-        ``drop_labels`` when set.
+        ``drop_labels`` when set. For text, instead of the last three: the
+        ``tokenizer_sha256`` (of the file), ``max_length`` and ``bucket_lengths`` (the
+        resolved buckets).
     """
 
     source: sources.Source
@@ -158,6 +178,8 @@ def train_inputs(data: Data | ml_collections.ConfigDict) -> TrainInputs:
     """The training stream's index space, its normalisation and its spec (``TrainInputs``)."""
     data = _settings(data)
     builder = _prepared_builder(data)
+    if is_text(builder):
+        return _text_train_inputs(builder, data)
     parts = {role: _split_source(builder, data, split, labelled=role == "train")
              for role, split in [("train", data.train_split), ("transfer", data.transfer_split)]
              if split}
@@ -182,6 +204,57 @@ def train_inputs(data: Data | ml_collections.ConfigDict) -> TrainInputs:
         spec["drop_labels"] = list(data.drop_labels)
     return TrainInputs(source=sources.Concatenated(tuple(parts.values())),
                        normalise=_normaliser(data), spec=spec)
+
+
+def _text_train_inputs(builder: tfds.core.DatasetBuilder, data: Data) -> TrainInputs:
+    """:func:`train_inputs` of a text dataset: the tokenised splits, one index space."""
+    digest = text.file_sha256(data.tokenizer)
+    parts = {role: _tokenized(data, _data_dir(data), split, role == "train", digest)
+             for role, split in [("train", data.train_split), ("transfer", data.transfer_split)]
+             if split}
+    if data.drop_labels and "train" in parts:
+        kept = np.flatnonzero(~np.isin(parts["train"].labels, data.drop_labels))
+        parts["train"] = parts["train"].subset(kept)
+    spec = {
+        "name": data.name,
+        "builder_config": builder.builder_config.name if builder.builder_config else "",
+        "version": str(builder.info.version),
+        "train_split": data.train_split,
+        "train_examples": len(parts["train"]) if "train" in parts else 0,
+        "transfer_split": data.transfer_split,
+        "transfer_examples": len(parts["transfer"]) if "transfer" in parts else 0,
+        "input_shape": [data.max_length],
+        "tokenizer_sha256": digest,
+        "max_length": data.max_length,
+        "bucket_lengths": list(text.buckets(data.bucket_lengths, data.max_length)),
+    }
+    if data.drop_labels:
+        spec["drop_labels"] = list(data.drop_labels)
+    return TrainInputs(source=text.concatenate(list(parts.values())),
+                       normalise=lambda ids: ids, spec=spec)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenized(data: Data, data_dir: str, split: str, labelled: bool, tokenizer_sha256: str
+               ) -> text.TokenizedText:
+    """``split`` read once and tokenised (cached: a run evaluates the same split often;
+    the tokenizer's sha256 and the resolved data dir are part of the key)."""
+    del data_dir, tokenizer_sha256  # only keys of the cache
+    tokenizer, pad = text.load_tokenizer(data.tokenizer, data.max_length)
+    with quiet_tfds():
+        source = _open_builder(data).as_data_source(split)
+    examples = source.__getitems__(list(range(len(source))))
+    texts = [_as_str(ex["text"]) for ex in examples]
+    labels = np.array([ex["label"] for ex in examples], np.int32) if labelled else None
+    tokens = text.tokenize(tokenizer, texts, labels, max_length=data.max_length, pad=pad)
+    for array in (tokens.ids, tokens.offsets, tokens.labels):
+        array.flags.writeable = False  # shared by every caller of the cache
+    return tokens
+
+
+def _as_str(value: Any) -> str:
+    """A tfds ``Text`` feature as a data source gives it (UTF-8 ``bytes``) as ``str``."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def train_batches(data: Data | ml_collections.ConfigDict, **kwargs: Any
@@ -214,7 +287,8 @@ def train_dataset(data: Data | ml_collections.ConfigDict, *, batch_size: int, se
 
     Yields:
       ``{'image': float32 [b, *input_shape], 'label': int32 [b], **extra}``; labels of the
-      transfer split are -1.
+      transfer split are -1. For text ``{'input_ids', 'attention_mask': int32 [b, L],
+      'label': int32 [b]}`` (no ``extra_fields``).
     """
     data = _settings(data)
     local_size = _local_batch_size(batch_size, process_index, process_count)
@@ -222,21 +296,28 @@ def train_dataset(data: Data | ml_collections.ConfigDict, *, batch_size: int, se
         raise ConfigError(f"seed={seed} must be >= 0")
     inputs = train_inputs(data)
     train, normalise = inputs.source, inputs.normalise
+    offset = process_index * local_size
+    if isinstance(train, text.TokenizedText):
+        if extra_fields is not None:
+            raise ConfigError(f"config.data.name={data.name!r} is text: precomputed teacher "
+                              "logits (config.distill.teacher_logits) take image datasets "
+                              "only; distil from the teacher model instead")
+        records_of = _stream(len(train), seed, batch_size)
+
+        def text_batch(step: int) -> dict[str, np.ndarray]:
+            records = records_of(step, np.arange(batch_size))  # the global batch
+            length = text.bucket_length(int(train.lengths(records).max()),
+                                        data.bucket_lengths, data.max_length)
+            return text.batch(train, records[offset:offset + local_size], length)
+
+        return _ahead(grain.MapDataset.range(start_step, sys.maxsize).map(text_batch))
     if data.in_memory:
         train = sources.load(train)
-    num_examples, offset = len(train), process_index * local_size
+    records_of = _stream(len(train), seed, batch_size)
     fields_of = extra_fields(train) if extra_fields is not None else None
 
-    @functools.lru_cache(maxsize=2)  # a batch needs at most two epochs' orders
-    def epoch_order(epoch: int) -> np.ndarray:
-        return np.random.default_rng([_SHUFFLE_STREAM, seed, epoch]).permutation(num_examples)
-
     def batch(step: int) -> dict[str, np.ndarray]:
-        position = step * batch_size + offset + np.arange(local_size)
-        epoch, index = np.divmod(position, num_examples)
-        record = np.empty(local_size, np.int64)
-        for e in np.unique(epoch):
-            record[epoch == e] = epoch_order(int(e))[index[epoch == e]]
+        record = records_of(step, offset + np.arange(local_size))
         images, labels = train.read(record)
         fields = fields_of(record, images) if fields_of is not None else {}
         images = augment.random_augment(
@@ -245,6 +326,27 @@ def train_dataset(data: Data | ml_collections.ConfigDict, *, batch_size: int, se
         return {"image": normalise(images), "label": labels, **fields}
 
     return _ahead(grain.MapDataset.range(start_step, sys.maxsize).map(batch))
+
+
+def _stream(num_examples: int, seed: int, batch_size: int
+            ) -> Callable[[int, np.ndarray], np.ndarray]:
+    """``records(step, rows)``: the example indices at rows ``rows`` of global batch
+    ``step`` of the training stream (module docstring): epoch ``e`` visits the
+    ``num_examples`` in the order ``default_rng([0, seed, e]).permutation``, and global batch
+    ``k`` is positions ``[k * batch_size, (k + 1) * batch_size)``."""
+
+    @functools.lru_cache(maxsize=2)  # a batch needs at most two epochs' orders
+    def epoch_order(epoch: int) -> np.ndarray:
+        return np.random.default_rng([_SHUFFLE_STREAM, seed, epoch]).permutation(num_examples)
+
+    def records(step: int, rows: np.ndarray) -> np.ndarray:
+        epoch, index = np.divmod(step * batch_size + rows, num_examples)
+        record = np.empty(len(rows), np.int64)
+        for e in np.unique(epoch):
+            record[epoch == e] = epoch_order(int(e))[index[epoch == e]]
+        return record
+
+    return records
 
 
 def eval_batches(data: Data | ml_collections.ConfigDict, *, split: str, batch_size: int,
@@ -261,12 +363,17 @@ def eval_batches(data: Data | ml_collections.ConfigDict, *, split: str, batch_si
     Yields:
       ``ceil(n / batch_size)`` dicts ``{'image': float32 [b, *input_shape], 'label': int32
       [b], 'mask': float32 [b]}`` (``b = batch_size / process_count``); padding rows have
-      zero images, label 0 and mask 0.
+      zero images, label 0 and mask 0. For text, ``input_ids`` and ``attention_mask``
+      int32 ``[b, L]`` instead of ``image`` (``L``: the bucket of the global batch's real
+      rows), zero on padding rows.
     """
     data = _settings(data)
     local_size = _local_batch_size(batch_size, process_index, process_count)
     builder = _prepared_builder(data)
     _check_split(builder, split, "split")
+    if is_text(builder):
+        return _text_eval_batches(data, split, batch_size, local_size,
+                                  process_index * local_size)
     source = _split_source(builder, data, split, labelled=True)
     num_examples, offset = len(source), process_index * local_size
     normalise = _normaliser(data)
@@ -281,6 +388,29 @@ def eval_batches(data: Data | ml_collections.ConfigDict, *, split: str, batch_si
             real_images, labels[real] = source.read(position[real])
             images[real] = normalise(real_images)
         return {"image": images, "label": labels, "mask": real.astype(np.float32)}
+
+    num_batches = -(-num_examples // batch_size)
+    return iter(_ahead(grain.MapDataset.range(num_batches).map(batch)))
+
+
+def _text_eval_batches(data: Data, split: str, batch_size: int, local_size: int, offset: int
+                       ) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`eval_batches` of a text dataset."""
+    tokens = _tokenized(data, _data_dir(data), split, True, text.file_sha256(data.tokenizer))
+    num_examples = len(tokens)
+
+    def batch(step: int) -> dict[str, np.ndarray]:
+        position = step * batch_size + np.arange(batch_size)  # the global batch
+        longest = int(tokens.lengths(position[position < num_examples]).max(initial=1))
+        length = text.bucket_length(longest, data.bucket_lengths, data.max_length)
+        position = position[offset:offset + local_size]
+        real = position < num_examples
+        out = {"input_ids": np.zeros((local_size, length), np.int32),
+               "attention_mask": np.zeros((local_size, length), np.int32),
+               "label": np.zeros(local_size, np.int32)}
+        for key, value in text.batch(tokens, position[real], length).items():
+            out[key][real] = value
+        return {**out, "mask": real.astype(np.float32)}
 
     num_batches = -(-num_examples // batch_size)
     return iter(_ahead(grain.MapDataset.range(num_batches).map(batch)))
@@ -331,6 +461,10 @@ def _prepared_builder(data: Data) -> tfds.core.DatasetBuilder:
                   flush=True)
             with quiet_tfds():
                 builder.download_and_prepare()
+        except ConfigError as e:  # an offline builder's own line (bbc_news: no source)
+            error = MissingError if isinstance(e, MissingError) else ConfigError
+            raise error(f"config.data.name={data.name!r} is not prepared in "
+                        f"{_data_dir(data)}: {e}") from None
         except Exception as e:  # tfds' own reasons: no network, needs TensorFlow, ...
             builder = _open_builder(data)  # or another process prepared it meanwhile
             with quiet_tfds():
@@ -351,7 +485,32 @@ def _prepared_builder(data: Data) -> tfds.core.DatasetBuilder:
                 ) from e
     for field in ("train_split", "eval_split", "transfer_split"):
         _check_split(builder, getattr(data, field), f"config.data.{field}")
+    _check_inputs(builder, data)
     return builder
+
+
+def is_text(builder: tfds.core.DatasetBuilder) -> bool:
+    """Whether the dataset's examples are texts (its features have ``text``)."""
+    return "text" in builder.info.features
+
+
+def _check_inputs(builder: tfds.core.DatasetBuilder, data: Data) -> None:
+    """The fields that depend on what the examples are: text needs a tokenizer (that
+    loads) and takes no augmentation; images take no tokenizer."""
+    if not is_text(builder):
+        if data.tokenizer:
+            raise ConfigError(f"config.data.tokenizer={data.tokenizer!r} is set but "
+                              f"config.data.name={data.name!r} is not a text dataset; "
+                              "leave it ''")
+        return
+    if not data.tokenizer:
+        raise ConfigError(f"config.data.tokenizer is required: config.data.name="
+                          f"{data.name!r} is a text dataset; set it to the path of a Hugging "
+                          "Face tokenizer.json")
+    if data.augment != "none":
+        raise ConfigError(f"config.data.augment={data.augment!r}: text datasets take no "
+                          "augmentation; use 'none'")
+    text.load_tokenizer(data.tokenizer, data.max_length)
 
 
 def _prepare_offline(data: Data) -> tfds.core.DatasetBuilder:
@@ -438,6 +597,8 @@ def _split_source(builder: tfds.core.DatasetBuilder, data: Data,
 
 def _input_shape(builder: tfds.core.DatasetBuilder,
                  data: Data) -> tuple[int, ...]:
+    if is_text(builder):
+        return (data.max_length,)
     shape = tuple(builder.info.features["image"].shape)
     if None in shape:
         return (data.image_size, data.image_size) + shape[2:]

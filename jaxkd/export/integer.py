@@ -190,8 +190,8 @@ def integer_apply(model: nn.Module, variables: Mapping[str, Any],
             return next_fun(*args, **kwargs)
         return integer_layer(context.module, args[0], layers[found[0]])
 
-    def predict(x):
+    def predict(*inputs):  # the model's inputs (images; or token ids and their mask)
         with nn.intercept_methods(integer_path):
-            return model.apply(variables, x, train=False)
+            return model.apply(variables, *inputs, train=False)
 
     return predict

@@ -21,9 +21,12 @@ from __future__ import annotations
 from jaxkd.schema import FieldError
 from jaxkd.tasks.base import Targets, Task
 from jaxkd.tasks.classification import Classification
+from jaxkd.tasks.text import TextClassification
 
 CLASSIFICATION = Classification()
-TASKS: dict[str, Task] = {"classification": CLASSIFICATION}
+TEXT_CLASSIFICATION = TextClassification()
+TASKS: dict[str, Task] = {"classification": CLASSIFICATION,
+                          "text_classification": TEXT_CLASSIFICATION}
 
 
 def register(name: str, task: Task) -> None:
@@ -37,4 +40,5 @@ def get(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["CLASSIFICATION", "TASKS", "Classification", "Targets", "Task", "get", "register"]
+__all__ = ["CLASSIFICATION", "TASKS", "TEXT_CLASSIFICATION", "Classification", "Targets",
+           "Task", "TextClassification", "get", "register"]

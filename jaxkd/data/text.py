@@ -1,0 +1,166 @@
+"""Text examples as token ids held in memory, and batches padded to a few lengths.
+
+A text split is tokenised once, with a Hugging Face ``tokenizer.json`` read by the
+``tokenizers`` package (no ``transformers``, no torch): every example's ids, special tokens
+included, truncated to ``max_length``, kept ragged in memory as one flat int32 array and
+offsets (:class:`TokenizedText`). The tokenizer's own padding and truncation settings are
+replaced (:func:`load_tokenizer`): all-MiniLM-L6-v2's ``tokenizer.json`` pads every
+sequence to 128, which would make every example look 128 tokens long.
+
+**Batches** (:func:`batch`): ``input_ids`` int32 ``[b, L]`` (the ids, then the pad id),
+``attention_mask`` int32 ``[b, L]`` (1 on tokens, 0 on padding) and ``label`` int32
+``[b]``, where ``L`` is the smallest bucket that holds the longest sequence of the *global*
+batch (:func:`bucket_length`), so every process pads its rows to the same length and a
+run compiles one step per bucket, not one per length. Buckets are
+``sorted({min(b, max_length) for b in bucket_lengths} | {max_length})``: padding to 128
+a batch whose longest article has 40 tokens would cost three times the attention's work.
+
+The pad id is the tokenizer's padding id if it has one, else the id of ``[PAD]``, else 0;
+a model that reads ``attention_mask`` ignores it either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxkd.data.sources import UNLABELLED
+from jaxkd.schema import ConfigError, MissingError
+
+
+def load_tokenizer(path: str, max_length: int, field: str = "config.data.tokenizer"
+                   ) -> tuple[Any, int]:
+    """``(tokenizer, pad_id)``: the ``tokenizers.Tokenizer`` of ``path`` (a HF
+    ``tokenizer.json``) without padding and truncating to ``max_length`` tokens (special
+    tokens included), and the id that pads (see the module). Errors name ``field``."""
+    from tokenizers import Tokenizer
+
+    if not path:
+        raise ConfigError(f"{field} is empty: a text dataset needs a HF tokenizer.json")
+    if not os.path.isfile(path):
+        raise MissingError(f"{field}={path!r} does not exist")
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:  # the Rust parser's own reasons
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{field}={path!r} is not a HF tokenizer.json "
+                          f"({type(e).__name__}: {detail})") from None
+    if tokenizer.padding is not None:
+        pad = int(tokenizer.padding["pad_id"])
+    else:
+        pad = tokenizer.token_to_id("[PAD]") or 0
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    return tokenizer, pad
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedText:
+    """Every example of a split as token ids, in memory.
+
+    Example ``i`` is ``ids[offsets[i]:offsets[i + 1]]`` (at most ``max_length`` ids) with
+    label ``labels[i]`` (-1 = unlabelled). As a :class:`jaxkd.data.sources.Source`,
+    ``read`` gives the ids padded to ``max_length``.
+    """
+
+    ids: np.ndarray  # int32 [total ids]
+    offsets: np.ndarray  # int64 [n + 1]
+    labels: np.ndarray  # int32 [n]
+    max_length: int
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def lengths(self, indices: np.ndarray) -> np.ndarray:
+        """Tokens of each example ``indices``, ``[len(indices)]``."""
+        indices = np.asarray(indices, np.int64)
+        return self.offsets[indices + 1] - self.offsets[indices]
+
+    def padded(self, indices: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, mask)``, int32 ``[len(indices), length]``: each example's ids then the pad
+        id, and 1 on its tokens, 0 after. ``length`` must hold the longest of them."""
+        indices = np.asarray(indices, np.int64)
+        lengths = self.lengths(indices)
+        if len(indices) and lengths.max() > length:
+            raise ValueError(f"a sequence of {lengths.max()} tokens does not fit {length}")
+        mask = np.arange(length)[None, :] < lengths[:, None]
+        ids = np.full((len(indices), length), self.pad_id, np.int32)
+        # Token t of row r sits at ids[offsets[indices[r]] + t]: one gather for the batch.
+        rows, cols = np.nonzero(mask)
+        ids[rows, cols] = self.ids[self.offsets[indices][rows] + cols]
+        return ids, mask.astype(np.int32)
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids padded to max_length, labels)``: the Source protocol."""
+        ids, _ = self.padded(indices, self.max_length)
+        return ids, self.labels[np.asarray(indices, np.int64)]
+
+    def subset(self, indices: np.ndarray) -> TokenizedText:
+        """The examples ``indices``, in that order."""
+        indices = np.asarray(indices, np.int64)
+        lengths = self.lengths(indices)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        rows = np.repeat(self.offsets[indices] - offsets[:-1], lengths) + np.arange(
+            offsets[-1])
+        return dataclasses.replace(self, ids=self.ids[rows], offsets=offsets,
+                                   labels=self.labels[indices])
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], labels: np.ndarray | None, *,
+             max_length: int, pad: int = 0) -> TokenizedText:
+    """``texts`` tokenised in one batch call (``labels`` None: every label -1)."""
+    encodings = tokenizer.encode_batch(list(texts))
+    lengths = np.array([len(e.ids) for e in encodings], np.int64)
+    if len(lengths) and lengths.max() > max_length:
+        raise ValueError(f"the tokenizer gave {lengths.max()} tokens, more than max_length="
+                         f"{max_length}: it must truncate (load it with load_tokenizer)")
+    ids = np.fromiter((i for e in encodings for i in e.ids), np.int32, int(lengths.sum()))
+    if labels is None:
+        labels = np.full(len(texts), UNLABELLED, np.int32)
+    return TokenizedText(ids=ids, offsets=np.concatenate([[0], np.cumsum(lengths)]),
+                         labels=np.asarray(labels, np.int32), max_length=max_length,
+                         pad_id=pad)
+
+
+def concatenate(parts: Sequence[TokenizedText]) -> TokenizedText:
+    """``parts[0]``'s examples, then ``parts[1]``'s, ...: one index space."""
+    first = parts[0]
+    starts = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
+    offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, starts,
+                                                                        strict=True)])
+    return dataclasses.replace(first, ids=np.concatenate([p.ids for p in parts]),
+                               offsets=offsets.astype(np.int64),
+                               labels=np.concatenate([p.labels for p in parts]))
+
+
+def buckets(bucket_lengths: Sequence[int], max_length: int) -> tuple[int, ...]:
+    """The lengths batches are padded to: ``bucket_lengths`` capped at ``max_length``, and
+    ``max_length`` itself, sorted."""
+    return tuple(sorted({min(b, max_length) for b in bucket_lengths} | {max_length}))
+
+
+def bucket_length(longest: int, bucket_lengths: Sequence[int], max_length: int) -> int:
+    """The smallest bucket (:func:`buckets`) that holds ``longest`` tokens."""
+    for length in buckets(bucket_lengths, max_length):
+        if length >= longest:
+            return length
+    raise ValueError(f"{longest} tokens exceed max_length={max_length}")
+
+
+def batch(source: TokenizedText, indices: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    """``{'input_ids', 'attention_mask': int32 [b, length], 'label': int32 [b]}`` of the
+    examples ``indices``."""
+    ids, mask = source.padded(indices, length)
+    return {"input_ids": ids, "attention_mask": mask,
+            "label": source.labels[np.asarray(indices, np.int64)]}

@@ -1,0 +1,29 @@
+"""Classification of token sequences, one label per sequence (BBC News topics with BERT).
+
+Batch keys (:mod:`jaxkd.data.text`): ``input_ids`` and ``attention_mask`` (int32 ``[B, L]``,
+1 on tokens, 0 on padding; ``L`` varies between batches), ``label`` (int32 ``[B]``; ``-1``
+marks an unlabelled transfer-set text) and, in evaluation, ``mask`` (1 for real rows, 0 for
+the padding of the last batch). The model is called as ``model.apply(variables, input_ids,
+attention_mask)`` (:class:`jaxkd.models.bert.BertEncoder`). Targets and metrics are those of
+:class:`jaxkd.tasks.classification.Classification`: only the inputs differ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxkd.tasks.classification import Classification
+
+
+class TextClassification(Classification):
+    name = "text_classification"
+
+    def model_inputs(self, batch: dict[str, Any]) -> tuple[Any, ...]:
+        return (batch["input_ids"], batch["attention_mask"])
+
+    def example_inputs(self, input_shape: tuple[int, ...], n: int) -> tuple[Any, ...]:
+        """Token ids 0 and an all-ones attention mask, int32 ``[n, *input_shape]``."""
+        shape = (n, *input_shape)
+        return (jnp.zeros(shape, jnp.int32), jnp.ones(shape, jnp.int32))
