@@ -488,7 +488,7 @@ class Compression(Block):
                                         f"({len(names)}) or none")
 
 
-EXPORT_FORMATS = ("stablehlo", "onnx", "safetensors")
+EXPORT_FORMATS = ("stablehlo", "onnx", "safetensors", "hf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -498,8 +498,8 @@ class Export(Block):
     ``entropy_coding`` compresses its tensor files with zlib (Deep Compression's final
     Huffman stage) when that makes them smaller. ``formats`` (:mod:`jaxkd.export.formats`,
     written to ``DIR/formats/``): ``()`` every one of 'stablehlo', 'onnx', 'safetensors'
-    that can express the model (the others skipped with one logged line), a list of them
-    (each must succeed), or ``('none',)``.
+    that can express the model (the others skipped with one logged line) and, for BERT,
+    'hf' (an HF model directory), a list of them (each must succeed), or ``('none',)``.
     """
 
     entropy_coding: bool = False

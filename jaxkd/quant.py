@@ -323,12 +323,20 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
 
 
+def model_inputs(x: Any) -> tuple[Any, ...]:
+    """A batch as ``model.apply``'s positional inputs: a tuple stays one (a token model's
+    ids and attention mask, :meth:`jaxkd.tasks.Task.model_inputs`), an array is the one
+    input. Every ``sample`` / ``x`` of this module may be either."""
+    return tuple(x) if isinstance(x, tuple | list) else (x,)
+
+
 def find_layers(model: nn.Module, variables: Mapping[str, Any], sample: Any
                 ) -> list[tuple[str, str]]:
     """The Dense/Conv layers ``model`` calls on ``sample``, in call order: ``(path, kind)``.
 
     Traces the model abstractly (no FLOPs); ``sample`` is an input batch or its
-    ``jax.ShapeDtypeStruct``. A layer called twice is listed once.
+    ``jax.ShapeDtypeStruct`` (or a tuple of them, :func:`model_inputs`). A layer called
+    twice is listed once.
     """
     seen: dict[str, str] = {}
 
@@ -340,9 +348,9 @@ def find_layers(model: nn.Module, variables: Mapping[str, Any], sample: Any
 
     def run(v, x):
         with nn.intercept_methods(record):
-            return model.apply(v, x, train=False)
+            return model.apply(v, *x, train=False)
 
-    jax.eval_shape(run, _abstract(dict(variables)), _abstract(sample))
+    jax.eval_shape(run, _abstract(dict(variables)), _abstract(model_inputs(sample)))
     return list(seen.items())
 
 
@@ -458,7 +466,7 @@ def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
 def qat_apply(model: nn.Module, **quantization: Any) -> Callable[..., Any]:
     """A drop-in ``model.apply`` that runs the model quantization-aware (QAT).
 
-    ``fn(variables, x, *, train=False, mutable=False, rngs=None, return_features=False)``
+    ``fn(variables, *inputs, train=False, mutable=False, rngs=None, return_features=False)``
     has ``model.apply``'s signature and returns what it returns; pass it as
     ``train.make_train_step(..., student_apply=fn)``. Weights of the selected Dense/Conv
     layers are fake-quantized (``fake_quant_params``); with ``activation_bits > 0`` their
@@ -481,16 +489,16 @@ def qat_apply(model: nn.Module, **quantization: Any) -> Callable[..., Any]:
     s = settings(quantization)
     plans: dict[Any, dict[str, LayerPlan]] = {}
 
-    def apply(variables: Mapping[str, Any], x: Any, *, train: bool = False,
+    def apply(variables: Mapping[str, Any], *inputs: Any, train: bool = False,
               mutable: Any = False, rngs: Any = None, return_features: bool = False) -> Any:
         variables = dict(variables)
         observers = variables.pop(OBSERVERS, None)
         params = variables["params"]
         stripped = strip_steps(params)
-        key = (jax.tree.structure(stripped), tuple(jnp.shape(x)[1:]), jnp.result_type(x))
+        key = (jax.tree.structure(stripped),
+               tuple((tuple(jnp.shape(x)[1:]), jnp.result_type(x)) for x in inputs))
         if key not in plans:
-            plans[key] = plan(model, {**variables, "params": stripped},
-                              jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), s)
+            plans[key] = plan(model, {**variables, "params": stripped}, _abstract(inputs), s)
         layer_plan = plans[key]
         flat = traverse_util.flatten_dict(params)
         variables["params"] = fake_quant_params(params, layer_plan, s)
@@ -533,9 +541,9 @@ def qat_apply(model: nn.Module, **quantization: Any) -> Callable[..., Any]:
             kwargs["return_features"] = True
         with nn.intercept_methods(quantize_inputs):
             if collections:
-                out, updates = model.apply(variables, x, mutable=collections, **kwargs)
+                out, updates = model.apply(variables, *inputs, mutable=collections, **kwargs)
             else:
-                out, updates = model.apply(variables, x, **kwargs), {}
+                out, updates = model.apply(variables, *inputs, **kwargs), {}
         if not mutable:
             return out
         if observe:
@@ -574,9 +582,10 @@ def init_observers(model: nn.Module, variables: Mapping[str, Any], sample: Any,
                     for p in quantized})
 
 
-def capture_inputs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
+def capture_inputs(model: nn.Module, variables: Mapping[str, Any], x: Any
                    ) -> dict[str, jax.Array]:
-    """The input of every Dense/Conv layer of ``model`` on batch ``x`` (eval mode), by path.
+    """The input of every Dense/Conv layer of ``model`` on batch ``x`` (eval mode; a tuple
+    for several inputs, :func:`model_inputs`), by path.
 
     A layer called several times reports the input of its first call.
     """
@@ -591,11 +600,11 @@ def capture_inputs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
     variables = dict(variables)
     variables["params"] = strip_steps(variables["params"])
     with nn.intercept_methods(record):
-        model.apply(variables, x, train=False)
+        model.apply(variables, *model_inputs(x), train=False)
     return captured
 
 
-def init_qat_params(model: nn.Module, variables: Mapping[str, Any], sample: jax.Array,
+def init_qat_params(model: nn.Module, variables: Mapping[str, Any], sample: Any,
                     **quantization: Any) -> Any:
     """``variables['params']`` ready for QAT: unchanged for ``'minmax'``; for ``'lsq'``
     with a ``kernel_step`` (and, with ``activation_bits``, an ``input_step``) added beside

@@ -49,7 +49,7 @@ def sweep(model: nn.Module, variables: Mapping[str, Any], batches: Iterable[Mapp
         raise ValueError("sensitivity.sweep got no batches")
     bits = [quant.check_bits(b) for b in bits]
     found = [p for p, _ in quant.find_layers(model, variables,
-                                             task.model_inputs(batches[0])[0])]
+                                             task.model_inputs(batches[0]))]
     if layers is not None:
         unknown = sorted(set(layers) - set(found))
         if unknown:

@@ -364,7 +364,7 @@ def build(run: Run) -> Setup:
         run=run, model=model, model_kwargs=model_kwargs, info=info, task=task,
         num_steps=num_updates(run, num_steps),
         shardings=functools.partial(layout.follow, reference=dict(abstract)),
-        layer_order=[p for p, _ in quant.find_layers(model, abstract, example[0])],
+        layer_order=[p for p, _ in quant.find_layers(model, abstract, example)],
         sample=functools.partial(_first_batches, run, 1, one=True),
         batches=functools.partial(_first_batches, run))
     for m in enabled:
@@ -700,12 +700,20 @@ def export_formats(s: Setup, artifact_dir: str, out_dir: str) -> dict[str, Any]:
 
     if tuple(s.run.export.formats) == ("none",):
         return {}
-    inputs = None
-    if s.task is CLASSIFICATION:
-        inputs = np.concatenate([b["image"][b["mask"] > 0] for b in pipeline.eval_batches(
-            s.run.data, split=s.run.data.eval_split, batch_size=s.run.eval_batch_size)])
+    parts: list[tuple[np.ndarray, ...]] = []
+    for b in pipeline.eval_batches(s.run.data, split=s.run.data.eval_split,
+                                   batch_size=s.run.eval_batch_size):
+        parts.append(tuple(np.asarray(x)[b["mask"] > 0] for x in s.task.model_inputs(b)))
+    inputs = []
+    for arrays in zip(*parts, strict=True):  # one model input over all batches
+        if arrays[0].ndim == 2 and np.issubdtype(arrays[0].dtype, np.integer):
+            # Token inputs differ in length between batches (buckets): pad with zeros
+            # (token id 0, attention mask 0), which the model ignores.
+            longest = max(a.shape[1] for a in arrays)
+            arrays = tuple(np.pad(a, ((0, 0), (0, longest - a.shape[1]))) for a in arrays)
+        inputs.append(np.concatenate(arrays))
     return formats.write(artifact_dir, out_dir, s.run.export.formats,
-                         inputs=inputs)["formats"]
+                         inputs=tuple(inputs) if len(inputs) > 1 else inputs[0])["formats"]
 
 
 def lineage(s: Setup) -> dict[str, Any]:

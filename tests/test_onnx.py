@@ -256,3 +256,96 @@ def test_what_onnx_cannot_express_is_refused_in_one_line(tmp_path, monkeypatch):
 
 class Custom(models.MLP):
     """An MLP registered under another name: the exporter knows the zoo's classes only."""
+
+
+# --- BERT ---------------------------------------------------------------------------------
+
+BERT = {"vocab_size": 50, "hidden_size": 16, "num_layers": 2, "num_heads": 2,
+        "intermediate_size": 32, "max_position": 32}
+W8A8 = {"weight_bits": 8, "activation_bits": 8}
+BERT_CASES = [
+    # id, extra model kwargs, quantization, per-batch activation scales
+    ("fp32-cls", {}, None, False),
+    ("fp32-mean", {"pooling": "mean"}, None, False),
+    ("fp32-pooler-a-layer-without-heads-and-one-without-ffn",
+     {"pooling": "pooler", "layer_heads": (0, 2), "layer_intermediate": (32, 0)}, None, False),
+    ("w8a8-cls", {}, W8A8, False),
+    ("w8a8-mean-per-batch-scale", {"pooling": "mean"}, W8A8, True),
+    ("w4a8-lsq", {}, {"weight_bits": 4, "activation_bits": 8, "method": "lsq"}, False),
+    ("w8-weight-only", {}, {"weight_bits": 8}, False),
+]
+
+
+def bert_tokens(n=300, length=24, vocab=50, seed=0):
+    """Random token ids with 2 to ``length`` tokens per row, zero-padded, and their mask."""
+    rng = np.random.default_rng(seed)
+    mask = (np.arange(length)[None] < rng.integers(2, length + 1, size=(n, 1))).astype(np.int32)
+    return rng.integers(1, vocab, size=(n, length)).astype(np.int32) * mask, mask
+
+
+def make_bert_artifact(directory, kwargs, fields, dynamic):
+    model = models.get_model("bert", num_classes=5, **kwargs)
+    ids, mask = bert_tokens()
+    variables = random_variables(model, jnp.asarray(ids[:2]))
+    settings = ranges = None
+    if fields is not None:
+        settings = quant.settings(fields)
+        sample = (jnp.asarray(ids[:32]), jnp.asarray(mask[:32]))  # both inputs
+        variables = {**variables, "params": quant.init_qat_params(model, variables, sample,
+                                                                  **settings.kwargs())}
+        if settings.activation_bits and not dynamic:
+            ranges = quant.observed_ranges(quant.init_observers(model, variables, sample,
+                                                                **settings.kwargs()))
+    export.export(str(directory), "bert", kwargs, 5, variables, settings, ranges, {},
+                  input_shape=(24,))
+    return ids, mask
+
+
+@pytest.mark.parametrize("extra,fields,dynamic", [pytest.param(*c[1:], id=c[0])
+                                                  for c in BERT_CASES])
+def test_onnx_bert_computes_the_artifact(tmp_path, extra, fields, dynamic):
+    kwargs = {**BERT, **extra}
+    ids, mask = make_bert_artifact(tmp_path / "a", kwargs, fields, dynamic)
+    info = export_onnx(str(tmp_path / "a"), str(tmp_path / "m.onnx"))
+    assert info["inputs"] == [{"name": n, "shape": ["batch", "sequence"]}
+                              for n in ("input_ids", "attention_mask")]
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert [i.type.tensor_type.elem_type for i in graph.input] == [onnx.TensorProto.INT64] * 2
+    ops = op_counts(graph)
+    manifest = export.read_manifest(str(tmp_path / "a"))
+    kinds, integer, _ = expected_ops(manifest)
+    # Every projection the model calls is a layer: Q, K, V, attention output, FFN in and
+    # out per layer (less those of a layer without heads or FFN), pooler, head.
+    assert sum(info["layers"].values()) == sum(
+        4 * (h > 0) + 2 * (f > 0) for h, f in zip(extra.get("layer_heads", (2, 2)),
+                                                  extra.get("layer_intermediate", (32, 32)),
+                                                  strict=True)) + 1 + (
+        extra.get("pooling") == "pooler")
+    if fields is not None:
+        assert info["layers"] == kinds
+        assert {op: ops[op] for op in ("MatMulInteger",) if ops[op]} == integer
+    assert ops["Softmax"] == sum(h > 0 for h in extra.get("layer_heads", (2, 2)))
+    assert ops["LayerNormalization"] == 1 + 2 * BERT["num_layers"]
+    report = verify_onnx(str(tmp_path / "a"), str(tmp_path / "m.onnx"), (ids, mask))
+    assert report["argmax_agreement"] >= 0.999
+    assert report["matching"] >= 0.99 and report["relative_diff"] <= 0.02
+    if fields is None or not fields.get("activation_bits"):
+        assert report["matching"] == 1.0 and report["relative_diff"] <= 1e-5
+    # The sequence length is symbolic and padding is ignored: a row alone, cut to its own
+    # tokens, gives its logits in the padded batch (static scales; float attention).
+    if not dynamic:
+        session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"),
+                                               providers=["CPUExecutionProvider"])
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+        whole = session.run(["logits"], feed)[0]
+        n = int(mask[0].sum())
+        one = session.run(["logits"], {k: v[:1, :n] for k, v in feed.items()})[0]
+        np.testing.assert_allclose(one, whole[:1], rtol=0, atol=1e-5 * np.abs(whole).max())
+
+
+def test_onnx_bert_layer_norm_before_opset_17(tmp_path):
+    ids, mask = make_bert_artifact(tmp_path / "a", BERT, W8A8, False)
+    export_onnx(str(tmp_path / "a"), str(tmp_path / "m.onnx"), opset=13)
+    assert "LayerNormalization" not in op_counts(onnx.load(str(tmp_path / "m.onnx")).graph)
+    report = verify_onnx(str(tmp_path / "a"), str(tmp_path / "m.onnx"), (ids, mask))
+    assert report["argmax_agreement"] >= 0.999 and report["relative_diff"] <= 0.02

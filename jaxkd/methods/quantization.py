@@ -45,7 +45,7 @@ class Quantization(Method):
         with schema.named("config.quantization"):
             quant.validate(s, params)
             self.layer_plan = quant.plan(ctx.model, {"params": params},
-                                         ctx.task.example_inputs(ctx.info.input_shape, 1)[0], s)
+                                         ctx.task.example_inputs(ctx.info.input_shape, 1), s)
         if s.weight_bits < 8 and all(lp.weight_bits == 8 for lp in self.layer_plan.values()):
             print(f"jaxkd: warning: config.quantization.weight_bits={s.weight_bits} but no layer "
                   f"is quantized below 8 bits: keep_first_last_8bit keeps "
@@ -62,7 +62,7 @@ class Quantization(Method):
             return state
         variables = {"params": state.params, **({"batch_stats": state.batch_stats}
                                                 if state.batch_stats else {})}
-        sample = ctx.task.model_inputs(ctx.sample())[0]
+        sample = ctx.task.model_inputs(ctx.sample())
         observers = quant.init_observers(ctx.model, variables, sample, **s.kwargs())
         if observers:
             state = state.replace(collections={**state.collections, quant.OBSERVERS:
@@ -89,7 +89,9 @@ class Quantization(Method):
                                          **artifact.model_kwargs)
             variables = {"params": params, **({"batch_stats": artifact.batch_stats}
                                               if artifact.batch_stats else {})}
-            ranges = quant.calibrate(model, variables, ctx.batches(s.calibration_batches),
+            ranges = quant.calibrate(model, variables,
+                                     (ctx.task.model_inputs(b)
+                                      for b in ctx.batches(s.calibration_batches)),
                                      method=s.calibration, percentile=s.percentile)
         return artifact.replace(params=params, quantization=s, activation_ranges=ranges)
 

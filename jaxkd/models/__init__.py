@@ -43,6 +43,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.typing import DTypeLike
 
 from jaxkd.models.bert import BertEncoder, build_bert
@@ -234,6 +235,18 @@ def get_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
+def input_names(model: nn.Module) -> tuple[str, ...]:
+    """The names of the model's inputs, in call order: ``('input_ids', 'attention_mask')``
+    (int32 ``[B, L]``) for a token model (:class:`BertEncoder`), else ``('input',)`` (float32
+    ``[B, *input_shape]``). Exports (StableHLO, ONNX) name and type their inputs by it."""
+    return ("input_ids", "attention_mask") if isinstance(model, BertEncoder) else ("input",)
+
+
+def input_dtype(model: nn.Module) -> Any:
+    """int32 for a token model's inputs (:func:`input_names`), else float32."""
+    return np.int32 if isinstance(model, BertEncoder) else np.float32
+
+
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter pytree (pass ``variables['params']``, not the
     batch statistics). Works on arrays and on ``jax.eval_shape`` results alike."""
@@ -241,6 +254,8 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
+    "input_dtype",
+    "input_names",
     "DTYPES",
     "MODELS",
     "REMAT_POLICIES",

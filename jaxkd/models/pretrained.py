@@ -25,7 +25,9 @@ tensor must have the shape that ``config.json`` implies, and every tensor in the
 be used, except the ``embeddings.position_ids`` buffer, an unused pooler, and the task heads
 that jaxkd replaces with its own ``head`` (``cls.*`` of BertForPreTraining / BertForMaskedLM,
 ``classifier.*`` of BertForSequenceClassification). The ``head`` is new, N(0, 0.02) from a
-fixed seed (:data:`HEAD_SEED`), bias 0.
+fixed seed (:data:`HEAD_SEED`), bias 0, unless the file holds a ``classifier`` with
+``num_classes`` outputs (a BertForSequenceClassification fine-tuned for those labels, or
+one that :mod:`jaxkd.export.hf` wrote): then it is that classifier.
 
 :func:`sentence_embedding` is sentence-transformers' embedding (Reimers & Gurevych,
 "Sentence-BERT", EMNLP 2019): the mean of the last hidden states over the unpadded tokens,
@@ -223,6 +225,12 @@ def from_pretrained(directory: str, *, num_classes: int = 1, pooling: str | None
     used: set[str] = set()
     for path, expected in traverse_util.flatten_dict(shapes["params"]).items():
         names = hf_names(path)
+        classifier = tensors.get(f"classifier.{'weight' if path[-1] == 'kernel' else 'bias'}")
+        if not names and classifier is not None and classifier.shape == expected.shape[::-1]:
+            # BertForSequenceClassification's classifier, as many labels as num_classes
+            flat[path] = jnp.asarray(np.asarray(classifier.T, expected.dtype))
+            used.add(f"classifier.{'weight' if path[-1] == 'kernel' else 'bias'}")
+            continue
         if not names:  # the new head
             kernel = path[-1] == "kernel"
             init = INIT if kernel else jax.nn.initializers.zeros
