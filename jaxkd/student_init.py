@@ -12,6 +12,10 @@ layers, 0-based (``()`` = every other one, ``0, 2, 4, ...``):
 
 - ``mlp``: student ``hidden{j+1}`` <- teacher ``hidden{keep[j]+1}``; the first kept layer is
   layer 0 (it reads the input) and the widths must chain; ``head`` is copied.
+- ``bert``: student ``layer{j}`` <- teacher ``layer{keep[j]}`` (any increasing choice; the
+  teacher's layer 0 need not be kept: every layer reads and writes the same hidden size);
+  the embeddings, pooler and ``head`` are copied (DistilBERT's initialisation, and
+  TinyBERT's / MiniLM's students taken from their teachers' layers).
 - CIFAR ResNets and WRNs: in every stage, student block ``j`` <- teacher block ``keep[j]``
   (``keep[0]`` is 0: the first block of a stage holds the stride and projection); the stem,
   ``final_bn`` and ``head`` are copied, BatchNorm statistics too (e.g. ``resnet32`` from
@@ -57,6 +61,7 @@ from flax import traverse_util
 
 from jaxkd import schema, surgery
 from jaxkd.config import Init
+from jaxkd.models.bert import BertEncoder
 from jaxkd.models.cnn1d import CNN1D
 from jaxkd.models.lenet import LeNet5
 from jaxkd.models.mlp import MLP
@@ -65,8 +70,8 @@ from jaxkd.models.wrn import WideResNet
 from jaxkd.schema import ConfigError
 
 _FAMILIES = {MLP: "mlp", CNN1D: "cnn1d", LeNet5: "lenet5", CifarResNet: "CIFAR ResNet",
-             WideResNet: "WRN"}
-_SUPPORTED = {"layer_select": (MLP, CifarResNet, WideResNet),
+             WideResNet: "WRN", BertEncoder: "bert"}
+_SUPPORTED = {"layer_select": (MLP, CifarResNet, WideResNet, BertEncoder),
               "prune_width": (MLP, CNN1D, CifarResNet)}
 
 Plan = surgery.Plan  # module path -> (kept inputs, kept outputs)
@@ -113,7 +118,8 @@ def init_from_teacher(
     teacher_flat = traverse_util.flatten_dict(jax.device_get(dict(teacher_variables)))
     if method == "layer_select":
         depth_t, depth_s = _depth(teacher_model), _depth(student_model)
-        unit = "hidden layers" if isinstance(teacher_model, MLP) else "blocks per stage"
+        unit = ("hidden layers" if isinstance(teacher_model, MLP) else "encoder layers"
+                if isinstance(teacher_model, BertEncoder) else "blocks per stage")
         keep, field = _keep_layers(init.keep_layers, depth_t, depth_s, unit)
         renamed = _layer_select_names(teacher_model, keep)
         flat = {(key[0], renamed[key[1]], *key[2:]): value
@@ -221,9 +227,12 @@ def _check_families(method: str, teacher_model: nn.Module, student_model: nn.Mod
 
 
 def _depth(model: nn.Module) -> int:
-    """Hidden layers (MLP), convolutions (cnn1d) or blocks per stage (ResNets)."""
+    """Hidden layers (MLP), convolutions (cnn1d), encoder layers (BERT) or blocks per stage
+    (ResNets)."""
     if isinstance(model, MLP):
         return len(model.widths)
+    if isinstance(model, BertEncoder):
+        return model.num_layers
     if isinstance(model, CNN1D):
         return 3
     if isinstance(model, WideResNet):
@@ -256,7 +265,7 @@ def _keep_layers(value: Any, depth_t: int, depth_s: int, unit: str
     if len(keep) != depth_s:
         raise ConfigError(f"{field} keeps {len(keep)} teacher {unit} but the student has "
                           f"{depth_s}; list exactly {depth_s}")
-    if keep and keep[0] != 0:
+    if keep and keep[0] != 0 and unit != "encoder layers":
         first = ("the first hidden layer reads the input" if unit == "hidden layers"
                  else "a stage's first block holds its stride and projection")
         raise ConfigError(f"{field} must start with 0: {first}")
@@ -268,6 +277,9 @@ def _layer_select_names(model: nn.Module, keep: Sequence[int]) -> dict[str, str]
     if isinstance(model, MLP):
         names = {f"hidden{t + 1}": f"hidden{j + 1}" for j, t in enumerate(keep)}
         return {**names, "head": "head"}
+    if isinstance(model, BertEncoder):
+        names = {f"layer{t}": f"layer{j}" for j, t in enumerate(keep)}
+        return {**names, "embeddings": "embeddings", "pooler": "pooler", "head": "head"}
     names = {f"stage{s}_block{t}": f"stage{s}_block{j}"
              for s in (1, 2, 3) for j, t in enumerate(keep)}
     return {**names, "stem_conv": "stem_conv", "stem_bn": "stem_bn", "final_bn": "final_bn",

@@ -151,6 +151,37 @@ def test_layer_select_resnet(teacher_name, student_name, keep, copied):
     assert logits.shape == (2, 10) and np.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("keep", [(1, 3), ()])  # () = every other layer = (0, 2)
+def test_layer_select_bert(keep):
+    from jaxkd.models.bert import MASK_BIAS, BertLayer
+
+    kw = {"vocab_size": 30, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32,
+          "max_position": 16, "pooling": "pooler"}
+    teacher = get_model("bert", num_classes=3, num_layers=4, **kw)
+    student = get_model("bert", num_classes=3, num_layers=2, **kw)
+    t = random_variables(teacher, (12,), seed=0)
+    out = run(config("layer_select", keep_layers=keep), teacher, t, student,
+              random_variables(student, (12,), seed=1))
+    kept = keep or (0, 2)
+    p, tp = out["params"], t["params"]
+    for j, k in enumerate(kept):
+        assert_same_tree(p[f"layer{j}"], tp[f"layer{k}"])
+    for name in ("embeddings", "pooler", "head"):
+        assert_same_tree(p[name], tp[name])
+    # The student is the teacher's embeddings, then its kept layers, then pooler and head.
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 30, size=(3, 12))
+    mask = (np.arange(12)[None] < np.array([[12], [7], [3]])).astype(np.int32)
+    _, features = teacher.apply(t, ids, mask, return_features=True)
+    x = features["embeddings"]
+    for k in kept:
+        layer = BertLayer(16, 2, 8, 32, 1e-12, 0.1, 0.1)
+        x, _ = layer.apply({"params": tp[f"layer{k}"]}, x, False, MASK_BIAS * (1.0 - mask))
+    pooled = np.tanh(dense(tp["pooler"], np.asarray(x)[:, 0]))
+    np.testing.assert_allclose(student.apply(out, ids, mask), dense(tp["head"], pooled),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_layer_select_wrn():
     teacher = WideResNet(num_classes=10, depth=16, widen_factor=1)
     student = WideResNet(num_classes=10, depth=10, widen_factor=1)
@@ -358,7 +389,7 @@ ERRORS = {  # id -> (config fields, teacher, student, calibration images, messag
                                      r"needs a student of the teacher's family"),
     "unsupported family": ({"method": "layer_select"}, cnn(25), cnn(25), None,
                            r"config\.init\.method='layer_select' supports mlp, CIFAR ResNet, "
-                           r"WRN models, but the teacher is cnn1d"),
+                           r"WRN, bert models, but the teacher is cnn1d"),
     "lenet unsupported": ({"method": "prune_width"}, get_model("lenet5", num_classes=10),
                           get_model("lenet5", num_classes=10), CALIBRATION,
                           r"method='prune_width' supports .* teacher is lenet5"),
