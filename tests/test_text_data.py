@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -386,3 +387,54 @@ def test_a_tiny_bert_learns_bbc_news(real_bbc_news, data_dir, tmp_path):
             "stablehlo", "onnx", "safetensors", "hf"}, index
         check = index["formats"]["onnx"]["check"]
         assert check["examples"] == 444 and check["argmax_agreement"] >= 0.999, check
+
+
+def test_a_bert_starts_from_a_pretrained_directory(texts, data_dir, tmp_path):
+    """config.init.method='pretrained': an HF directory (written by jaxkd.export.hf from a
+    random BERT) seeds the student, classifier included; a student of another shape is
+    refused in one line before anything is written."""
+    import jax.numpy as jnp
+
+    from jaxkd import models
+    from jaxkd.export.hf import export_hf
+    from jaxkd.export.lineage import chain
+
+    kwargs = {"vocab_size": len(SPECIAL) + len(WORDS), "hidden_size": 16, "num_layers": 2,
+              "num_heads": 2, "intermediate_size": 32, "max_position": 64, "pooling": "pooler"}
+    model = models.get_model("bert", num_classes=3, **kwargs)
+    variables = model.init(jax.random.PRNGKey(7), jnp.zeros((1, 8), jnp.int32))
+    export.export(str(tmp_path / "a"), "bert", kwargs, 3, variables, None, None, {},
+                  input_shape=(48,))
+    export_hf(str(tmp_path / "a"), str(tmp_path / "hf"))
+
+    def config(**changes):
+        c = run_config(NAME, "bert", **{**kwargs, **changes})
+        for field in ("tokenizer", "max_length", "bucket_lengths"):
+            c.data[field] = getattr(texts, field)
+        c.init.method, c.init.pretrained = "pretrained", str(tmp_path / "hf")
+        c.batch_size, c.num_steps, c.optimizer.learning_rate = 10, 2, 1e-9
+        return c
+
+    summary = train.train_and_evaluate(config(), str(tmp_path / "run"))
+    with np.load(tmp_path / "run" / "weights.npz") as trained:
+        flat = {k: trained[k] for k in trained.files}
+    expected = {"params/" + "/".join(k): np.asarray(v)
+                for k, v in traverse_util.flatten_dict(variables["params"]).items()}
+    assert set(expected) <= set(flat)
+    for key, value in expected.items():  # two steps at lr 1e-9 from the checkpoint's weights
+        np.testing.assert_allclose(flat[key], value, rtol=0, atol=1e-6, err_msg=key)
+    assert summary["accuracy"] >= 0
+    lineage = export.read_lineage(str(tmp_path / "run" / "artifact"))
+    assert lineage["pretrained"]["directory"] == str(tmp_path / "hf")
+    assert len(lineage["pretrained"]["model.safetensors"]) == 64
+    assert any("started from pretrained" in line for line in chain(
+        str(tmp_path / "run" / "artifact")))
+    with pytest.raises(ConfigError, match=r"config\.model\.kwargs\.num_layers=1, but "
+                                          r"config\.init\.pretrained=.* holds num_layers=2"):
+        train.train_and_evaluate(config(num_layers=1), str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(MissingError, match="nope/config.json: no such file"):
+        c = config()
+        c.init.pretrained = str(tmp_path / "nope")
+        train.train_and_evaluate(c, str(tmp_path / "other2"))
+    assert not (tmp_path / "other2").exists()

@@ -12,6 +12,9 @@ Every artifact holds ``lineage.json`` (its size and sha256 in ``manifest.json``)
                       previous compression stage, or a student initialised from a
                       teacher), as a teacher entry
     precomputed_logits the stored logits' manifest sha256 and the checkpoint they came from
+    pretrained        the Hugging Face directory the weights started from
+                      (``config.init.pretrained``) and the sha256 of its config.json and
+                      model.safetensors
     jaxkd_version, packages   the versions of jaxkd, jax, jaxlib, flax, optax, orbax, numpy
 
 The manifest is what ``python -m jaxkd.export sign`` signs (:mod:`jaxkd.export.signing`),
@@ -32,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jaxkd
+from jaxkd import files
 from jaxkd.export.artifact import MANIFEST, read_lineage, read_manifest
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
@@ -73,7 +77,8 @@ def run_entry(workdir: str, artifact: str = "artifact") -> dict[str, Any]:
 
 def of_run(config: Mapping[str, Any], dataset_spec: Mapping[str, Any], *,
            teachers: Sequence[str] = (), init: str | None = None,
-           precomputed: Mapping[str, Any] | None = None) -> dict[str, Any]:
+           precomputed: Mapping[str, Any] | None = None, pretrained: str | None = None
+           ) -> dict[str, Any]:
     """The lineage of a run about to export: its resolved ``config`` (a dict),
     ``dataset_spec`` (the training inputs' spec), the workdirs of its ``teachers`` and of
     the run its weights started from (``init``), and the manifest of its precomputed
@@ -87,6 +92,10 @@ def of_run(config: Mapping[str, Any], dataset_spec: Mapping[str, Any], *,
         "jaxkd_version": jaxkd.__version__,
         "packages": packages(),
     }
+    if pretrained is not None:
+        lineage["pretrained"] = {"directory": os.path.abspath(pretrained), **{
+            name: files.sha256(os.path.join(pretrained, name))
+            for name in ("config.json", "model.safetensors")}}
     if precomputed is not None:
         lineage["precomputed_logits"] = {
             "manifest_sha256": sha256_of_json(precomputed),
@@ -122,6 +131,10 @@ def chain(artifact_dir: str) -> list[str]:
                                 " (no artifact)"))
                 if sha:
                     walk(entry.get("lineage"), depth + 1)
+        if lineage.get("pretrained"):
+            hf = lineage["pretrained"]
+            lines.append(f"{pad}started from pretrained {hf['directory']} (model.safetensors "
+                         f"sha256 {hf['model.safetensors'][:16]}...)")
         logits = lineage.get("precomputed_logits")
         if logits:
             teacher = logits["teacher"]
