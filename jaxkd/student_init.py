@@ -39,6 +39,13 @@ statistics on their channel axis:
 - ``cnn1d``: the channels of ``conv1..conv3``; the head's input is the position-major
   flattened ``[L, C]`` map, so it keeps rows ``l * C + c`` for every position ``l`` and kept
   channel ``c``.
+- ``bert``: per layer, whole attention heads (``mean |A V|`` of the head over real tokens)
+  and FFN neurons (``mean |GELU(x W_1 + b_1)|``; :func:`bert_importance`), to the student's
+  ``layer_heads`` / ``layer_intermediate`` (or a narrower ``intermediate_size``); the hidden
+  size, embeddings, LayerNorms, pooler and head are kept whole. Head pruning as in Michel,
+  Levy & Neubig, "Are Sixteen Heads Really Better than One?" (2019), ranked by activation
+  as Minitron ranks heads and neurons; the pruned model computes the teacher's function
+  with those heads and neurons removed, exactly.
 - CIFAR ResNets: a block's inner channels (after ``bn1``) per block; the residual stream per
   stage, the same channels for every block of the stage (they add into one another), ranked
   by the mean importance over the stage's block outputs. Where the first stage has no
@@ -74,7 +81,7 @@ from jaxkd.schema import ConfigError
 _FAMILIES = {MLP: "mlp", CNN1D: "cnn1d", LeNet5: "lenet5", CifarResNet: "CIFAR ResNet",
              WideResNet: "WRN", BertEncoder: "bert"}
 _SUPPORTED = {"layer_select": (MLP, CifarResNet, WideResNet, BertEncoder),
-              "prune_width": (MLP, CNN1D, CifarResNet)}
+              "prune_width": (MLP, CNN1D, CifarResNet, BertEncoder)}
 
 Plan = surgery.Plan  # module path -> (kept inputs, kept outputs)
 
@@ -136,6 +143,12 @@ def init_from_teacher(
         raise ConfigError(f"{field} keeps the teacher's depth, but the teacher has "
                           f"{_depth(teacher_model)} and the student {_depth(student_model)} "
                           f"layers (or blocks per stage); drop layers with layer_select")
+    if isinstance(teacher_model, BertEncoder):
+        ids, mask = (_calibration_batch(init, x) for x in (
+            calibration_images if calibration_images is not None else (None, None)))
+        importance = bert_importance(teacher_model, teacher_variables, ids, mask)
+        return _fit(_bert_slices(teacher_flat, importance, teacher_model, student_model),
+                    student_variables, field)
     images = _calibration_batch(init, calibration_images)
     importance = mean_abs_activations(teacher_model, teacher_variables, images)
     student_params = student_variables["params"]
@@ -192,6 +205,78 @@ def mean_abs_activations(model: nn.Module, variables: Mapping[str, Any], images:
         for site, value in jax.device_get(chunk_means(host_variables, jnp.asarray(chunk))).items():
             total[site] = total.get(site, 0.0) + np.asarray(value, np.float64) * len(chunk) / n
     return total
+
+
+def bert_importance(model: BertEncoder, variables: Mapping[str, Any], input_ids: Any,
+                    attention_mask: Any, *, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Activation importance of a BERT's heads and FFN neurons over the real tokens of a
+    calibration batch (Minitron's criterion; inference mode)::
+
+        heads{i}[h] = mean over tokens and the head's d dims of |context_h|   (A V of head h)
+        ffn{i}[n]   = mean over tokens of |GELU(x W_1 + b_1)_n|
+
+    ``i`` counts layers from 0 (``layer{i}``); padding tokens do not count. Returns float64
+    arrays ``[heads]`` and ``[FFN width]``.
+    """
+    from jaxkd import quant
+
+    head_dim = model.head_dim or model.hidden_size // model.num_heads
+
+    @jax.jit
+    def sums(v: Any, ids: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+        captured = quant.capture_inputs(model, v, (ids, mask))
+        m = mask.astype(jnp.float32)[..., None]
+        out = {}
+        for i in range(model.num_layers):
+            if model.heads_of(i):
+                context = jnp.abs(captured[f"layer{i}/attention/output"]) * m
+                out[f"heads{i}"] = context.reshape(*context.shape[:2], -1, head_dim).sum(
+                    axis=(0, 1, 3)) / head_dim
+            if model.intermediate_of(i):
+                out[f"ffn{i}"] = (jnp.abs(captured[f"layer{i}/output"]) * m).sum(axis=(0, 1))
+        return out
+
+    host = jax.device_get(dict(variables))
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    total: dict[str, np.ndarray] = {}
+    for start in range(0, len(ids), batch_size):
+        chunk = slice(start, start + batch_size)
+        for site, value in jax.device_get(sums(host, ids[chunk], mask[chunk])).items():
+            total[site] = total.get(site, 0.0) + np.asarray(value, np.float64)
+    tokens = max(float(mask.sum()), 1.0)
+    return {site: value / tokens for site, value in total.items()}
+
+
+def _bert_slices(flat: Mapping[tuple[str, ...], Any], importance: Mapping[str, np.ndarray],
+                 teacher: BertEncoder, student: BertEncoder) -> dict[tuple[str, ...], Any]:
+    """The teacher's parameters with each layer's most important heads and FFN neurons
+    kept (the student's ``heads_of(i)`` / ``intermediate_of(i)``): Q, K, V columns and the
+    attention output's rows of the kept heads, the FFN's columns and rows of the kept
+    neurons; everything else copied."""
+    head_dim = teacher.head_dim or teacher.hidden_size // teacher.num_heads
+    if (student.head_dim or student.hidden_size // student.num_heads) != head_dim:
+        raise ConfigError("config.init.method='prune_width' keeps whole heads: the student's "
+                          f"head width must be the teacher's ({head_dim}); keep num_heads and "
+                          "hidden_size, and set config.model.kwargs.layer_heads")
+    out = dict(flat)
+    for i in range(teacher.num_layers):
+        p = ("params", f"layer{i}")
+        heads, ffn = student.heads_of(i), student.intermediate_of(i)
+        if teacher.heads_of(i):
+            kept = _top_units(importance[f"heads{i}"], heads, f"layer{i} (heads)")
+            cols = (kept[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
+            for name in ("query", "key", "value"):
+                out[(*p, "attention", name, "kernel")] = flat[(*p, "attention", name,
+                                                               "kernel")][:, cols]
+                out[(*p, "attention", name, "bias")] = flat[(*p, "attention", name, "bias")][cols]
+            out[(*p, "attention", "output", "kernel")] = flat[(*p, "attention", "output",
+                                                               "kernel")][cols]
+        if teacher.intermediate_of(i):
+            kept = _top_units(importance[f"ffn{i}"], ffn, f"layer{i} (FFN)")
+            out[(*p, "intermediate", "kernel")] = flat[(*p, "intermediate", "kernel")][:, kept]
+            out[(*p, "intermediate", "bias")] = flat[(*p, "intermediate", "bias")][kept]
+            out[(*p, "output", "kernel")] = flat[(*p, "output", "kernel")][kept]
+    return out
 
 
 STRUCTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",

@@ -529,8 +529,10 @@ def init_weights(s: Setup, state: TrainState) -> TrainState:
     else:
         images = None
         if s.run.init.method == "prune_width":  # the same batch in every process
-            images = next(pipeline.train_batches(
-                s.run.data, batch_size=s.run.init.calibration_examples, seed=s.run.seed))["image"]
+            batch = next(pipeline.train_batches(
+                s.run.data, batch_size=s.run.init.calibration_examples, seed=s.run.seed))
+            inputs = s.task.model_inputs(batch)
+            images = inputs[0] if len(inputs) == 1 else inputs
         variables = student_init.init_from_teacher(
             s.run.init, teacher_model=s.init_source.model,
             teacher_variables=s.init_source.variables, student_model=s.model,

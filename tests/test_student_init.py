@@ -182,6 +182,46 @@ def test_layer_select_bert(keep):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_prune_width_bert_drops_the_least_active_heads_and_neurons_exactly():
+    """The student equals the teacher with the dropped heads' and FFN neurons' outgoing
+    weights zeroed; the kept ones are the most active on the calibration tokens."""
+    from jaxkd import quant
+
+    kw = {"vocab_size": 30, "hidden_size": 16, "num_layers": 2, "num_heads": 4,
+          "intermediate_size": 24, "max_position": 16}
+    teacher = get_model("bert", num_classes=3, **kw)
+    student = get_model("bert", num_classes=3, **{**kw, "layer_heads": (2, 3),
+                                                  "layer_intermediate": (8, 20)})
+    t = random_variables(teacher, (12,), seed=0)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 30, size=(40, 12))
+    mask = (np.arange(12)[None] < rng.integers(2, 13, size=(40, 1))).astype(np.int32)
+    out = run(config("prune_width", calibration_examples=32), teacher, t, student,
+              random_variables(student, (12,), seed=1), images=(ids, mask))
+    # Importance recomputed here from the captured layer inputs, over real tokens only.
+    captured = quant.capture_inputs(teacher, t, (ids[:32], mask[:32]))
+    real = mask[:32].astype(bool)
+    zeroed = jax.tree_util.tree_map(np.array, t)
+    for i, (heads, units) in enumerate(((2, 8), (3, 20))):
+        context = np.abs(np.asarray(captured[f"layer{i}/attention/output"]))[real]
+        per_head = context.reshape(len(context), 4, 4).mean(axis=(0, 2))
+        kept = np.sort(np.argsort(-per_head, kind="stable")[:heads])
+        ffn = np.abs(np.asarray(captured[f"layer{i}/output"]))[real].mean(axis=0)
+        kept_units = np.sort(np.argsort(-ffn, kind="stable")[:units])
+        layer, t_layer = out["params"][f"layer{i}"], t["params"][f"layer{i}"]
+        cols = (kept[:, None] * 4 + np.arange(4)).reshape(-1)
+        np.testing.assert_array_equal(layer["attention"]["query"]["kernel"],
+                                      t_layer["attention"]["query"]["kernel"][:, cols])
+        np.testing.assert_array_equal(layer["output"]["kernel"],
+                                      t_layer["output"]["kernel"][kept_units])
+        dropped = np.setdiff1d(np.arange(16), cols)
+        zeroed["params"][f"layer{i}"]["attention"]["output"]["kernel"][dropped] = 0
+        zeroed["params"][f"layer{i}"]["output"]["kernel"][
+            np.setdiff1d(np.arange(24), kept_units)] = 0
+    np.testing.assert_allclose(student.apply(out, ids, mask), teacher.apply(zeroed, ids, mask),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_layer_select_wrn():
     teacher = WideResNet(num_classes=10, depth=16, widen_factor=1)
     student = WideResNet(num_classes=10, depth=10, widen_factor=1)
