@@ -42,14 +42,15 @@ import sys
 
 import jax
 import numpy as np
-from common import ROOT, add_output_args, choose, mean_std, publish, run
+from common import ROOT, accuracy, add_output_args, choose, mean_std, publish, run
 
-from jaxkd import checkpoint, configfile, export, report
+from jaxkd import checkpoint, configfile, export, report, train
 from jaxkd.config import validation
 from jaxkd.data import pipeline
 
 TEMPERATURES = (4.0, 8.0, 20.0)
 TEACHER_LRS = (0.1, 0.03, 0.01)
+STUDENT_LRS = (0.1, 0.03, 0.01)
 BIASES = tuple(np.round(np.arange(0.0, 10.01, 0.25), 2))
 CLUSTERS = (16, 32)
 TOLERANCE = 0.05  # points of validation error
@@ -94,8 +95,10 @@ def errors(summary) -> int:
 
 
 def hinton_run(name: str, seed: int, epochs: int, teacher: str | None = None,
-               temperature: float | None = None, teacher_lr: float = 0.1):
-    c = stage(config("mnist_hinton.py", f"epochs={epochs},no3,teacher_lr={teacher_lr}"), name)
+               temperature: float | None = None, teacher_lr: float = 0.1,
+               student_lr: float = 0.1):
+    c = stage(config("mnist_hinton.py", f"epochs={epochs},no3,teacher_lr={teacher_lr},"
+                                        f"student_lr={student_lr}"), name)
     c.seed = seed
     if teacher is not None:
         c.distill.teacher.workdir = teacher
@@ -104,16 +107,34 @@ def hinton_run(name: str, seed: int, epochs: int, teacher: str | None = None,
     return c
 
 
+def choose_finite(candidates: dict, root: str) -> tuple:
+    """:func:`common.choose` where a run whose gradients overflow (``NonFiniteError``)
+    scores 0 instead of stopping the bench."""
+    scores = {}
+    for key, c in candidates.items():
+        name = "_".join(f"{k:g}" for k in key) if isinstance(key, tuple) else f"{key:g}"
+        try:
+            scores[key] = accuracy(run(validation(c), os.path.join(root, name)))
+        except train.NonFiniteError as e:
+            print(f"{root}/{name}: {e}", flush=True)
+            scores[key] = 0.0
+    return max(scores, key=lambda k: scores[k]), scores
+
+
 def hinton(args) -> None:
     root = os.path.join(args.root, "hinton")
     val = os.path.join(root, "validation")
     lr_star, lr_scores = choose({lr: hinton_run("teacher", 0, args.epochs, teacher_lr=lr)
                                  for lr in TEACHER_LRS}, os.path.join(val, "teacher"))
     teacher = os.path.join(val, "teacher", str(lr_star))
-    t_star, t_scores = choose({t: hinton_run("student", 0, args.epochs, teacher, t)
-                               for t in TEMPERATURES}, os.path.join(val, "student"))
+    s_star, s_scores = choose_finite({lr: hinton_run("scratch", 0, args.epochs, student_lr=lr)
+                                      for lr in STUDENT_LRS}, os.path.join(val, "scratch"))
+    (t_star, d_star), t_scores = choose_finite(
+        {(t, lr): hinton_run("student", 0, args.epochs, teacher, t, student_lr=lr)
+         for t in TEMPERATURES for lr in STUDENT_LRS}, os.path.join(val, "student"))
     no3_val = os.path.join(val, "student_no3")
-    no3 = validation(hinton_run("student_no3", 0, args.epochs, teacher, t_star))
+    no3 = validation(hinton_run("student_no3", 0, args.epochs, teacher, t_star,
+                                student_lr=d_star))
     run(no3, no3_val)
     logits, labels = predictions(no3_val, no3.data, no3.data.eval_split)
     shift = np.eye(logits.shape[1])[3]
@@ -131,15 +152,15 @@ def hinton(args) -> None:
         t = os.path.join(d, "teacher")
         summaries = {"teacher": run(hinton_run("teacher", seed, args.epochs,
                                                teacher_lr=lr_star), t)}
-        summaries["scratch"] = run(hinton_run("scratch", seed, args.epochs),
-                                   os.path.join(d, "scratch"))
+        summaries["scratch"] = run(hinton_run("scratch", seed, args.epochs,
+                                              student_lr=s_star), os.path.join(d, "scratch"))
         for name in ("student", "student_no3"):
-            summaries[name] = run(hinton_run(name, seed, args.epochs, t, t_star),
-                                  os.path.join(d, name))
+            summaries[name] = run(hinton_run(name, seed, args.epochs, t, t_star,
+                                             student_lr=d_star), os.path.join(d, name))
         for name, s in summaries.items():
             rows[name].append(errors(s))
             wall[name].append(float(s.get("train_time_sec", math.nan)))
-        c = hinton_run("student_no3", seed, args.epochs, t, t_star)
+        c = hinton_run("student_no3", seed, args.epochs, t, t_star, student_lr=d_star)
         logits, labels = predictions(os.path.join(d, "student_no3"), c.data, "test")
         threes = labels == 3
         for suffix, b in (("", 0.0), ("_bias", b_star)):
@@ -167,14 +188,18 @@ def hinton(args) -> None:
                      f"{threes[0]} | {threes[1]} | {minutes} |")
     lines += ["", f"Mean ± sample std over seeds {','.join(map(str, args.seeds))}; errors of "
               f"the exported artifact on the 10,000 test images; {args.epochs} epochs per "
-              "model (SGD, momentum 0.9, batch 128, cosine decay from 0.1 for the students "
-              f"and {lr_star:g} for the teacher). Chosen on the "
+              f"model (SGD, momentum 0.9, batch 128, cosine decay from {lr_star:g} for the "
+              f"teacher, {s_star:g} for the scratch student, {d_star:g} for the distilled "
+              "ones). Chosen on the "
               "validation split (seed 0, trained on 50,000): the teacher's learning rate "
               f"among {', '.join(f'{lr:g}' for lr in TEACHER_LRS)} (validation accuracy "
               + ", ".join(f"{lr:g}: {a:.2f} %" for lr, a in lr_scores.items())
-              + "), T among "
-              f"{', '.join(f'{t:g}' for t in TEMPERATURES)} (validation accuracy "
-              + ", ".join(f"{t:g}: {a:.2f} %" for t, a in t_scores.items())
+              + "), the scratch student's among the same (validation accuracy "
+              + ", ".join(f"{lr:g}: {a:.2f} %" for lr, a in s_scores.items())
+              + "), T and the distilled students' learning rate among "
+              f"{', '.join(f'{t:g}' for t in TEMPERATURES)} x the same (validation "
+              "accuracy; 0 for a run whose gradients overflowed: "
+              + ", ".join(f"T {t:g} lr {lr:g}: {a:.2f} %" for (t, lr), a in t_scores.items())
               + f"); the bias of the 3 logit among 0 to 10 in steps of 0.25 ({b_star:g}: "
               f"{100 * val_acc[b_star]:.2f} % vs {100 * val_acc[0.0]:.2f} % without). "
               "Paper: Hinton, Vinyals & Dean 2015, section 3."]
