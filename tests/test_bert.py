@@ -21,7 +21,7 @@ from jaxkd import partitioning
 from jaxkd.config import Mesh
 from jaxkd.models import axes, get_model, takes_precision, takes_remat
 from jaxkd.models.pretrained import from_pretrained, sentence_embedding
-from jaxkd.schema import ConfigError
+from jaxkd.schema import ConfigError, MissingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -369,3 +369,19 @@ def test_the_builder_refuses_in_one_line(kwargs, message):
     with pytest.raises(ConfigError) as e:
         get_model("bert", num_classes=2, **{**SMALL, **kwargs})
     assert one_line(e).startswith(message)
+
+
+def test_fetched_weights_are_verified_and_missing_ones_name_the_command(tmp_path):
+    from jaxkd.models import fetch
+
+    with pytest.raises(MissingError, match=r"all-MiniLM-L6-v2/model.safetensors does not "
+                                           r"exist: run python -m jaxkd.models.fetch "
+                                           r"all-MiniLM-L6-v2 --dir "):
+        fetch.verified("all-MiniLM-L6-v2", str(tmp_path))
+    target = tmp_path / "all-MiniLM-L6-v2"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(ConfigError, match=r"has sha256 .* not all-MiniLM-L6-v2's 53aa5117"):
+        fetch.verified("all-MiniLM-L6-v2", str(tmp_path))
+    with pytest.raises(ConfigError, match="'bert-base' is not a model this fetches"):
+        fetch.pretrained_dir("bert-base")

@@ -188,13 +188,7 @@ def train_inputs(data: Data | ml_collections.ConfigDict) -> TrainInputs:
     dataset = datasets.get(data.name)
     varying_size = None in builder.info.features["image"].shape
     spec = {
-        "name": data.name,
-        "builder_config": builder.builder_config.name if builder.builder_config else "",
-        "version": str(builder.info.version),
-        "train_split": data.train_split,
-        "train_examples": len(parts["train"]) if "train" in parts else 0,
-        "transfer_split": data.transfer_split,
-        "transfer_examples": len(parts["transfer"]) if "transfer" in parts else 0,
+        **_split_spec(builder, data, parts),
         "input_shape": list(_input_shape(builder, data)),
         "image_size": data.image_size if varying_size else None,
         "mean": list(dataset.mean),
@@ -204,6 +198,20 @@ def train_inputs(data: Data | ml_collections.ConfigDict) -> TrainInputs:
         spec["drop_labels"] = list(data.drop_labels)
     return TrainInputs(source=sources.Concatenated(tuple(parts.values())),
                        normalise=_normaliser(data), spec=spec)
+
+
+def _split_spec(builder: tfds.core.DatasetBuilder, data: Data, parts: dict[str, Any]
+                ) -> dict[str, Any]:
+    """The part of :attr:`TrainInputs.spec` that names the dataset and its splits."""
+    return {
+        "name": data.name,
+        "builder_config": builder.builder_config.name if builder.builder_config else "",
+        "version": str(builder.info.version),
+        "train_split": data.train_split,
+        "train_examples": len(parts["train"]) if "train" in parts else 0,
+        "transfer_split": data.transfer_split,
+        "transfer_examples": len(parts["transfer"]) if "transfer" in parts else 0,
+    }
 
 
 def _text_train_inputs(builder: tfds.core.DatasetBuilder, data: Data) -> TrainInputs:
@@ -216,13 +224,7 @@ def _text_train_inputs(builder: tfds.core.DatasetBuilder, data: Data) -> TrainIn
         kept = np.flatnonzero(~np.isin(parts["train"].labels, data.drop_labels))
         parts["train"] = parts["train"].subset(kept)
     spec = {
-        "name": data.name,
-        "builder_config": builder.builder_config.name if builder.builder_config else "",
-        "version": str(builder.info.version),
-        "train_split": data.train_split,
-        "train_examples": len(parts["train"]) if "train" in parts else 0,
-        "transfer_split": data.transfer_split,
-        "transfer_examples": len(parts["transfer"]) if "transfer" in parts else 0,
+        **_split_spec(builder, data, parts),
         "input_shape": [data.max_length],
         "tokenizer_sha256": digest,
         "max_length": data.max_length,

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     except ConfigError as e:
         print(f"jaxkd: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
