@@ -56,8 +56,9 @@ class Data(Block):
     Text datasets (whose tfds features have ``text``, e.g. ``bbc_news``;
     :mod:`jaxkd.data.text`) are tokenised once into host memory (``in_memory`` and the
     image fields do not apply; ``augment`` must be 'none'):
-      tokenizer: path of a Hugging Face ``tokenizer.json``; required for text, '' for
-        images. Its own padding and truncation settings are replaced by the two below.
+      tokenizer: path of a Hugging Face ``tokenizer.json``, or 'bytes' (one token per
+        UTF-8 byte, vocabulary 260; no file); required for text, '' for images. Its own
+        padding and truncation settings are replaced by the two below.
       max_length: tokens kept of each example, special tokens included (truncation).
       bucket_lengths: each batch is padded to the smallest of these (capped at
         ``max_length``, which is always one) that holds its longest sequence: a few

@@ -13,7 +13,7 @@ from jaxkd import chain, stages, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 # Real tfds datasets cannot be downloaded here: these configs run on tfds mock data.
-MOCKED = {"mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet2012"}
+MOCKED = {"mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet2012", "bbc_news"}
 
 
 def load(path, arg="smoke"):

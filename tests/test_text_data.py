@@ -438,3 +438,14 @@ def test_a_bert_starts_from_a_pretrained_directory(texts, data_dir, tmp_path):
         c.init.pretrained = str(tmp_path / "nope")
         train.train_and_evaluate(c, str(tmp_path / "other2"))
     assert not (tmp_path / "other2").exists()
+
+
+def test_the_byte_tokenizer_gives_one_token_per_utf8_byte():
+    tokenizer, pad = text.load_tokenizer("bytes", max_length=10)
+    assert pad == 0 and tokenizer.get_vocab_size() == 260
+    ids = tokenizer.encode("a £").ids  # 'a', ' ', and the two bytes of the pound sign
+    assert ids[0] == 2 and ids[-1] == 3 and len(ids) == 2 + len("a £".encode())
+    assert len(set(ids[1:-1])) == 4 and min(ids[1:-1]) >= 4
+    long = tokenizer.encode("x" * 50).ids
+    assert len(long) == 10 and long[-1] == 3  # truncated, special tokens included
+    assert text.file_sha256("bytes") == text.file_sha256("bytes")

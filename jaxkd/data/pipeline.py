@@ -508,7 +508,7 @@ def _check_inputs(builder: tfds.core.DatasetBuilder, data: Data) -> None:
     if not data.tokenizer:
         raise ConfigError(f"config.data.tokenizer is required: config.data.name="
                           f"{data.name!r} is a text dataset; set it to the path of a Hugging "
-                          "Face tokenizer.json")
+                          "Face tokenizer.json, or 'bytes'")
     if data.augment != "none":
         raise ConfigError(f"config.data.augment={data.augment!r}: text datasets take no "
                           "augmentation; use 'none'")

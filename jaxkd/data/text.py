@@ -17,6 +17,10 @@ a batch whose longest article has 40 tokens would cost three times the attention
 
 The pad id is the tokenizer's padding id if it has one, else the id of ``[PAD]``, else 0;
 a model that reads ``attention_mask`` ignores it either way.
+
+``config.data.tokenizer='bytes'`` needs no file: every UTF-8 byte is a token (ByT5's
+vocabulary, Xue et al. 2022), ids ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, then
+the 256 bytes (vocabulary 260), each sequence ``[CLS] bytes [SEP]`` (:func:`byte_tokenizer`).
 """
 
 from __future__ import annotations
@@ -32,16 +36,39 @@ import numpy as np
 from jaxkd.data.sources import UNLABELLED
 from jaxkd.schema import ConfigError, MissingError
 
+BYTES = "bytes"  # config.data.tokenizer: the built-in byte-level tokenizer
+SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+
+def byte_tokenizer() -> Any:
+    """The ``tokenizers.Tokenizer`` of ``config.data.tokenizer='bytes'`` (module docstring):
+    byte-level pre-tokenization and a BPE model without merges, so each byte is one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(
+        [*SPECIAL, *sorted(pre_tokenizers.ByteLevel.alphabet())])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tokenizer
+
 
 def load_tokenizer(path: str, max_length: int, field: str = "config.data.tokenizer"
                    ) -> tuple[Any, int]:
     """``(tokenizer, pad_id)``: the ``tokenizers.Tokenizer`` of ``path`` (a HF
-    ``tokenizer.json``) without padding and truncating to ``max_length`` tokens (special
-    tokens included), and the id that pads (see the module). Errors name ``field``."""
+    ``tokenizer.json``, or ``'bytes'``: :func:`byte_tokenizer`) without padding and
+    truncating to ``max_length`` tokens (special tokens included), and the id that pads
+    (see the module). Errors name ``field``."""
     from tokenizers import Tokenizer
 
+    if path == BYTES:
+        tokenizer = byte_tokenizer()
+        tokenizer.enable_truncation(max_length)
+        return tokenizer, 0
     if not path:
-        raise ConfigError(f"{field} is empty: a text dataset needs a HF tokenizer.json")
+        raise ConfigError(f"{field} is empty: a text dataset needs a HF tokenizer.json "
+                          f"(or {BYTES!r})")
     if not os.path.isfile(path):
         raise MissingError(f"{field}={path!r} does not exist")
     try:
@@ -60,6 +87,9 @@ def load_tokenizer(path: str, max_length: int, field: str = "config.data.tokeniz
 
 
 def file_sha256(path: str) -> str:
+    """sha256 of the tokenizer file (of the built-in tokenizer's JSON for ``'bytes'``)."""
+    if path == BYTES:
+        return hashlib.sha256(byte_tokenizer().to_str().encode()).hexdigest()
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 

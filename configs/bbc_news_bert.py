@@ -1,0 +1,96 @@
+r"""BBC News topics with BERT: fine-tune all-MiniLM-L6-v2, distil it into a shallower BERT.
+
+    python -m jaxkd.data.fetch bbc_news                 # once: 2,225 articles, verified
+    python -m jaxkd.models.fetch all-MiniLM-L6-v2       # once: the teacher's weights
+    python launch.py --config=configs/bbc_news_bert.py:student=minilm,layers=3
+
+A chain of two stages in ``runs/bbc_news_bert_<args>/<stage>``:
+  1. ``teacher``: all-MiniLM-L6-v2 (Wang et al. 2020; 6 layers, hidden 384, 12 heads, 22.7
+     M parameters; mean pooling, as sentence-transformers uses it) from its Hugging Face
+     weights (``config.init.method='pretrained'``), fine-tuned on the 1,558 training
+     articles (its own tokenizer, 128 tokens) with AdamW 5e-5, 10 % warm-up, cosine decay,
+     5 epochs, batch 32.
+  2. ``student``: a BERT of ``layers`` layers, the teacher's width, by ``student``:
+     - ``scratch``: random weights, the labels only;
+     - ``kd``: random weights, Hinton KD (T = 4, alpha = 0.5);
+     - ``tinybert``: KD + TinyBERT's hidden-state MSE, student layer ``j`` against teacher
+       layer ``2j`` (Jiao et al. 2020);
+     - ``minilm``: KD + MiniLM's last-layer attention and value-relation KL (Wang et al.
+       2020);
+     - ``init``: KD from the teacher's own layers (``config.init.method='layer_select'``,
+       every other one: DistilBERT's initialisation).
+     AdamW 1e-4, 10 % warm-up, cosine, 10 epochs, batch 32.
+
+Not measured here yet (issue 15's table: 3 seeds, hyper-parameters on the validation
+split).
+
+Args (after the colon): ``student=kd`` (scratch, kd, tinybert, minilm, init); ``layers=3``;
+``smoke`` (a 2-layer teacher and 1-layer student of width 32, random weights, the built-in
+byte tokenizer, two steps per stage: no download).
+"""
+
+from jaxkd.config import chain_config, hinton_losses, parse_arg, run_config, smoke
+from jaxkd.models.fetch import pretrained_dir
+from jaxkd.schema import ConfigError
+
+STUDENTS = ("scratch", "kd", "tinybert", "minilm", "init")
+MINILM = {"vocab_size": 30522, "hidden_size": 384, "num_layers": 6, "num_heads": 12,
+          "intermediate_size": 1536, "max_position": 512, "pooling": "mean"}
+TINY = {"vocab_size": 260, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+        "intermediate_size": 64, "max_position": 128, "pooling": "mean"}
+TRAIN_EXAMPLES, BATCH = 1558, 32
+
+
+def bbc_run(kwargs, *, epochs, learning_rate, tokenizer):
+    c = run_config("bbc_news", "bert", **kwargs)
+    c.data.tokenizer, c.data.max_length = tokenizer, 128
+    c.batch_size = BATCH
+    c.num_epochs = float(epochs)
+    c.optimizer.name, c.optimizer.learning_rate = "adamw", learning_rate
+    c.optimizer.weight_decay = 0.01
+    c.schedule.name = "cosine"
+    c.schedule.warmup_steps = int(0.1 * epochs * TRAIN_EXAMPLES // BATCH)
+    c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 100, 100
+    return c
+
+
+def get_config(arg=None):
+    args = parse_arg(arg, student="kd", layers=3, smoke=False)
+    if args["student"] not in STUDENTS:
+        raise ConfigError(f"config arg student={args['student']!r} is not one of "
+                          f"{', '.join(STUDENTS)}")
+    shape = TINY if args["smoke"] else MINILM
+    layers = 1 if args["smoke"] else args["layers"]
+    if not 1 <= layers <= shape["num_layers"]:
+        raise ConfigError(f"config arg layers={layers} must be in 1..{shape['num_layers']}")
+    directory = pretrained_dir("all-MiniLM-L6-v2")
+    tokenizer = "bytes" if args["smoke"] else f"{directory}/tokenizer.json"
+    teacher = bbc_run(shape, epochs=5, learning_rate=5e-5, tokenizer=tokenizer)
+    if not args["smoke"]:
+        teacher.init.method, teacher.init.pretrained = "pretrained", directory
+    student = bbc_run({**shape, "num_layers": layers}, epochs=10, learning_rate=1e-4,
+                      tokenizer=tokenizer)
+    kind = args["student"]
+    if kind != "scratch":
+        student.distill.teacher.workdir = "stage:teacher"
+        student.distill.losses = hinton_losses(alpha=0.5, temperature=4.0)
+    step = shape["num_layers"] // layers
+    if kind == "tinybert":
+        for j in range(1, layers + 1):
+            student.distill.losses[f"hidden{j}"] = {
+                "name": "tinybert_hidden_mse", "weight": 1.0,
+                "student_feature": f"hidden{j}", "teacher_feature": f"hidden{step * j}"}
+    if kind == "minilm":
+        for name in ("minilm_attention_kl", "minilm_value_relation_kl"):
+            feature = "attention_probs" if name == "minilm_attention_kl" else "value"
+            student.distill.losses[name] = {
+                "name": name, "weight": 1.0, "student_feature": f"{feature}{layers}",
+                "teacher_feature": f"{feature}{shape['num_layers']}"}
+    if kind == "init":
+        student.init.method = "layer_select"
+        student.init.teacher_workdir = "stage:teacher"
+        student.init.keep_layers = tuple(range(0, shape["num_layers"], step))[:layers]
+    config = chain_config({"teacher": teacher, "student": student})
+    if args["smoke"]:
+        smoke(config)
+    return config
