@@ -29,8 +29,14 @@ Args (after the colon): ``student=kd`` (scratch, kd, tinybert, minilm, init); ``
 byte tokenizer, two steps per stage: no download).
 """
 
-from jaxkd.config import chain_config, hinton_losses, parse_arg, run_config, smoke
-from jaxkd.models.fetch import pretrained_dir
+from jaxkd.config import (
+    chain_config,
+    hinton_losses,
+    parse_arg,
+    pretrained_dir,
+    run_config,
+    smoke,
+)
 from jaxkd.schema import ConfigError
 
 STUDENTS = ("scratch", "kd", "tinybert", "minilm", "init")

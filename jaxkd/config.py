@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -210,6 +211,21 @@ def hinton_losses(alpha: float, temperature: float) -> ml_collections.ConfigDict
                "kwargs": {"temperature": float(temperature)}},
         "ce": {"name": "cross_entropy", "weight": float(1.0 - alpha)},
     })
+
+
+PRETRAINED = ("all-MiniLM-L6-v2",)  # what python -m jaxkd.models.fetch fetches
+
+
+def pretrained_dir(name: str, directory: str | None = None) -> str:
+    """Where ``python -m jaxkd.models.fetch NAME`` puts pretrained model ``name``:
+    ``directory``, else ``$JAXKD_MODELS``, else ``~/jaxkd_models``, then ``name`` (it may
+    not be there yet). Here, not in :mod:`jaxkd.models.fetch`, so that configs can name it
+    without importing jax."""
+    if name not in PRETRAINED:
+        raise ConfigError(f"{name!r} is not a model this fetches; choose one of: "
+                          f"{', '.join(PRETRAINED)}")
+    root = directory or os.environ.get("JAXKD_MODELS") or "~/jaxkd_models"
+    return os.path.join(os.path.expanduser(root), name)
 
 
 INIT_METHODS = ("", "copy", "layer_select", "prune_width", "pretrained")

@@ -385,3 +385,6 @@ def test_fetched_weights_are_verified_and_missing_ones_name_the_command(tmp_path
         fetch.verified("all-MiniLM-L6-v2", str(tmp_path))
     with pytest.raises(ConfigError, match="'bert-base' is not a model this fetches"):
         fetch.pretrained_dir("bert-base")
+    from jaxkd.config import PRETRAINED
+
+    assert set(fetch.MODELS) == set(PRETRAINED)  # configs name what the fetcher knows

