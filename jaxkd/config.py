@@ -213,6 +213,7 @@ def hinton_losses(alpha: float, temperature: float) -> ml_collections.ConfigDict
     })
 
 
+INIT_IMPORTANCE = ("activation", "gradient")
 PRETRAINED = ("all-MiniLM-L6-v2",)  # what python -m jaxkd.models.fetch fetches
 
 
@@ -245,6 +246,9 @@ class Init(Block):
         0-based, in order; () = every other one.
       calibration_examples: prune_width's images over which the mean |activation| ranks
         neurons and channels.
+      importance: prune_width's ranking: 'activation' (mean |activation|, Minitron) or, for
+        BERT heads and FFN neurons, 'gradient' (Michel et al. 2019: mean over calibration
+        examples of |dL/d gate| of the teacher's cross-entropy).
       pretrained: for 'pretrained', the directory (``config.json``, ``model.safetensors``;
         :func:`jaxkd.models.from_pretrained`) whose weights the BERT student starts from;
         its head too when the file holds a classifier with as many classes.
@@ -255,11 +259,15 @@ class Init(Block):
     keep_layers: Any = schema.free(())
     calibration_examples: int = schema.integer(512, minimum=1)
     pretrained: str = ""
+    importance: str = schema.choice("activation", INIT_IMPORTANCE, noun="an importance")
 
     def check(self) -> None:
         if self.method == "pretrained" and not self.pretrained:
             raise FieldError("pretrained", "is required by method='pretrained': the path of "
                                            "a Hugging Face BERT directory")
+        if self.importance != "activation" and self.method != "prune_width":
+            raise FieldError("importance", f"={self.importance!r} is only read by "
+                                           "method='prune_width'")
         if self.pretrained and self.method != "pretrained":
             raise FieldError("pretrained", f"={self.pretrained!r} is only read by "
                                            "method='pretrained'")

@@ -44,8 +44,10 @@ statistics on their channel axis:
   ``layer_heads`` / ``layer_intermediate`` (or a narrower ``intermediate_size``); the hidden
   size, embeddings, LayerNorms, pooler and head are kept whole. Head pruning as in Michel,
   Levy & Neubig, "Are Sixteen Heads Really Better than One?" (2019), ranked by activation
-  as Minitron ranks heads and neurons; the pruned model computes the teacher's function
-  with those heads and neurons removed, exactly.
+  as Minitron ranks heads and neurons, or, with ``config.init.importance='gradient'``, by
+  Michel et al.'s ``mean |dL/d xi|`` of a gate on each head (and neuron) on the labelled
+  calibration examples (:func:`bert_gradient_importance`); the pruned model computes the
+  teacher's function with those heads and neurons removed, exactly.
 - CIFAR ResNets: a block's inner channels (after ``bn1``) per block; the residual stream per
   stage, the same channels for every block of the stage (they add into one another), ranked
   by the mean importance over the stage's block outputs. Where the first stage has no
@@ -94,6 +96,7 @@ def init_from_teacher(
     student_model: nn.Module,
     student_variables: Mapping[str, Any],
     calibration_images: np.ndarray | jax.Array | None,
+    calibration_labels: np.ndarray | jax.Array | None = None,
 ) -> dict[str, Any]:
     """The student's variables filled from the teacher's, by ``init.method``.
 
@@ -103,7 +106,9 @@ def init_from_teacher(
       student_model, student_variables: the student and its freshly initialised variables
         (arrays or ``jax.ShapeDtypeStruct``s); only their tree, shapes and dtypes are used.
       calibration_images: ``[N, *input_shape]`` inputs for ``prune_width`` (the first
-        ``init.calibration_examples`` are used); ignored by the other methods.
+        ``init.calibration_examples`` are used; a tuple for several inputs); ignored by the
+        other methods.
+      calibration_labels: ``[N]`` their labels, for ``init.importance='gradient'``.
 
     Returns:
       A dict with ``student_variables``' tree, shapes and dtypes (host numpy arrays; put
@@ -143,10 +148,21 @@ def init_from_teacher(
         raise ConfigError(f"{field} keeps the teacher's depth, but the teacher has "
                           f"{_depth(teacher_model)} and the student {_depth(student_model)} "
                           f"layers (or blocks per stage); drop layers with layer_select")
+    if init.importance == "gradient" and not isinstance(teacher_model, BertEncoder):
+        raise ConfigError("config.init.importance='gradient' ranks BERT heads and FFN "
+                          f"neurons; for {_FAMILIES[type(teacher_model)]} use 'activation'")
     if isinstance(teacher_model, BertEncoder):
         ids, mask = (_calibration_batch(init, x) for x in (
             calibration_images if calibration_images is not None else (None, None)))
-        importance = bert_importance(teacher_model, teacher_variables, ids, mask)
+        if init.importance == "gradient":
+            if calibration_labels is None:
+                raise ConfigError("config.init.importance='gradient' needs the calibration "
+                                  "examples' labels")
+            importance = bert_gradient_importance(
+                teacher_model, teacher_variables, ids, mask,
+                np.asarray(calibration_labels)[:len(ids)])
+        else:
+            importance = bert_importance(teacher_model, teacher_variables, ids, mask)
         return _fit(_bert_slices(teacher_flat, importance, teacher_model, student_model),
                     student_variables, field)
     images = _calibration_batch(init, calibration_images)
@@ -245,6 +261,57 @@ def bert_importance(model: BertEncoder, variables: Mapping[str, Any], input_ids:
             total[site] = total.get(site, 0.0) + np.asarray(value, np.float64)
     tokens = max(float(mask.sum()), 1.0)
     return {site: value / tokens for site, value in total.items()}
+
+
+def bert_gradient_importance(model: BertEncoder, variables: Mapping[str, Any],
+                             input_ids: Any, attention_mask: Any, labels: Any, *,
+                             batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Michel, Levy & Neubig's head importance (2019) and its FFN analogue::
+
+        heads{i}[h] = mean over examples x of |dL(x)/d xi_h|,   ffn{i}[n] alike
+
+    where ``xi_h`` gates head ``h``'s context (``A V``) before the attention output
+    projection, ``xi_n`` FFN neuron ``n``'s activation before ``W_2``, both 1 in the model,
+    and ``L(x)`` is the model's cross-entropy on example ``x``'s label (inference mode).
+    Same keys and shapes as :func:`bert_importance`."""
+    head_dim = model.head_dim or model.hidden_size // model.num_heads
+
+    def per_example_loss_sum(gates, v, ids, mask, y):
+        def gated(next_fun, args, kwargs, context):
+            path = context.module.path
+            if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
+                x = args[0]
+                if path[1:] == ("attention", "output") and f"heads{path[0][5:]}" in gates:
+                    g = gates[f"heads{path[0][5:]}"]  # [B, heads]
+                    x = (x.reshape(*x.shape[:2], -1, head_dim) * g[:, None, :, None]
+                         ).reshape(x.shape)
+                elif path[1:] == ("output",) and f"ffn{path[0][5:]}" in gates:
+                    x = x * gates[f"ffn{path[0][5:]}"][:, None, :]  # [B, F]
+                return next_fun(x, *args[1:], **kwargs)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(gated):
+            logits = model.apply(v, ids, mask, train=False)
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return -jnp.take_along_axis(log_p, y[:, None], axis=-1).sum()
+
+    grad = jax.jit(jax.grad(per_example_loss_sum))
+    host = jax.device_get(dict(variables))
+    ids, mask, y = np.asarray(input_ids), np.asarray(attention_mask), np.asarray(labels)
+    total: dict[str, np.ndarray] = {}
+    for start in range(0, len(ids), batch_size):
+        chunk = slice(start, start + batch_size)
+        b = len(ids[chunk])
+        gates = {}
+        for i in range(model.num_layers):
+            if model.heads_of(i):
+                gates[f"heads{i}"] = jnp.ones((b, model.heads_of(i)), jnp.float32)
+            if model.intermediate_of(i):
+                gates[f"ffn{i}"] = jnp.ones((b, model.intermediate_of(i)), jnp.float32)
+        g = jax.device_get(grad(gates, host, ids[chunk], mask[chunk], y[chunk]))
+        for site, value in g.items():  # |per-example gradient|, summed over examples
+            total[site] = total.get(site, 0.0) + np.abs(np.asarray(value, np.float64)).sum(0)
+    return {site: value / len(ids) for site, value in total.items()}
 
 
 def _bert_slices(flat: Mapping[tuple[str, ...], Any], importance: Mapping[str, np.ndarray],

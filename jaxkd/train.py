@@ -527,16 +527,17 @@ def init_weights(s: Setup, state: TrainState) -> TrainState:
     elif s.run.init.method == "pretrained":
         variables = student_init.pretrained_variables(s.run.init.pretrained, s.model, student)
     else:
-        images = None
+        images = labels = None
         if s.run.init.method == "prune_width":  # the same batch in every process
             batch = next(pipeline.train_batches(
                 s.run.data, batch_size=s.run.init.calibration_examples, seed=s.run.seed))
             inputs = s.task.model_inputs(batch)
             images = inputs[0] if len(inputs) == 1 else inputs
+            labels = batch["label"]
         variables = student_init.init_from_teacher(
             s.run.init, teacher_model=s.init_source.model,
             teacher_variables=s.init_source.variables, student_model=s.model,
-            student_variables=student, calibration_images=images)
+            student_variables=student, calibration_images=images, calibration_labels=labels)
     variables = jax.device_put(variables, s.layout.params(variables))
     state = state.replace(params=variables["params"],
                           batch_stats=variables.get("batch_stats", {}))

@@ -222,6 +222,64 @@ def test_prune_width_bert_drops_the_least_active_heads_and_neurons_exactly():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_bert_gradient_importance_is_the_per_example_gate_derivative():
+    """Michel et al.'s |dL/d xi_h| against central differences of each example's loss when
+    head h's rows of W_o (or FFN neuron n's row of W_2) are scaled by 1 +- eps."""
+    import jax.numpy as jnp
+
+    kw = {"vocab_size": 30, "hidden_size": 16, "num_layers": 2, "num_heads": 4,
+          "intermediate_size": 24, "max_position": 16}
+    teacher = get_model("bert", num_classes=3, **kw)
+    t = random_variables(teacher, (12,), seed=0)
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 30, size=(5, 12))
+    mask = (np.arange(12)[None] < rng.integers(3, 13, size=(5, 1))).astype(np.int32)
+    labels = rng.integers(0, 3, size=5)
+    got = student_init.bert_gradient_importance(teacher, t, ids, mask, labels, batch_size=3)
+
+    def losses(variables):
+        log_p = jax.nn.log_softmax(teacher.apply(variables, ids, mask))
+        return -np.asarray(jnp.take_along_axis(log_p, jnp.asarray(labels)[:, None], -1))[:, 0]
+
+    eps = 1e-2
+    for i in range(2):
+        for site, path, unit_rows in (
+                (f"heads{i}", ("attention", "output"), lambda h: slice(4 * h, 4 * h + 4)),
+                (f"ffn{i}", ("output",), lambda n: slice(n, n + 1))):
+            for unit in range(len(got[site])):
+                scaled = []
+                for sign in (1, -1):
+                    v = jax.tree_util.tree_map(np.array, t)
+                    leaf = v["params"][f"layer{i}"]
+                    for key in path:
+                        leaf = leaf[key]
+                    leaf["kernel"][unit_rows(unit)] *= 1 + sign * eps
+                    scaled.append(losses(v))
+                expected = np.mean(np.abs((scaled[0] - scaled[1]) / (2 * eps)))
+                np.testing.assert_allclose(got[site][unit], expected, rtol=0.05, atol=1e-4,
+                                           err_msg=f"{site}[{unit}]")
+    # prune_width with it keeps the heads it ranks highest; it needs the labels.
+    student = get_model("bert", num_classes=3, **{**kw, "layer_heads": (1, 1)})
+    init = config("prune_width", calibration_examples=5, importance="gradient")
+    student_vars = random_variables(student, (12,), seed=1)
+    with pytest.raises(ValueError, match="needs the calibration examples' labels"):
+        run(init, teacher, t, student, student_vars, images=(ids, mask))
+    out = student_init.init_from_teacher(
+        init, teacher_model=teacher, teacher_variables=t, student_model=student,
+        student_variables=student_vars, calibration_images=(ids, mask),
+        calibration_labels=labels)
+    for i in range(2):
+        h = int(np.argmax(got[f"heads{i}"]))
+        np.testing.assert_array_equal(
+            out["params"][f"layer{i}"]["attention"]["value"]["kernel"],
+            t["params"][f"layer{i}"]["attention"]["value"]["kernel"][:, 4 * h:4 * h + 4])
+    with pytest.raises(ValueError, match="importance='gradient' ranks BERT heads"):
+        mlp_t = get_model("mlp", num_classes=10, widths=(8,))
+        mlp_s = get_model("mlp", num_classes=10, widths=(4,))
+        run(init, mlp_t, random_variables(mlp_t, (6,)), mlp_s, random_variables(mlp_s, (6,)),
+            images=np.zeros((5, 6)))
+
+
 def test_layer_select_wrn():
     teacher = WideResNet(num_classes=10, depth=16, widen_factor=1)
     student = WideResNet(num_classes=10, depth=10, widen_factor=1)

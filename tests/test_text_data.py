@@ -449,3 +449,28 @@ def test_the_byte_tokenizer_gives_one_token_per_utf8_byte():
     long = tokenizer.encode("x" * 50).ids
     assert len(long) == 10 and long[-1] == 3  # truncated, special tokens included
     assert text.file_sha256("bytes") == text.file_sha256("bytes")
+
+
+@pytest.mark.parametrize("importance", ["activation", "gradient"])
+def test_a_bert_student_pruned_from_its_teacher_through_the_trainer(texts, data_dir, tmp_path,
+                                                                    importance):
+    """prune_width of a BERT teacher's heads and FFN neurons on the calibration texts (and,
+    for 'gradient', their labels), then distillation, all through train_and_evaluate."""
+    kwargs = {"vocab_size": len(SPECIAL) + len(WORDS), "hidden_size": 16, "num_layers": 2,
+              "num_heads": 4, "intermediate_size": 32, "max_position": 64}
+
+    def config(**extra):
+        c = run_config(NAME, "bert", **{**kwargs, **extra})
+        for field in ("tokenizer", "max_length", "bucket_lengths"):
+            c.data[field] = getattr(texts, field)
+        c.batch_size, c.num_steps = 10, 3
+        return c
+
+    train.train_and_evaluate(config(), str(tmp_path / "teacher"))
+    c = config(layer_heads=(2, 1), layer_intermediate=(16, 8))
+    c.distill.teacher.workdir = str(tmp_path / "teacher")
+    c.init.method, c.init.importance, c.init.calibration_examples = (
+        "prune_width", importance, 20)
+    summary = train.train_and_evaluate(c, str(tmp_path / "student"))
+    assert summary["num_params"] < train.metrics.read_summary(
+        str(tmp_path / "teacher"))["num_params"]
