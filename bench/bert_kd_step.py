@@ -20,6 +20,7 @@ interleaved rounds with its min-max (``bench/timing.py``). With ``--docs`` the t
 """
 
 import argparse
+import functools
 import math
 
 import jax
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from common import publish
+from kd_step import make_plain_step
 from timing import interleaved, ratio
 
 from jaxkd import models, objective, tasks, train
@@ -76,25 +78,6 @@ def plain_bert(params, ids, mask, *, num_layers, heads):
     return dense(params["head"], pooled)
 
 
-def make_plain_step(tx):
-    def step(params, opt_state, teacher_params, ids, mask, labels):
-        t = jax.lax.stop_gradient(plain_bert(teacher_params, ids, mask,
-                                             num_layers=TEACHER["num_layers"], heads=12))
-
-        def loss_fn(p):
-            s = plain_bert(p, ids, mask, num_layers=STUDENT["num_layers"], heads=12)
-            log_ps, log_pt = jax.nn.log_softmax(s / T), jax.nn.log_softmax(t / T)
-            kd = T**2 * jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), -1).mean()
-            ce = -jnp.take_along_axis(jax.nn.log_softmax(s), labels[:, None], -1).mean()
-            return ALPHA * kd + (1 - ALPHA) * ce
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -128,11 +111,14 @@ def main():
 
     plain = {"p": jax.tree.map(jnp.copy, box["s"].params)}
     plain["o"] = tx.init(plain["p"])
-    plain_step = make_plain_step(tx)
+    plain_step = make_plain_step(
+        tx, functools.partial(plain_bert, num_layers=STUDENT["num_layers"], heads=12),
+        functools.partial(plain_bert, num_layers=TEACHER["num_layers"], heads=12),
+        temperature=T, alpha=ALPHA)
 
     def run_plain():
         plain["p"], plain["o"], loss = plain_step(plain["p"], plain["o"],
-                                                  teacher_vars["params"], ids, mask, labels)
+                                                  teacher_vars["params"], (ids, mask), labels)
         return loss
 
     # The same function: the first step's loss from the same weights and batch.

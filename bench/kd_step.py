@@ -46,17 +46,22 @@ def plain_init(key, sizes):
     return params
 
 
-def make_plain_step(tx):
-    def step(params, opt_state, teacher_params, x, y):
-        t = jax.lax.stop_gradient(plain_mlp(teacher_params, x))
+def make_plain_step(tx, forward, teacher_forward=None, *, temperature=T, alpha=ALPHA):
+    """A jitted plain-JAX Hinton-KD step (donated state): ``forward(params, *inputs)`` is
+    the student's logits, ``teacher_forward`` the teacher's (default: ``forward``);
+    ``step(params, opt_state, teacher_params, inputs, labels)``."""
+    teacher_forward = teacher_forward or forward
+
+    def step(params, opt_state, teacher_params, inputs, y):
+        t = jax.lax.stop_gradient(teacher_forward(teacher_params, *inputs))
 
         def loss_fn(p):
-            s = plain_mlp(p, x)
-            log_ps = jax.nn.log_softmax(s / T)
-            log_pt = jax.nn.log_softmax(t / T)
-            kd = T**2 * jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), -1).mean()
+            s = forward(p, *inputs)
+            log_ps = jax.nn.log_softmax(s / temperature)
+            log_pt = jax.nn.log_softmax(t / temperature)
+            kd = temperature**2 * jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), -1).mean()
             ce = -jnp.take_along_axis(jax.nn.log_softmax(s), y[:, None], -1).mean()
-            return ALPHA * kd + (1 - ALPHA) * ce
+            return alpha * kd + (1 - alpha) * ce
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -86,10 +91,10 @@ def main():
         teacher_p = plain_init(jax.random.PRNGKey(1), [784, 1200, 1200, 10])
         box = {"p": plain_init(jax.random.PRNGKey(2), [784, 800, 800, 10])}
         box["o"] = tx.init(box["p"])
-        plain_step = make_plain_step(tx)
+        plain_step = make_plain_step(tx, plain_mlp)
 
         def run_plain(box=box, teacher_p=teacher_p, plain_step=plain_step, x=x, y=y):
-            box["p"], box["o"], loss = plain_step(box["p"], box["o"], teacher_p, x, y)
+            box["p"], box["o"], loss = plain_step(box["p"], box["o"], teacher_p, (x,), y)
             return loss
 
         # (b) jaxkd KD step and (c) jaxkd student-only step
