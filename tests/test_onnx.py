@@ -23,28 +23,9 @@ import pytest
 from jaxkd import export, models, quant
 from jaxkd.export.onnx import export_onnx, verify_onnx
 from jaxkd.schema import ConfigError
+from tests.test_export import random_variables
 
 EXAMPLES = 500
-
-
-def random_variables(model, x, seed=0):
-    """Variables drawn with numpy (faster than compiling ``model.init``): LeCun-normal
-    kernels, small random biases, and BatchNorm statistics and affine parameters far from
-    the identity (means around 0.1, variances and scales in [0.5, 1.5])."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-
-    def draw(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "kernel":
-            value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif name in ("scale", "var"):
-            value = rng.uniform(0.5, 1.5, size=leaf.shape)
-        else:
-            value = 0.1 * rng.normal(size=leaf.shape)
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def prune_and_cluster(variables, keep=0.2, clusters=16):
