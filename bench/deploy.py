@@ -3,8 +3,8 @@
     python bench/deploy.py [--rounds 7] [--models mlp,bert] [--docs]
 
 For each model of ``MODELS`` (random weights: sizes and speed do not depend on their
-values; activation ranges calibrated on one batch) it exports a w8a8 artifact and a float32
-one, writes every format (``jaxkd.export.formats``: StableHLO, ONNX, safetensors, and
+values; activation ranges calibrated on one batch) it exports a w8a8 artifact (BERT's
+embedding tables int8 too) and a float32 one, writes every format (``jaxkd.export.formats``: StableHLO, ONNX, safetensors, and
 the HF directory for BERT) and
 prints:
 
@@ -105,7 +105,8 @@ def main() -> None:
             variables = jax.jit(model.init)(jax.random.PRNGKey(0), *(x[:1] for x in calib))
             ranges = quant.calibrate(model, variables, [tuple(map(jnp.asarray, calib))])
             dirs = {}
-            for kind, q in (("int8", {"weight_bits": 8, "activation_bits": 8}),
+            tables = {"embedding_bits": 8} if models.input_names(model) != ("input",) else {}
+            for kind, q in (("int8", {"weight_bits": 8, "activation_bits": 8, **tables}),
                             ("fp32", None)):
                 d = os.path.join(tmp, f"{n}-{kind}")
                 export.export(os.path.join(d, "artifact"), name, kwargs, 10, variables, q,
@@ -148,8 +149,9 @@ def main() -> None:
                     f"{Ratio(t['jaxkd_int8'] / t['ort_int8']).text(digits=2)} | "
                     f"{Ratio(t['jaxkd_int8'] / t['ort_fp32']).text(digits=2)} |")
                 print(speed[-1], flush=True)
-    table = "\n".join(sizes + ["", "Bytes on disk of the w8a8 model in each format (HF: the "
-                               "float weights and config.json, BERT only); ONNX Runtime "
+    table = "\n".join(sizes + ["", "Bytes on disk of the w8a8 model in each format (BERT: "
+                               "int8 embedding tables too; HF: the float weights and "
+                               "config.json, BERT only); ONNX Runtime "
                                "against the jaxkd artifact on 512 random inputs.", ""] + speed
                       + ["", f"Milliseconds per call, median (min-max) of {args.rounds} "
                          "interleaved rounds (after a warm-up round) of at least 5 calls and "

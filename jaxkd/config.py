@@ -277,6 +277,7 @@ class Init(Block):
 
 WEIGHT_BITS = (2, 4, 8)
 ACTIVATION_BITS = (0, 2, 4, 8)  # 0 = float activations
+EMBEDDING_BITS = (0, 4, 8)  # 0 = float embedding tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,6 +305,10 @@ class Quantization(Block):
         activation ranges (an exponential moving average; PyTorch's observers use 0.01,
         TensorFlow's 0.001). The ranges are kept in the training state and frozen for
         evaluation and export.
+      embedding_bits: 0 (float tables), 8 or 4: quantize every embedding table the model
+        looks up (``flax.linen.Embed``: BERT's word, position and token-type tables),
+        weight-only, symmetric with one scale per row (per token), in QAT and in the
+        artifact, whose integer runtime gathers the integer rows and scales them.
 
     With ``unsigned_activations`` a layer whose input is non-negative on the first batch
     (after a ReLU) gets the unsigned grid ``[0, 2^b - 1]``, others the symmetric signed
@@ -326,6 +331,7 @@ class Quantization(Block):
     calibration_batches: int = schema.integer(8, minimum=1)
     range_momentum: float = schema.number(0.01, lo=0.0, hi=1.0, lo_open=True)
     unsigned_activations: bool = True
+    embedding_bits: int = schema.choice(0, EMBEDDING_BITS)
 
     def check(self) -> None:
         if self.method == "lsq" and not self.symmetric:

@@ -34,6 +34,11 @@ Layers are chosen by a regex over their parameter path (``'stage1_block0/conv1'`
 listed in call order by tracing the model once (``plan``); the first layer and the last
 (the classifier ``head``) keep 8 bits by default. Bit widths are 8, 4 and 2.
 
+Embedding tables (``flax.linen.Embed``, with ``embedding_bits``) are weight-only, symmetric
+with one scale per row, ``s_v = max_j |E[v, j]| / q_max``: a token's vector is looked up
+and scaled by its own row's scale, ``E[v] ~= s_v q[v]``, so that a rare token with small
+entries keeps its resolution (as TFLite and ONNX Runtime quantize Gather tables).
+
 The settings are the fields of :class:`jaxkd.config.Quantization`: ``qat_apply`` and
 ``init_qat_params`` take them as keyword arguments; the lower-level ``plan``,
 ``fake_quant_params`` and ``quantize_params`` take the checked block (``settings(...)``).
@@ -63,6 +68,7 @@ KERNEL_STEP = "kernel_step"  # LSQ's learned weight step, a sibling of the layer
 INPUT_STEP = "input_step"  # LSQ's learned step of the layer's input activations
 STEP_NAMES = (KERNEL_STEP, INPUT_STEP)
 LAYER_TYPES = (nn.Dense, nn.Conv)
+EMBED = "embed"  # LayerPlan.kind of an embedding table
 
 
 # ----------------------------------------------------------------------------- settings
@@ -302,12 +308,44 @@ def update_observer(observer: Mapping[str, jax.Array], x: jax.Array, momentum: f
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
-    """How one Dense/Conv layer is quantized: its path, kind and bit widths."""
+    """How one Dense/Conv layer or embedding table is quantized: its path, kind and bit
+    widths."""
 
     path: str  # parameter path, e.g. 'stage1_block0/conv1'
-    kind: str  # 'dense' or 'conv'
+    kind: str  # 'dense', 'conv' or 'embed'
     weight_bits: int
-    activation_bits: int  # 0 = float input
+    activation_bits: int  # 0 = float input (always for 'embed')
+
+    @property
+    def param(self) -> str:
+        """The name of the quantized parameter: ``'embedding'`` or ``'kernel'``."""
+        return param_name(self.kind)
+
+
+def param_name(kind: str) -> str:
+    """The quantized parameter of a layer of ``kind``: an embedding table's ``'embedding'``,
+    a Dense/Conv ``'kernel'``."""
+    return "embedding" if kind == EMBED else "kernel"
+
+
+def channel_axis(kind: str) -> int:
+    """The axis that keeps its own scales: an embedding table's rows (0), a Dense/Conv
+    kernel's output channels (-1)."""
+    return 0 if kind == EMBED else -1
+
+
+def dequantize_layer(values: np.ndarray, scale: np.ndarray, zero_point: Any, kind: str
+                     ) -> np.ndarray:
+    """The float tensor of a stored layer, ``scale * (values - zero_point)``, with per-channel
+    scales and zero points broadcast along ``channel_axis(kind)``."""
+    values = np.asarray(values, np.float32)
+    zero_point = np.zeros((), np.float32) if zero_point is None else np.asarray(zero_point)
+    scale = np.asarray(scale, np.float32)
+    if channel_axis(kind) == 0 and scale.ndim:
+        scale = scale.reshape(-1, *([1] * (values.ndim - 1)))
+        zero_point = zero_point.reshape(-1, *([1] * (values.ndim - 1))) if zero_point.ndim \
+            else zero_point
+    return (scale * (values - zero_point.astype(np.float32))).astype(np.float32)
 
 
 def layer_of(context: Any) -> tuple[str, str] | None:
@@ -330,9 +368,19 @@ def model_inputs(x: Any) -> tuple[Any, ...]:
     return tuple(x) if isinstance(x, tuple | list) else (x,)
 
 
-def find_layers(model: nn.Module, variables: Mapping[str, Any], sample: Any
-                ) -> list[tuple[str, str]]:
-    """The Dense/Conv layers ``model`` calls on ``sample``, in call order: ``(path, kind)``.
+def embedding_of(context: Any) -> str | None:
+    """The path of an ``nn.Embed`` whose table an ``nn.intercept_methods`` context reads
+    (a lookup, ``__call__``, or ``attend``)."""
+    module = context.module
+    if context.method_name not in ("__call__", "attend") or not isinstance(module, nn.Embed):
+        return None
+    return layers.join(module.path)
+
+
+def find_layers(model: nn.Module, variables: Mapping[str, Any], sample: Any, *,
+                embeddings: bool = False) -> list[tuple[str, str]]:
+    """The Dense/Conv layers ``model`` calls on ``sample``, in call order: ``(path, kind)``;
+    with ``embeddings`` the ``nn.Embed`` tables it reads, as ``(path, 'embed')``, instead.
 
     Traces the model abstractly (no FLOPs); ``sample`` is an input batch or its
     ``jax.ShapeDtypeStruct`` (or a tuple of them, :func:`model_inputs`). A layer called
@@ -341,9 +389,14 @@ def find_layers(model: nn.Module, variables: Mapping[str, Any], sample: Any
     seen: dict[str, str] = {}
 
     def record(next_fun, args, kwargs, context):
-        layer = layer_of(context)
-        if layer is not None:
-            seen.setdefault(*layer)
+        if embeddings:
+            path = embedding_of(context)
+            if path is not None:
+                seen.setdefault(path, EMBED)
+        else:
+            layer = layer_of(context)
+            if layer is not None:
+                seen.setdefault(*layer)
         return next_fun(*args, **kwargs)
 
     def run(v, x):
@@ -361,12 +414,13 @@ def plan(model: nn.Module, variables: Mapping[str, Any], sample: Any,
     A layer is selected when ``re.fullmatch(s.layers, path)``; with
     ``keep_first_last_8bit`` the first layer called and the ``head`` (else the last layer
     called) use 8 bits (:func:`jaxkd.layers.edge_layers`), for weights and, when
-    activations are quantized, for their input.
+    activations are quantized, for their input. With ``embedding_bits`` every embedding
+    table the model reads follows, kind ``'embed'`` (weight-only).
 
     Raises:
       FieldError: one line naming ``layers`` when the regex selects no layer, or
         ``activation_bits`` when the model calls no Dense/Conv layer that could be
-        intercepted.
+        intercepted, or ``embedding_bits`` when it reads no ``nn.Embed`` table.
     """
     variables = dict(variables)
     variables["params"] = strip_steps(variables["params"])
@@ -387,6 +441,15 @@ def plan(model: nn.Module, variables: Mapping[str, Any], sample: Any,
         if s.keep_first_last_8bit and path in edges:
             wb, ab = 8, (8 if ab else 0)
         out[path] = LayerPlan(path=path, kind=kind, weight_bits=wb, activation_bits=ab)
+    if s.embedding_bits:
+        tables = find_layers(model, variables, sample, embeddings=True)
+        if not tables:
+            raise FieldError("embedding_bits", f"={s.embedding_bits} but model "
+                                               f"{type(model).__name__} looks up no "
+                                               "flax.linen.Embed table")
+        for path, kind in tables:
+            out[path] = LayerPlan(path=path, kind=kind, weight_bits=s.embedding_bits,
+                                  activation_bits=0)
     return out
 
 
@@ -403,11 +466,12 @@ def _layer_get(flat: Mapping[tuple[str, ...], Any], path: str, name: str) -> Any
 # ----------------------------------------------------------------------------- QAT
 
 
-def weight_scale(kernel: jax.Array, *, bits: int, per_channel: bool, symmetric: bool
-                 ) -> tuple[jax.Array, jax.Array]:
-    """Scale and zero point of a Dense/Conv ``kernel`` (output channels on the last axis),
-    from its min/max: per channel ``[1, ..., 1, C]`` or per tensor ``[1, ..., 1]``."""
-    axis = -1 if per_channel else None
+def weight_scale(kernel: jax.Array, *, bits: int, per_channel: bool, symmetric: bool,
+                 axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """Scale and zero point of a Dense/Conv ``kernel`` (output channels on the last axis;
+    an embedding table's rows with ``axis=0``), from its min/max: per channel
+    ``[1, ..., 1, C]`` (``[V, 1]``) or per tensor ``[1, ..., 1]``."""
+    axis = axis if per_channel else None
     if symmetric:  # only max|w| matters: one reduction instead of two
         absmax = jnp.max(jnp.abs(kernel), axis=_reduce_axes(jnp.ndim(kernel), axis),
                          keepdims=True)
@@ -420,14 +484,19 @@ def fake_quant_params(params: Any, layer_plan: Mapping[str, LayerPlan],
     """``params`` with every planned kernel fake-quantized (LSQ steps, if any, removed).
 
     ``'minmax'``: range from the kernel itself (no gradient), STE gradient. ``'lsq'``: the
-    learned ``kernel_step`` sibling of each kernel (see ``init_qat_params``).
+    learned ``kernel_step`` sibling of each kernel (see ``init_qat_params``). Embedding
+    tables: symmetric min/max per row, whatever the method.
     """
     flat = traverse_util.flatten_dict(params)
     out = {k: v for k, v in flat.items() if k[-1] not in STEP_NAMES}
     for path, layer in layer_plan.items():
-        key = (*path.split("/"), "kernel")
+        key = (*path.split("/"), layer.param)
         kernel = out[key]
-        if s.method == "lsq":
+        if layer.kind == EMBED:
+            scale, _ = weight_scale(jax.lax.stop_gradient(kernel), bits=layer.weight_bits,
+                                    per_channel=True, symmetric=True, axis=0)
+            out[key] = fake_quant(kernel, scale, bits=layer.weight_bits, clip_gradient=False)
+        elif s.method == "lsq":
             step = _layer_get(flat, path, KERNEL_STEP)
             if step is None:
                 raise FieldError("method", f"='lsq' but params have no {path}/{KERNEL_STEP}: "
@@ -622,6 +691,8 @@ def init_qat_params(model: nn.Module, variables: Mapping[str, Any], sample: Any,
     if any(lp.activation_bits for lp in layer_plan.values()):
         inputs = jax.jit(lambda v, x: capture_inputs(model, v, x))(dict(variables), sample)
     for path, lp in layer_plan.items():
+        if lp.kind == EMBED:  # min/max per row (fake_quant_params): no step to learn
+            continue
         kernel = flat[(*path.split("/"), "kernel")]
         flat[(*path.split("/"), KERNEL_STEP)] = lsq_init_step(
             kernel, bits=lp.weight_bits, axis=-1 if s.per_channel else None)
@@ -676,7 +747,8 @@ class QuantizedKernel:
     """A kernel as integers: ``kernel ~= scale * (values - zero_point)``.
 
     ``values`` int8 of the kernel's shape, each within ``bits`` bits; ``scale`` float32 and
-    ``zero_point`` int8, both ``[C]`` (per output channel) or ``[]`` (per tensor).
+    ``zero_point`` int8, both ``[C]`` (per output channel) or ``[]`` (per tensor); for an
+    embedding table ``[V]``, one per row (:func:`dequantize_layer` broadcasts them).
     """
 
     values: np.ndarray
@@ -685,26 +757,28 @@ class QuantizedKernel:
     bits: int
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "per_channel", "symmetric"))
-def _quantize_kernel(kernel, step, *, bits, per_channel, symmetric):
+@functools.partial(jax.jit, static_argnames=("bits", "per_channel", "symmetric", "axis"))
+def _quantize_kernel(kernel, step, *, bits, per_channel, symmetric, axis):
     if step is not None:
         q_min, q_max = lsq_range(bits)
         scale = lsq_step(step)
         values = jnp.clip(jnp.round(kernel / scale), q_min, q_max).astype(jnp.int8)
         return values, scale, jnp.zeros(scale.shape, jnp.int32)
     scale, zero_point = weight_scale(kernel, bits=bits, per_channel=per_channel,
-                                     symmetric=symmetric)
+                                     symmetric=symmetric, axis=axis)
     values = quantize(kernel, scale, zero_point, bits=bits, symmetric=symmetric)
-    shape = (kernel.shape[-1],) if per_channel else ()
+    shape = (kernel.shape[axis],) if per_channel else ()
     return values, scale.reshape(shape), zero_point.reshape(shape)
 
 
 def quantize_kernel(kernel: Any, *, bits: int, per_channel: bool = True,
-                    symmetric: bool = True, step: Any = None) -> QuantizedKernel:
-    """Integer values, scale and zero point of one kernel (min/max range, or an LSQ step)."""
+                    symmetric: bool = True, step: Any = None, axis: int = -1
+                    ) -> QuantizedKernel:
+    """Integer values, scale and zero point of one kernel (min/max range, or an LSQ step);
+    per channel along ``axis`` (an embedding table's rows: ``axis=0``)."""
     values, scale, zero_point = _quantize_kernel(
         jnp.asarray(kernel, jnp.float32), step, bits=check_bits(bits),
-        per_channel=bool(per_channel), symmetric=bool(symmetric))
+        per_channel=bool(per_channel), symmetric=bool(symmetric), axis=int(axis))
     return QuantizedKernel(values=np.asarray(values, np.int8),
                            scale=np.asarray(scale, np.float32),
                            zero_point=np.asarray(zero_point, np.int8), bits=int(bits))
@@ -730,6 +804,10 @@ def quantize_params(params: Any, s: Quantization, *,
     flat = traverse_util.flatten_dict(params)
     out = {}
     for path, lp in layer_plan.items():
+        if lp.kind == EMBED:  # symmetric per row, as QAT fake-quantized it
+            out[path] = quantize_kernel(_layer_get(flat, path, lp.param), bits=lp.weight_bits,
+                                        axis=channel_axis(lp.kind))
+            continue
         step = _layer_get(flat, path, KERNEL_STEP) if s.method == "lsq" else None
         out[path] = quantize_kernel(_layer_get(flat, path, "kernel"), bits=lp.weight_bits,
                                     per_channel=s.per_channel, symmetric=s.symmetric,

@@ -79,6 +79,8 @@ def expected_ops(manifest):
     kinds = collections.Counter(integer=0, weight_only=0, float=0)
     integer = collections.Counter()
     for layer in manifest["layers"]:
+        if layer["kind"] == "embed":  # an integer table: a Gather, not a layer
+            continue
         if not layer["activation"]["bits"]:
             kinds["weight_only"] += 1
             continue
@@ -254,6 +256,8 @@ BERT_CASES = [
     ("w8a8-mean-per-batch-scale", {"pooling": "mean"}, W8A8, True),
     ("w4a8-lsq", {}, {"weight_bits": 4, "activation_bits": 8, "method": "lsq"}, False),
     ("w8-weight-only", {}, {"weight_bits": 8}, False),
+    ("w8a8-int8-embeddings", {}, {**W8A8, "embedding_bits": 8}, False),
+    ("w8-int4-embeddings", {}, {"weight_bits": 8, "embedding_bits": 4}, False),
 ]
 
 
@@ -305,6 +309,15 @@ def test_onnx_bert_computes_the_artifact(tmp_path, extra, fields, dynamic):
     if fields is not None:
         assert info["layers"] == kinds
         assert {op: ops[op] for op in ("MatMulInteger",) if ops[op]} == integer
+    # Integer tables: the word and position lookups gather int8 rows and their scales.
+    tables = 2 if fields and fields.get("embedding_bits") else 0
+    assert info["integer_tables"] == tables
+    int8_tables = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8
+                   and t.name.startswith("embeddings/")]
+    assert [list(t.dims) for t in int8_tables] == [[BERT["vocab_size"], BERT["hidden_size"]],
+                                                   [BERT["max_position"],
+                                                    BERT["hidden_size"]]][:tables]
+    assert ops["Gather"] >= 2 * tables + 1
     assert ops["Softmax"] == sum(h > 0 for h in extra.get("layer_heads", (2, 2)))
     assert ops["LayerNormalization"] == 1 + 2 * BERT["num_layers"]
     report = verify_onnx(str(tmp_path / "a"), str(tmp_path / "m.onnx"), (ids, mask))

@@ -378,3 +378,78 @@ def test_quantize_params_gives_integers_scales_and_zero_points(symmetric):
         variables["params"], config(weight_bits=2, per_channel=False, keep_first_last_8bit=False))
     assert all(qk.scale.shape == () and qk.bits == 2 for qk in per_tensor.values())
     assert all(set(np.unique(qk.values)) <= {-1, 0, 1} for qk in per_tensor.values())
+
+
+# ----------------------------------------------------------------------------- embedding tables
+
+TINY_BERT = {"vocab_size": 60, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+             "intermediate_size": 32, "max_position": 16}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_tables_are_integers_per_row_and_the_artifact_is_the_qat_model(tmp_path, bits):
+    from jaxkd import export
+
+    model = models.get_model("bert", num_classes=3, **TINY_BERT)
+    rng = np.random.default_rng(0)
+    mask = (np.arange(12)[None] < rng.integers(2, 13, size=(20, 1))).astype(np.int32)
+    ids = rng.integers(1, 60, size=(20, 12)).astype(np.int32) * mask
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(ids), jnp.asarray(mask))
+    params = jax.device_get(variables["params"])
+    # Rows of very different magnitudes: one scale per row keeps each at full resolution.
+    word = params["embeddings"]["word_embeddings"]["embedding"]
+    word = word * np.logspace(-3, 0, word.shape[0])[:, None].astype(np.float32)
+    params["embeddings"]["word_embeddings"]["embedding"] = word
+    variables = {"params": params}
+    c = config(weight_bits=8, embedding_bits=bits)
+    layer_plan = quant.plan(model, variables, (ids, mask), c)
+    tables = {p: lp for p, lp in layer_plan.items() if lp.kind == "embed"}
+    assert sorted(tables) == [f"embeddings/{n}_embeddings" for n in ("position", "token_type",
+                                                                      "word")]
+    assert all(lp.weight_bits == bits and lp.activation_bits == 0 for lp in tables.values())
+    q = quant.quantize_params(params, c, layer_plan=layer_plan)["embeddings/word_embeddings"]
+    q_max = 2 ** (bits - 1) - 1
+    scale = np.abs(word).max(1) / q_max  # written out: symmetric, one scale per row
+    np.testing.assert_allclose(q.scale, scale, rtol=1e-6)
+    np.testing.assert_array_equal(q.values, np.clip(np.round(word / scale[:, None]),
+                                                    -q_max, q_max))
+    assert q.values.dtype == np.int8 and np.abs(q.values).max(1).min() == q_max
+    # QAT's forward is the artifact's integer lookup (the same products s_v * q_v; the rest
+    # to float rounding: the artifact's forward is jitted, fused differently).
+    qat = quant.qat_apply(model, **c.kwargs())(variables, ids, mask)
+    manifest = export.export(str(tmp_path / "a"), "bert", TINY_BERT, 3, variables, c, None,
+                             {}, input_shape=(12,))
+    predict, _ = export.load(str(tmp_path / "a"))
+    np.testing.assert_allclose(np.asarray(predict(ids, mask)), np.asarray(qat), rtol=1e-5,
+                               atol=1e-6)
+    # ... which is the float model with the dequantized tables (numpy), and not the float one.
+    dequantized = jax.tree.map(np.copy, params)
+    dequantized["embeddings"]["word_embeddings"]["embedding"] = scale[:, None] * q.values
+    float_tables = model.apply({"params": quant.fake_quant_params(
+        params, {p: lp for p, lp in layer_plan.items() if p not in tables}, c)}, ids, mask)
+    reference = model.apply({"params": quant.fake_quant_params(
+        dequantized, {p: lp for p, lp in layer_plan.items()
+                      if p != "embeddings/word_embeddings"}, c)}, ids, mask)
+    np.testing.assert_allclose(np.asarray(qat), np.asarray(reference), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(qat) - np.asarray(float_tables)).max() > 1e-6
+    # The tables are stored as integers, not as float32.
+    floats = {t["path"] for t in manifest["float_tensors"]}
+    assert not any(p.endswith("_embeddings/embedding") for p in floats)
+    entry = next(e for e in manifest["layers"] if e["path"] == "embeddings/word_embeddings")
+    assert entry["kind"] == "embed" and entry["activation"]["bits"] == 0
+    assert entry["scale"]["shape"] == [60]
+    # safetensors (and the HF export built on it) carry the table dequantized row by row.
+    from jaxkd.export import safetensors_io
+    tensors = safetensors_io.dense_tensors(str(tmp_path / "a"), manifest, include_float=True)
+    np.testing.assert_array_equal(
+        tensors[safetensors_io.FLOAT_PREFIX + "params.embeddings.word_embeddings.embedding"],
+        q.scale[:, None] * q.values)
+
+
+def test_embedding_bits_on_a_model_without_tables_names_the_field():
+    model, variables, x = mlp_and_vars()
+    with pytest.raises(ValueError, match="^embedding_bits=8 but model MLP looks up no "
+                                         "flax.linen.Embed table$"):
+        quant.plan(model, variables, x, config(embedding_bits=8))
+    with pytest.raises(ValueError, match=r"config.quantization.embedding_bits=2 is not"):
+        named({"embedding_bits": 2})

@@ -371,16 +371,23 @@ def test_a_tiny_bert_learns_bbc_news(real_bbc_news, data_dir, tmp_path):
     # 5 classes, chance 20 %; seen: 0.881 on the 444 test articles (about 15 s).
     assert summary["accuracy"] >= 0.6, summary["accuracy"]
     assert summary["eval"]["accuracy"] >= 0.6
-    # QAT w8a8 of every projection (Q, K, V, attention output, FFN, head) from the trained
-    # weights: the artifact is the QAT model, and ONNX Runtime runs its integer graph.
+    # QAT w8a8 of every projection (Q, K, V, attention output, FFN, head) and int8 embedding
+    # tables from the trained weights: the artifact is the QAT model, and ONNX Runtime runs
+    # its integer graph.
     c.quantization.enabled, c.quantization.activation_bits = True, 8
+    c.quantization.embedding_bits = 8
     c.init.method, c.init.teacher_workdir = "copy", str(tmp_path / "bert")
     c.num_steps = 40
     qat = train.train_and_evaluate(c, str(tmp_path / "bert_qat"))
-    assert qat["method"] == "qat-w8a8"
+    assert qat["method"] == "qat-w8a8e8"
     assert qat["accuracy"] == qat["eval"]["accuracy"] >= 0.6
     layers = export.read_manifest(str(tmp_path / "bert_qat" / "artifact"))["layers"]
-    assert len(layers) == 6 + 1 and all(e["activation"]["bits"] == 8 for e in layers)
+    tables = [e for e in layers if e["kind"] == "embed"]
+    assert len(tables) == 3 and all(e["weight_bits"] == 8 for e in tables)
+    assert len(layers) == 6 + 1 + 3 and all(e["activation"]["bits"] == 8 for e in layers
+                                            if e["kind"] != "embed")
+    # The word table (2,000 x 32) went from 4 bytes a value to 1.
+    assert qat["artifact_bytes"] < summary["artifact_bytes"] - 3 * vocab_size * 32
     for run in ("bert", "bert_qat"):
         index = json.loads((tmp_path / run / "formats" / "formats.json").read_text())
         assert {k for k, v in index["formats"].items() if "file" in v} == {

@@ -254,7 +254,9 @@ def export(directory: str, model_name: str, model_kwargs: Mapping[str, Any], num
                 "activation": _activation_entry(path, lp, settings, flat, activation_ranges),
             }
             layers.append(entry)
-            quantized.add(("params", *path.split("/"), "kernel"))
+            quantized.add(("params", *path.split("/"), lp.param))
+            if lp.kind == quant.EMBED:  # a table, not among the weights that sparsity counts
+                continue
             weights += qk.values.size
             # A weight is zero when its integer is the zero point.
             nonzero_weights += int(np.count_nonzero(
@@ -481,6 +483,7 @@ def load(directory: str, *, check: bool = True
             "values": jnp.asarray(read_tensor(contents, entry["kernel"]), jnp.int8),
             "scale": jnp.asarray(read_tensor(contents, entry["scale"]), jnp.float32),
             "zero_point": None if zero_point is None else jnp.asarray(zero_point, jnp.int8),
+            "kind": entry["kind"],
             "bias": flat.get(("params", *path.split("/"), "bias")),
             "activation": entry["activation"],
         }

@@ -13,6 +13,10 @@ Inference")::
 A layer whose activations stay float (weight-only quantization) multiplies by the
 dequantized kernel.
 
+An integer embedding table (``nn.Embed``, one scale per row) is looked up as integers and
+each gathered row scaled by its own scale, ``E[ids] = s[ids] * q[ids]``; ``attend`` (a tied
+output layer) multiplies by the dequantized table.
+
 Everything else (ReLU, pooling, BatchNorm, residual adds) runs in float32.
 """
 
@@ -26,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from flax.linen.linear import canonicalize_padding
 
 from jaxkd import quant
@@ -179,19 +184,47 @@ def integer_layer(module: nn.Module, x: jax.Array, layer: Mapping[str, Any]) -> 
     return y
 
 
+def integer_embedding(module: nn.Embed, method: str, x: jax.Array,
+                      layer: Mapping[str, Any]) -> jax.Array:
+    """An ``nn.Embed`` call on its integer table ``layer['values']`` ``[V, H]`` with one
+    scale per row ``layer['scale']`` ``[V]``: ``__call__(ids)`` gathers the int8 rows and
+    scales each, ``s[ids, None] * q[ids]``; ``attend(query)`` is ``query @ (s q)^T``."""
+    values, scale = layer["values"], layer["scale"]
+    if method == "attend":
+        table = scale[:, None] * values.astype(jnp.float32)
+        return jnp.dot(jnp.asarray(x, jnp.float32), table.T)
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        raise ValueError(f"layer {'/'.join(module.path)}: Embed input must be integers")
+    rows = jnp.take(values, x, axis=0)
+    return jnp.take(scale, x, axis=0)[..., None] * rows.astype(jnp.float32)
+
+
 def integer_apply(model: nn.Module, variables: Mapping[str, Any],
                   layers: Mapping[str, Mapping[str, Any]]) -> Callable[[jax.Array], jax.Array]:
     """``predict(x) -> logits``: ``model`` in inference mode with the layers of ``layers``
-    (by path, as :func:`integer_layer` takes them) on the integer path."""
+    (by path, as :func:`integer_layer` takes them; embedding tables, ``kind='embed'``, as
+    :func:`integer_embedding` does) on the integer path."""
 
     def integer_path(next_fun, args, kwargs, context):
+        table = quant.embedding_of(context)
+        if table is not None and table in layers:
+            return integer_embedding(context.module, context.method_name, args[0],
+                                     layers[table])
         found = quant.layer_of(context)
         if found is None or found[0] not in layers:
             return next_fun(*args, **kwargs)
         return integer_layer(context.module, args[0], layers[found[0]])
 
+    tables = {tuple(path.split("/")): layer["values"].shape
+              for path, layer in layers.items() if layer.get("kind") == quant.EMBED}
+
     def predict(*inputs):  # the model's inputs (images; or token ids and their mask)
+        v = variables
+        if tables:  # nn.Embed declares its float table in setup: a placeholder, never read
+            flat = traverse_util.flatten_dict(dict(v["params"]))
+            flat.update({(*k, "embedding"): jnp.zeros(shape) for k, shape in tables.items()})
+            v = {**v, "params": traverse_util.unflatten_dict(flat)}
         with nn.intercept_methods(integer_path):
-            return model.apply(variables, *inputs, train=False)
+            return model.apply(v, *inputs, train=False)
 
     return predict

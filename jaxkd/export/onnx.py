@@ -36,8 +36,9 @@ Artifact construct (:mod:`jaxkd.export.integer`) -> ONNX:
 - BERT: embeddings -> ``Gather``; LayerNorm -> ``LayerNormalization`` (opset >= 17, else
   its formula); attention -> ``MatMul`` of the float Q, K, V heads, ``Softmax`` with the
   padding bias; exact GELU -> ``Erf``; every projection (Q, K, V, attention output, FFN,
-  pooler, head) is a layer as above, integer where the artifact quantized it. The
-  embedding tables stay float32, as in the artifact.
+  pooler, head) is a layer as above, integer where the artifact quantized it. An integer
+  embedding table (``embedding_bits``) -> ``Gather`` of its int8 rows and of their scales,
+  ``Cast``, ``Mul``; a float one -> ``Gather``.
 
 Anything else (a model outside the zoo, a non-float32 model, grouped, input-dilated,
 circular or reflect convolutions, a bit width the manifest should not hold) is refused in
@@ -288,6 +289,32 @@ class _Builder:
                                                   np.float32)], f"{path}/bias_add")
         return y
 
+    def table(self, path: str) -> np.ndarray:
+        """The float embedding table at ``path`` (an integer one dequantized)."""
+        entry = self.quantized.get(path)
+        if entry is None:
+            return self._float(path, "embedding")
+        return quant.dequantize_layer(entry["values"], entry["scale"], entry["zero_point"],
+                                      quant.EMBED)
+
+    def lookup(self, path: str, ids: str) -> str:
+        """The rows ``ids`` of the embedding table at ``path``: ``Gather`` of the float
+        table, or of the int8 table and of its per-row scales, then ``Cast`` and ``Mul``
+        (the artifact's ``s[ids] * q[ids]``)."""
+        g, entry = self.g, self.quantized.get(path)
+        if entry is None:
+            return g.op("Gather", [g.const(path, self._float(path, "embedding")), ids],
+                        f"{path}/lookup", axis=0)
+        self.kinds[path] = "integer_table"
+        rows = g.op("Gather", [g.const(f"{path}/values", entry["values"], np.int8), ids],
+                    f"{path}/lookup_int", axis=0)
+        scales = g.op("Gather", [g.const(f"{path}/scale", entry["scale"], np.float32), ids],
+                      f"{path}/lookup_scale", axis=0)
+        scales = g.op("Unsqueeze", [scales, g.const("axes_last", [-1], np.int64)],
+                      f"{path}/row_scale")
+        return g.op("Mul", [scales, g.op("Cast", [rows], f"{path}/rows", to=TensorProto.FLOAT)],
+                    f"{path}/rows_scaled")
+
     def _kernel(self, path: str, kernel: np.ndarray) -> np.ndarray:
         """A flax kernel in ONNX's layout: Dense ``[K, C]`` as is, Conv ``[*k, I, O]`` as
         ``[O, I, *k]``."""
@@ -505,20 +532,16 @@ def _bert(b: _Builder, model: models.BertEncoder, inputs: tuple[str, str],
     g = b.g
     ids, mask = inputs
 
-    def table(name: str) -> np.ndarray:
-        return b._float(f"embeddings/{name}_embeddings", "embedding")
-
-    x = g.op("Gather", [g.const("embeddings/word", table("word")), ids],
-             "embeddings/word_lookup", axis=0)
+    x = b.lookup("embeddings/word_embeddings", ids)
     length = g.op("Gather", [g.op("Shape", [ids], "ids_shape"),
                              g.const("axis_1", 1, np.int64)], "length", axis=0)
     positions = g.op("Range", [g.const("int64_0", 0, np.int64), length,
                                g.const("int64_1", 1, np.int64)], "positions")
-    x = g.op("Add", [x, g.op("Gather", [g.const("embeddings/position", table("position")),
-                                        positions], "embeddings/position_lookup", axis=0)],
-        "embeddings/word_position")
+    x = g.op("Add", [x, b.lookup("embeddings/position_embeddings", positions)],
+             "embeddings/word_position")
     x = g.op("Add", [x, g.const("embeddings/token_type_0",
-                                        table("token_type")[0])], "embeddings/sum")
+                                b.table("embeddings/token_type_embeddings")[0])],
+             "embeddings/sum")
     x = b.layer_norm("embeddings/LayerNorm", x, model.layer_norm_eps)
     mask_float = g.op("Cast", [mask], "mask_float", to=TensorProto.FLOAT)
     bias = g.op("Mul", [g.op("Sub", [g.const("one", 1.0, np.float32), mask_float],
@@ -600,7 +623,7 @@ def _read_artifact(artifact_dir: str) -> tuple[dict[str, Any], dict, dict]:
             "scale": artifact.read_tensor(contents, e["scale"]).astype(np.float32),
             "zero_point": (None if not e["zero_point"] else
                            artifact.read_tensor(contents, e["zero_point"]).astype(np.int8)),
-            "bits": bits, "activation": e["activation"]}
+            "bits": bits, "activation": e["activation"], "kind": e["kind"]}
     return manifest, floats, quantized
 
 
@@ -609,7 +632,7 @@ def _abstract_variables(floats: Mapping[tuple[str, ...], np.ndarray],
     """The model's variables as shapes (quantized kernels by their integer values)."""
     flat = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in floats.items()}
     for path, e in quantized.items():
-        flat[("params", *path.split("/"), "kernel")] = jax.ShapeDtypeStruct(
+        flat[("params", *path.split("/"), quant.param_name(e["kind"]))] = jax.ShapeDtypeStruct(
             e["values"].shape, jnp.float32)
     return traverse_util.unflatten_dict(flat)
 
@@ -622,7 +645,8 @@ def export_onnx(artifact_dir: str, out_path: str, *, opset: int = 21) -> dict[st
     Returns:
       ``{"path", "opset", "bytes", "input": {"name", "shape"} (a token model: "inputs",
       one per input), "output": {"name", "shape"}, "layers": {"integer", "weight_only",
-      "float"} (counts), "ops": {op_type: count}}``; shapes name the batch dimension ``"batch"``.
+      "float"} (counts of Dense/Conv layers), "integer_tables" (int8 embedding lookups),
+      "ops": {op_type: count}}``; shapes name the batch dimension ``"batch"``.
 
     Raises:
       ConfigError: one line, for an opset outside ``[13, onnx's newest]``, a model
@@ -680,6 +704,7 @@ def export_onnx(artifact_dir: str, out_path: str, *, opset: int = 21) -> dict[st
             "output": {"name": OUTPUT, "shape": out_shape},
             "layers": {k: sum(v == k for v in builder.kinds.values())
                        for k in ("integer", "weight_only", "float")},
+            "integer_tables": sum(v == "integer_table" for v in builder.kinds.values()),
             "ops": dict(sorted(collections.Counter(n.op_type for n in graph.nodes).items()))}
 
 

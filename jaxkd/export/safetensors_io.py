@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save
 
-from jaxkd import files
+from jaxkd import files, quant
 from jaxkd.export import artifact
 from jaxkd.export.encoding import ArtifactError
 from jaxkd.schema import ConfigError, MissingError
@@ -106,8 +106,8 @@ def dense_tensors(directory: str, manifest: Mapping[str, Any], *, include_float:
             add(f"{prefix}.input_scale", _array(act["scale"], np.float32))
             add(f"{prefix}.input_zero_point", _array(act["zero_point"], np.int8))
         if include_float:
-            add(f"{FLOAT_PREFIX}{prefix}.kernel",
-                _array(scale * (values.astype(np.float32) - zero_point), np.float32))
+            add(f"{FLOAT_PREFIX}{prefix}.{quant.param_name(layer['kind'])}",
+                quant.dequantize_layer(values, scale, zero_point, layer["kind"]))
     return tensors
 
 

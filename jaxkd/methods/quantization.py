@@ -32,13 +32,17 @@ class Quantization(Method):
 
     def label(self) -> str:
         """``qat-w4a8``: the weight and activation bits the layers got (``w4/8`` when they
-        differ, e.g. the first and last layers kept at 8 bits)."""
-        s, plan = self.settings, self.layer_plan
-        weight_bits = sorted({lp.weight_bits for lp in plan.values()}) or [s.weight_bits]
-        act_bits = sorted({lp.activation_bits for lp in plan.values()}) or [s.activation_bits]
+        differ, e.g. the first and last layers kept at 8 bits; ``e8``: int8 embedding
+        tables)."""
+        s = self.settings
+        plan = [lp for lp in self.layer_plan.values() if lp.kind != quant.EMBED]
+        weight_bits = sorted({lp.weight_bits for lp in plan}) or [s.weight_bits]
+        act_bits = sorted({lp.activation_bits for lp in plan}) or [s.activation_bits]
         act = "/".join(str(b) for b in act_bits if b)
         return (f"{'qat' if s.qat else 'ptq'}-w{'/'.join(map(str, weight_bits))}"
-                f"{f'a{act}' if act else ''}{'-lsq' if s.method == 'lsq' else ''}")
+                f"{f'a{act}' if act else ''}"
+                f"{f'e{s.embedding_bits}' if s.embedding_bits else ''}"
+                f"{'-lsq' if s.method == 'lsq' else ''}")
 
     def check_params(self, params: Any, ctx: Context) -> None:
         s = self.settings
@@ -46,7 +50,8 @@ class Quantization(Method):
             quant.validate(s, params)
             self.layer_plan = quant.plan(ctx.model, {"params": params},
                                          ctx.task.example_inputs(ctx.info.input_shape, 1), s)
-        if s.weight_bits < 8 and all(lp.weight_bits == 8 for lp in self.layer_plan.values()):
+        if s.weight_bits < 8 and all(lp.weight_bits == 8 for lp in self.layer_plan.values()
+                                     if lp.kind != quant.EMBED):
             print(f"jaxkd: warning: config.quantization.weight_bits={s.weight_bits} but no layer "
                   f"is quantized below 8 bits: keep_first_last_8bit keeps "
                   f"{', '.join(self.layer_plan)} at 8 bits", file=sys.stderr, flush=True)
