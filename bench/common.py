@@ -54,6 +54,13 @@ def accuracy(summary: Mapping[str, Any]) -> float:
     return 100 * float(summary["stages"][last]["accuracy"])
 
 
+def wall_seconds(summary: Mapping[str, Any]) -> float:
+    """A run's training wall time: its steps over its measured steps per second (the rate
+    of the timed steps, compilation left out; NaN when it was not measured)."""
+    rate = summary.get("train_steps_per_sec")
+    return float(summary["num_steps"]) / rate if rate else float("nan")
+
+
 def mean_std(values: Sequence[float], digits: int = 2) -> str:
     """``'mean ± std'`` with the sample std (ddof = 1), the one convention of our tables."""
     v = np.asarray(values, float)

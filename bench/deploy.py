@@ -4,9 +4,9 @@
 
 For each model of ``MODELS`` (random weights: sizes and speed do not depend on their
 values; activation ranges calibrated on one batch) it exports a w8a8 artifact (BERT's
-embedding tables int8 too) and a float32 one, writes every format (``jaxkd.export.formats``: StableHLO, ONNX, safetensors, and
-the HF directory for BERT) and
-prints:
+embedding tables int8 too) and a float32 one, writes every format
+(``jaxkd.export.formats``: StableHLO, ONNX, safetensors, and the HF directory for BERT)
+and prints:
 
 - bytes on disk of the artifact and of each format;
 - ONNX Runtime (CPUExecutionProvider) against jaxkd's integer artifact on 512 random

@@ -29,7 +29,7 @@ split, read once after the choices below were made on the validation split (the 
   same on Fashion-MNIST: Caffe's LeNet-5 teacher, the classic LeNet-5 student from scratch
   and distilled (temperature chosen on validation), and the teacher compressed.
 
-Wall times are printed per run (``train_time_sec`` of the summaries).
+Wall times: each run's steps over its measured steps per second (``common.wall_seconds``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,16 @@ import sys
 
 import jax
 import numpy as np
-from common import ROOT, accuracy, add_output_args, choose, mean_std, publish, run
+from common import (
+    ROOT,
+    accuracy,
+    add_output_args,
+    choose,
+    mean_std,
+    publish,
+    run,
+    wall_seconds,
+)
 
 from jaxkd import checkpoint, configfile, export, report, train
 from jaxkd.config import validation
@@ -159,7 +168,7 @@ def hinton(args) -> None:
                                              student_lr=d_star), os.path.join(d, name))
         for name, s in summaries.items():
             rows[name].append(errors(s))
-            wall[name].append(float(s.get("train_time_sec", math.nan)))
+            wall[name].append(wall_seconds(s))
         c = hinton_run("student_no3", seed, args.epochs, t, t_star, student_lr=d_star)
         logits, labels = predictions(os.path.join(d, "student_no3"), c.data, "test")
         threes = labels == 3

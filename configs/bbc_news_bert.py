@@ -18,13 +18,23 @@ A chain of two stages in ``runs/bbc_news_bert_<args>/<stage>``:
      - ``minilm``: KD + MiniLM's last-layer attention and value-relation KL (Wang et al.
        2020);
      - ``init``: KD from the teacher's own layers (``config.init.method='layer_select'``,
-       every other one: DistilBERT's initialisation).
-     AdamW 1e-4, 10 % warm-up, cosine, 10 epochs, batch 32.
+       every other one: DistilBERT's initialisation);
+     - ``pruned``: all the teacher's layers with half its attention heads and FFN neurons
+       in each, the ones of highest Michel et al. (2019) importance on 512 training
+       articles (``config.init.method='prune_width'``, ``importance='gradient'``), then KD;
+     - ``qat``: the teacher itself, quantization-aware (int8 weights and activations of
+       every projection, int8 embedding tables) with KD from its float self, 2 epochs at
+       a tenth of ``lr``;
+     - ``pipeline``: three stages after the teacher: ``init`` (``layers`` of its layers +
+       KD), ``pruned`` (half of that student's heads and FFN neurons + KD from the
+       teacher), ``qat`` (that student int8 + KD), as above.
+     AdamW ``lr`` (1e-4), 10 % warm-up, cosine, ``epochs`` (10) epochs, batch 32.
 
-Not measured here yet (issue 15's table: 3 seeds, hyper-parameters on the validation
-split).
+Not measured here yet: ``python bench/bbc_table.py`` (3 seeds, the learning rates chosen
+on the validation split) makes issue 15's table.
 
-Args (after the colon): ``student=kd`` (scratch, kd, tinybert, minilm, init); ``layers=3``;
+Args (after the colon): ``student=kd`` (scratch, kd, tinybert, minilm, init, pruned, qat,
+pipeline); ``layers=3``; ``lr=1e-4`` and ``epochs=10`` (the students'), ``teacher_lr=5e-5``;
 ``smoke`` (a 2-layer teacher and 1-layer student of width 32, random weights, the built-in
 byte tokenizer, two steps per stage: no download).
 """
@@ -39,7 +49,7 @@ from jaxkd.config import (
 )
 from jaxkd.schema import ConfigError
 
-STUDENTS = ("scratch", "kd", "tinybert", "minilm", "init")
+STUDENTS = ("scratch", "kd", "tinybert", "minilm", "init", "pruned", "qat", "pipeline")
 MINILM = {"vocab_size": 30522, "hidden_size": 384, "num_layers": 6, "num_heads": 12,
           "intermediate_size": 1536, "max_position": 512, "pooling": "mean"}
 TINY = {"vocab_size": 260, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
@@ -60,8 +70,30 @@ def bbc_run(kwargs, *, epochs, learning_rate, tokenizer):
     return c
 
 
+def halved(shape, layers):
+    """Half the heads and FFN neurons of each of ``layers`` layers of width ``shape``."""
+    return {**shape, "num_layers": layers, "layer_heads": (shape["num_heads"] // 2,) * layers,
+            "layer_intermediate": (shape["intermediate_size"] // 2,) * layers}
+
+
+def distilled(c, teacher="stage:teacher"):
+    c.distill.teacher.workdir = teacher
+    c.distill.losses = hinton_losses(alpha=0.5, temperature=4.0)
+    return c
+
+
+def quantized(c, source, learning_rate):
+    """``c`` continuing ``source``'s model, int8 everywhere (QAT), a tenth of the rate."""
+    c.init.method, c.init.teacher_workdir = "copy", source
+    c.quantization.enabled, c.quantization.activation_bits = True, 8
+    c.quantization.embedding_bits = 8
+    c.optimizer.learning_rate = learning_rate / 10
+    return c
+
+
 def get_config(arg=None):
-    args = parse_arg(arg, student="kd", layers=3, smoke=False)
+    args = parse_arg(arg, student="kd", layers=3, lr=1e-4, epochs=10, teacher_lr=5e-5,
+                     smoke=False)
     if args["student"] not in STUDENTS:
         raise ConfigError(f"config arg student={args['student']!r} is not one of "
                           f"{', '.join(STUDENTS)}")
@@ -71,16 +103,43 @@ def get_config(arg=None):
         raise ConfigError(f"config arg layers={layers} must be in 1..{shape['num_layers']}")
     directory = pretrained_dir("all-MiniLM-L6-v2")
     tokenizer = "bytes" if args["smoke"] else f"{directory}/tokenizer.json"
-    teacher = bbc_run(shape, epochs=5, learning_rate=5e-5, tokenizer=tokenizer)
+    teacher = bbc_run(shape, epochs=5, learning_rate=args["teacher_lr"], tokenizer=tokenizer)
     if not args["smoke"]:
         teacher.init.method, teacher.init.pretrained = "pretrained", directory
-    student = bbc_run({**shape, "num_layers": layers}, epochs=10, learning_rate=1e-4,
-                      tokenizer=tokenizer)
-    kind = args["student"]
-    if kind != "scratch":
-        student.distill.teacher.workdir = "stage:teacher"
-        student.distill.losses = hinton_losses(alpha=0.5, temperature=4.0)
+    kind, lr, epochs = args["student"], args["lr"], args["epochs"]
     step = shape["num_layers"] // layers
+    keep = tuple(range(0, shape["num_layers"], step))[:layers]
+
+    def run(kwargs, epochs=epochs):
+        return bbc_run(kwargs, epochs=epochs, learning_rate=lr, tokenizer=tokenizer)
+
+    def pruned(kwargs, source):
+        c = distilled(run(halved(shape, kwargs["num_layers"])))
+        c.init.method, c.init.teacher_workdir = "prune_width", source
+        c.init.importance = "gradient"
+        return c
+
+    if kind in ("pruned", "qat", "pipeline"):
+        stages = {"teacher": teacher}
+        if kind == "pruned":
+            stages["student"] = pruned(shape, "stage:teacher")
+        elif kind == "qat":
+            stages["student"] = quantized(distilled(run(shape, epochs=2)), "stage:teacher", lr)
+        else:
+            init = distilled(run({**shape, "num_layers": layers}))
+            init.init.method, init.init.keep_layers = "layer_select", keep
+            init.init.teacher_workdir = "stage:teacher"
+            stages["init"] = init
+            stages["pruned"] = pruned({"num_layers": layers}, "stage:init")
+            stages["student"] = quantized(distilled(run(halved(shape, layers), epochs=2)),
+                                          "stage:pruned", lr)
+        config = chain_config(stages)
+        if args["smoke"]:
+            smoke(config)
+        return config
+    student = run({**shape, "num_layers": layers})
+    if kind != "scratch":
+        distilled(student)
     if kind == "tinybert":
         for j in range(1, layers + 1):
             student.distill.losses[f"hidden{j}"] = {
@@ -95,7 +154,7 @@ def get_config(arg=None):
     if kind == "init":
         student.init.method = "layer_select"
         student.init.teacher_workdir = "stage:teacher"
-        student.init.keep_layers = tuple(range(0, shape["num_layers"], step))[:layers]
+        student.init.keep_layers = keep
     config = chain_config({"teacher": teacher, "student": student})
     if args["smoke"]:
         smoke(config)

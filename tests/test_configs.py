@@ -69,3 +69,19 @@ def run_config(config, workdir):
     if chain.is_chain(config):
         return chain.run_chain(config, workdir)
     return train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize("student", ["pruned", "pipeline"])
+def test_bbc_bert_compression_variants_run(student, tmp_path, mock_tfds):
+    """The BERT table's compression rows: heads/FFN pruning, and layers -> width -> int8."""
+    config = load(os.path.join(ROOT, "configs", "bbc_news_bert.py"), f"smoke,student={student}")
+    with mock_tfds(num_examples=16):
+        summary = run_config(config, str(tmp_path / "run"))
+    rows = summary["stages"]
+    assert list(rows) == list(config.stage_order)
+    if student == "pipeline":
+        assert rows["student"]["method"].startswith("qat-w8a8e8")
+        assert rows["pruned"]["num_params"] < rows["init"]["num_params"] < rows["teacher"][
+            "num_params"]
+    else:
+        assert rows["student"]["num_params"] < rows["teacher"]["num_params"]

@@ -1,0 +1,186 @@
+"""BERT on BBC News: the fine-tuned MiniLM teacher, its distilled and compressed students.
+
+    python -m jaxkd.data.fetch bbc_news                  # once
+    python -m jaxkd.models.fetch all-MiniLM-L6-v2        # once
+    python bench/bbc_table.py [--seeds=0,1,2] [--layers=2,3] [--epochs=5] [--docs]
+
+Every row is a run of ``configs/bbc_news_bert.py`` (its ``student`` arg), evaluated once
+on the 444 test articles through its exported artifact; runs live in ``--root`` (default
+``runs/bbc_table``) and finished ones are reused, so the table can be built over several
+sessions (``--seeds=0`` first). Chosen on the validation split (seed 0; 10 % of the 1,558
+training articles held out): the teacher's learning rate among ``TEACHER_LRS``, then the
+students' among ``STUDENT_LRS`` on the KD student of ``max(--layers)`` layers.
+
+Rows, per seed: the teacher (all-MiniLM-L6-v2 fine-tuned); for each ``--layers`` the
+students ``scratch``, ``kd``, ``tinybert``, ``minilm`` and ``init``; then ``pruned`` (the
+teacher with half its heads and FFN neurons, Michel et al.'s importance, + KD), ``qat``
+(the teacher int8 everywhere, embedding tables included, + KD) and ``pipeline`` (layers ->
+heads/FFN -> int8, KD throughout). Every student learns from the same teacher run of its
+seed. Columns: test accuracy (mean ± sample std over seeds), parameters, bytes of the
+artifact on disk, and inference tokens/s relative to the teacher's artifact (seed 0's
+artifacts, 32 articles of 128 tokens per call, interleaved rounds in this one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import numpy as np
+from common import (
+    ROOT,
+    accuracy,
+    add_output_args,
+    choose,
+    mean_std,
+    publish,
+    run,
+    wall_seconds,
+)
+from timing import Ratio, interleaved
+
+from jaxkd import configfile, export, stages
+from jaxkd.config import validation
+
+TEACHER_LRS = (5e-5, 1e-4)
+STUDENT_LRS = (1e-4, 3e-4)
+STUDENTS = ("scratch", "kd", "tinybert", "minilm", "init")
+COMPRESSED = ("pruned", "qat", "pipeline")
+WHAT = {
+    "scratch": "{L} layers, labels only",
+    "kd": "{L} layers, KD (T = 4)",
+    "tinybert": "{L} layers, KD + TinyBERT hidden states",
+    "minilm": "{L} layers, KD + MiniLM attention and value relations",
+    "init": "{L} layers from the teacher's + KD",
+    "pruned": "teacher, half the heads and FFN neurons (Michel importance) + KD",
+    "qat": "teacher, QAT int8 (w8a8, int8 embedding tables) + KD",
+    "pipeline": "{L} layers from the teacher -> half the heads/FFN -> QAT int8, KD throughout",
+}
+SMOKE = False
+
+
+def config(student: str, layers: int, lr: float, teacher_lr: float, epochs: int):
+    arg = f"student={student},layers={layers},lr={lr},teacher_lr={teacher_lr},epochs={epochs}"
+    return configfile.load(os.path.join(ROOT, "configs", "bbc_news_bert.py")
+                           + f":{arg}{',smoke' if SMOKE else ''}")
+
+
+def run_after_teacher(c, teacher_dir: str, directory: str, *, validate: bool = False) -> dict:
+    """The stages of chain ``c`` after its teacher, in ``directory/<stage>``, with
+    ``stage:teacher`` meaning ``teacher_dir``: the last stage's summary."""
+    c = validation(c) if validate else c
+    summary = {}
+    for name in c.stage_order[1:]:
+        stage = c.stages[name]
+        for get, put in (
+                (lambda r: r.distill.teacher.workdir,
+                 lambda r, v: setattr(r.distill.teacher, "workdir", v)),
+                (lambda r: r.init.teacher_workdir,
+                 lambda r, v: setattr(r.init, "teacher_workdir", v))):
+            value = get(stage)
+            if value.startswith(stages.PREFIX):
+                ref = value[len(stages.PREFIX):]
+                put(stage, teacher_dir if ref == "teacher" else os.path.join(directory, ref))
+        summary = run(stage, os.path.join(directory, name))
+    return summary
+
+
+def tokens_per_second(artifacts: dict[str, str], rounds: int) -> dict[str, Ratio]:
+    """Each artifact's inference speed relative to the teacher's, on the same 32 random
+    articles of 128 tokens (every position a token), interleaved rounds."""
+    fns = {}
+    rng = np.random.default_rng(0)
+    for key, directory in artifacts.items():
+        predict, manifest = export.load(os.path.join(directory, "artifact"))
+        vocab = manifest["model"]["kwargs"]["vocab_size"]
+        length = manifest["model"]["input_shape"][0]
+        ids = jax.device_put(rng.integers(1, vocab, size=(32, length)).astype(np.int32))
+        mask = jax.device_put(np.ones((32, length), np.int32))
+        fns[key] = (lambda p, i, m: lambda: p(i, m))(predict, ids, mask)
+    times = interleaved(fns, rounds=rounds, calls=2)
+    return {k: Ratio(times["teacher"] / t) for k, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--layers", default="2,3", help="the students' depths")
+    parser.add_argument("--epochs", type=int, default=5, help="the students' epochs")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds")
+    parser.add_argument("--smoke", action="store_true",
+                        help="two tiny steps per stage: checks the plumbing, not the numbers")
+    add_output_args(parser, "bbc_table")
+    args = parser.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
+    seeds = [int(s) for s in args.seeds.split(",")]
+    depths = [int(n) for n in args.layers.split(",")]
+    val = os.path.join(args.root, "validation")
+
+    def teacher(lr):
+        c = config("kd", depths[-1], STUDENT_LRS[0], lr, args.epochs)
+        return c.stages["teacher"]
+
+    t_lr, t_scores = choose({lr: teacher(lr) for lr in TEACHER_LRS},
+                            os.path.join(val, "teacher"))
+    val_teacher = os.path.join(val, "teacher", str(t_lr))
+    s_scores = {lr: accuracy(run_after_teacher(config("kd", max(depths), lr, t_lr, args.epochs),
+                                               val_teacher, os.path.join(val, "kd", str(lr)),
+                                               validate=True))
+                for lr in STUDENT_LRS}
+    s_lr = max(s_scores, key=lambda k: s_scores[k])
+    print(f"validation: teacher lr {t_scores} -> {t_lr:g}; student lr {s_scores} -> {s_lr:g}",
+          flush=True)
+
+    rows = [("teacher", 0)] + [(s, n) for n in depths for s in STUDENTS] + [
+        ("pruned", 0), ("qat", 0), ("pipeline", max(depths))]
+    results: dict[tuple[str, int], list[dict]] = {r: [] for r in rows}
+    seed0: dict[str, str] = {}
+    for seed in seeds:
+        d = os.path.join(args.root, f"seed{seed}")
+        t_dir = os.path.join(d, "teacher")
+        t = config("kd", max(depths), s_lr, t_lr, args.epochs).stages["teacher"]
+        t.seed = seed
+        results[("teacher", 0)].append(run(t, t_dir))
+        if seed == seeds[0]:
+            seed0["teacher"] = t_dir
+        for student, n in rows[1:]:
+            c = config(student, n or max(depths), s_lr, t_lr, args.epochs)
+            for name in c.stage_order:
+                c.stages[name].seed = seed
+            directory = os.path.join(d, f"{student}{n or ''}")
+            results[(student, n)].append(run_after_teacher(c, t_dir, directory))
+            if seed == seeds[0]:
+                seed0[f"{student}{n or ''}"] = os.path.join(directory, c.stage_order[-1])
+    speed = tokens_per_second(seed0, args.rounds)
+
+    lines = ["| model | test accuracy (%) | per seed | parameters | artifact bytes | "
+             "tokens/s vs teacher | train wall time |", "|---|---:|---|---:|---:|---:|---:|"]
+    for student, n in rows:
+        runs = results[(student, n)]
+        acc = [accuracy(s) for s in runs]
+        what = ("teacher: all-MiniLM-L6-v2 (6 layers, 384 wide) fine-tuned" if student ==
+                "teacher" else WHAT[student].format(L=n))
+        key = "teacher" if student == "teacher" else f"{student}{n or ''}"
+        minutes = np.mean([wall_seconds(s) for s in runs]) / 60
+        lines.append(f"| {what} | {mean_std(acc)} | {', '.join(f'{a:.2f}' for a in acc)} | "
+                     f"{runs[0]['num_params']:,} | {runs[0]['artifact_bytes']:,} | "
+                     f"{speed[key].text(digits=2)} | {minutes:.1f} min |")
+    lines += ["", f"Mean ± sample std over seeds {','.join(map(str, seeds))} on the 444 test "
+              "articles (the exported artifact); parameters, bytes and speed of seed "
+              f"{seeds[0]}'s runs (tokens/s: the teacher's time over the row's, median "
+              f"(min-max) of {args.rounds} interleaved rounds, 32 articles x 128 tokens). "
+              "Teacher: AdamW, 5 epochs; students: AdamW, "
+              f"{args.epochs} epochs (QAT: 2 epochs at a tenth of the rate), batch 32, 128 "
+              "tokens, 10 % warm-up, cosine decay; KD: T = 4, alpha = 0.5. Learning rates "
+              "chosen on the validation split (seed 0): the teacher's "
+              + ", ".join(f"{lr:g}: {a:.2f} %" for lr, a in t_scores.items())
+              + f" -> {t_lr:g}; the students' (KD, {max(depths)} layers) "
+              + ", ".join(f"{lr:g}: {a:.2f} %" for lr, a in s_scores.items())
+              + f" -> {s_lr:g}. Wall time: the row's last stage (pipeline: its QAT stage)."]
+    publish("bbc_news_bert", "\n".join(lines), docs=args.docs)
+
+
+if __name__ == "__main__":
+    main()
