@@ -24,7 +24,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTS = ("README.md", "docs/distillation.md", "docs/quantization.md",
-             "docs/compression.md", "docs/mnist.md")
+             "docs/compression.md", "docs/mnist.md", "docs/llm.md")
 TABLES = os.path.join(ROOT, "docs", "tables")
 MARKED = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
