@@ -214,7 +214,7 @@ def hinton_losses(alpha: float, temperature: float) -> ml_collections.ConfigDict
 
 
 INIT_IMPORTANCE = ("activation", "gradient")
-PRETRAINED = ("all-MiniLM-L6-v2",)  # what python -m jaxkd.models.fetch fetches
+PRETRAINED = ("all-MiniLM-L6-v2", "gemma-3-270m")  # what python -m jaxkd.models.fetch fetches
 
 
 def pretrained_dir(name: str, directory: str | None = None) -> str:

@@ -387,4 +387,4 @@ def test_fetched_weights_are_verified_and_missing_ones_name_the_command(tmp_path
         fetch.pretrained_dir("bert-base")
     from jaxkd.config import PRETRAINED
 
-    assert set(fetch.MODELS) == set(PRETRAINED)  # configs name what the fetcher knows
+    assert {*fetch.MODELS, *fetch.GGUF_MODELS} == set(PRETRAINED)  # what the fetcher knows

@@ -1,0 +1,210 @@
+r"""Gemma 3's decoder (Gemma Team 2025, "Gemma 3 Technical Report"), as llama.cpp runs it.
+
+On token ids ``[B, L]`` (right-padded; ``mask`` ``[B, L]``, 1 = token)::
+
+    x_0 = E[ids] * sqrt(D)
+    per layer i:   a = RMSNorm_post_attn(Attention_i(RMSNorm_attn(x)))      x = x + a
+                   f = RMSNorm_post_ffw(W_down(gelu_tanh(x W_gate) * (x W_up)))   on
+                       RMSNorm_ffn(x)                                        x = x + f
+    h = RMSNorm_out(x)            logits = h E^T       (the embedding table, tied)
+
+``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w`` with the scale ``w`` as stored in the GGUF
+file (its converter has added Gemma's ``1 +`` already). Attention is grouped-query
+(``num_heads`` query heads share ``num_kv_heads`` key/value heads, ``head_dim`` each), with
+RMSNorm of every query and key head (QK-norm, its own ``[head_dim]`` scale), rotary
+position embeddings on halves (NeoX layout, as llama.cpp's ``LLAMA_ROPE_TYPE_NEOX``) of base
+``rope_global_base`` on global layers and ``rope_local_base`` on local ones, the queries
+scaled by ``query_scale`` (``head_dim^-1/2``), causal; local layers see only the last
+``sliding_window`` positions (``i - j < window``); every ``global_every``-th layer is
+global (layers 5, 11, 17 of 18). Softmax in float32; padding keys are never attended.
+
+Parameter names follow the GGUF tensors (:mod:`jaxkd.models.gguf_io` loads them):
+``embed/embedding`` ``[V, D]``; ``layer{i}/{attn_norm, attn_q_norm, attn_k_norm,
+post_attention_norm, ffn_norm, post_ffw_norm}/scale``; ``layer{i}/attn_{q,k,v,output}`` and
+``layer{i}/ffn_{gate,up,down}`` (Dense ``kernel`` ``[in, out]``, no bias); ``output_norm/scale``.
+
+``apply(variables, ids, mask, return_logits=True, return_features=False)`` returns float32
+logits ``[B, L, V]``; with ``return_features`` also ``{'hidden{i}': x after layer i,
+'final_hidden': h}``. For distillation at large ``V`` pass ``return_logits=False`` and
+give ``final_hidden`` and the table to :func:`jaxkd.token_kd.token_losses`
+(:func:`jaxkd.token_kd.tied_head`), which never forms the logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+NEG_INF = -1e30  # additive mask of an unseen key (finite: a fully masked row stays finite)
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, in float32."""
+
+    eps: float
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding on halves (NeoX): ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]``
+    with ``theta_k = positions * base^(-2k/d)``; ``x`` ``[B, L, H, d]``, ``positions``
+    ``[B, L]``."""
+    half = x.shape[-1] // 2
+    inv = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+    angles = positions.astype(jnp.float32)[..., None, None] * inv  # [B, L, 1, half]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def attention_bias(mask: jax.Array, window: int | None) -> jax.Array:
+    """``[B, 1, L, L]`` additive bias: 0 where query ``i`` may see key ``j`` (``j <= i``,
+    ``i - j < window`` if a window is given, key not padding), ``NEG_INF`` elsewhere."""
+    length = mask.shape[1]
+    i, j = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
+    seen = j <= i
+    if window is not None:
+        seen &= (i - j) < window
+    seen = seen[None, None] & (mask[:, None, None, :] != 0)
+    return jnp.where(seen, 0.0, NEG_INF).astype(jnp.float32)
+
+
+class GemmaAttention(nn.Module):
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    query_scale: float
+    rope_base: float
+    eps: float
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
+        batch, length, _ = x.shape
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = nn.Dense(self.num_heads * self.head_dim, name="attn_q", **dense)(x)
+        k = nn.Dense(self.num_kv_heads * self.head_dim, name="attn_k", **dense)(x)
+        v = nn.Dense(self.num_kv_heads * self.head_dim, name="attn_v", **dense)(x)
+        q = q.reshape(batch, length, self.num_heads, self.head_dim)
+        k = k.reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
+        q = RMSNorm(self.eps, self.param_dtype, name="attn_q_norm")(q)
+        k = RMSNorm(self.eps, self.param_dtype, name="attn_k_norm")(k)
+        q = rope(q, positions, self.rope_base) * jnp.asarray(self.query_scale, q.dtype)
+        k = rope(k, positions, self.rope_base)
+        group = self.num_heads // self.num_kv_heads  # query heads per key/value head
+        q = q.reshape(batch, length, self.num_kv_heads, group, self.head_dim)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores + bias[:, :, None]  # [B, 1, 1, L, L] over kv heads and groups
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+        out = out.reshape(batch, length, self.num_heads * self.head_dim)
+        return nn.Dense(x.shape[-1], name="attn_output", **dense)(out)
+
+
+class GemmaBlock(nn.Module):
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    query_scale: float
+    rope_base: float
+    eps: float
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
+        norm = dict(eps=self.eps, param_dtype=self.param_dtype)
+        h = RMSNorm(**norm, name="attn_norm")(x)
+        h = GemmaAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.query_scale,
+                           self.rope_base, self.eps, self.dtype, self.param_dtype,
+                           name="attention")(h, positions, bias)
+        x = x + RMSNorm(**norm, name="post_attention_norm")(h)
+        h = RMSNorm(**norm, name="ffn_norm")(x)
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.intermediate_size:
+            gate = nn.Dense(self.intermediate_size, name="ffn_gate", **dense)(h)
+            up = nn.Dense(self.intermediate_size, name="ffn_up", **dense)(h)
+            h = nn.Dense(x.shape[-1], name="ffn_down", **dense)(
+                jax.nn.gelu(gate, approximate=True) * up)
+        else:  # every FFN neuron pruned: the branch adds nothing
+            h = jnp.zeros_like(x)
+        return x + RMSNorm(**norm, name="post_ffw_norm")(h)
+
+
+class Gemma3(nn.Module):
+    """Gemma 3's decoder (module docstring). ``layer_intermediate``: per-layer FFN widths
+    (a width-pruned student), else ``intermediate_size`` everywhere."""
+
+    vocab_size: int = 262_144
+    hidden_size: int = 640
+    num_layers: int = 18
+    num_heads: int = 4
+    num_kv_heads: int = 1
+    head_dim: int = 256
+    intermediate_size: int = 2048
+    sliding_window: int = 512
+    global_every: int = 6
+    rope_local_base: float = 10_000.0
+    rope_global_base: float = 1_000_000.0
+    query_scale: float | None = None
+    rms_eps: float = 1e-6
+    layer_intermediate: Sequence[int] | None = None
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    def is_global(self, layer: int) -> bool:
+        return (layer + 1) % self.global_every == 0
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, mask: jax.Array | None = None, *,
+                 train: bool = False, return_logits: bool = True,
+                 return_features: bool = False) -> Any:
+        del train  # no dropout
+        ids = jnp.asarray(input_ids)
+        mask = jnp.ones(ids.shape, jnp.int32) if mask is None else jnp.asarray(mask)
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        embed = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype,
+                         param_dtype=self.param_dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        x = embed(ids) * jnp.asarray(math.sqrt(self.hidden_size), self.dtype)
+        scale = self.query_scale or self.head_dim ** -0.5
+        biases = {True: attention_bias(mask, None),
+                  False: attention_bias(mask, self.sliding_window)}
+        widths = self.layer_intermediate or (self.intermediate_size,) * self.num_layers
+        features: dict[str, jax.Array] = {}
+        for i in range(self.num_layers):
+            glob = self.is_global(i)
+            x = GemmaBlock(self.num_heads, self.num_kv_heads, self.head_dim, int(widths[i]),
+                           scale, self.rope_global_base if glob else self.rope_local_base,
+                           self.rms_eps, self.dtype, self.param_dtype, name=f"layer{i}")(
+                x, positions, biases[glob])
+            features[f"hidden{i + 1}"] = x
+        h = RMSNorm(self.rms_eps, self.param_dtype, name="output_norm")(x)
+        features["final_hidden"] = h
+        if not return_logits:
+            return features
+        logits = embed.attend(h.astype(self.dtype)).astype(jnp.float32)
+        return (logits, features) if return_features else logits
+
+
+def config_of(model: Gemma3) -> dict[str, Any]:
+    """The model's fields (its kwargs), for manifests and summaries."""
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.name not in ("parent", "name")}
