@@ -107,7 +107,8 @@ def hinton_run(name: str, seed: int, epochs: int, teacher: str | None = None,
                temperature: float | None = None, teacher_lr: float = 0.1,
                student_lr: float = 0.1):
     c = stage(config("mnist_hinton.py", f"epochs={epochs},no3,teacher_lr={teacher_lr},"
-                                        f"student_lr={student_lr}"), name)
+                                        f"scratch_lr={student_lr},student_lr={student_lr}"),
+              name)
     c.seed = seed
     if teacher is not None:
         c.distill.teacher.workdir = teacher
