@@ -71,16 +71,16 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def attention_bias(mask: jax.Array, window: int | None) -> jax.Array:
-    """``[B, 1, L, L]`` additive bias: 0 where query ``i`` may see key ``j`` (``j <= i``,
-    ``i - j < window`` if a window is given, key not padding), ``NEG_INF`` elsewhere."""
-    length = mask.shape[1]
-    i, j = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
-    seen = j <= i
+def attention_bias(query_positions: jax.Array, key_positions: jax.Array, key_mask: jax.Array,
+                   window: int | None) -> jax.Array:
+    """``[B, 1, Lq, Lk]`` additive bias: 0 where a query at position ``i`` may see a key at
+    position ``j`` (``j <= i``, ``i - j < window`` if a window is given, the key a token,
+    not padding), ``NEG_INF`` elsewhere. Positions ``[B, Lq]``, ``[B, Lk]``; mask ``[B, Lk]``."""
+    i, j = query_positions[:, :, None], key_positions[:, None, :]
+    seen = (j <= i) & (key_mask[:, None, :] != 0)
     if window is not None:
         seen &= (i - j) < window
-    seen = seen[None, None] & (mask[:, None, None, :] != 0)
-    return jnp.where(seen, 0.0, NEG_INF).astype(jnp.float32)
+    return jnp.where(seen, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
 class GemmaAttention(nn.Module):
@@ -94,7 +94,11 @@ class GemmaAttention(nn.Module):
     param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array,
+                 cache: dict[str, jax.Array] | None = None, index: Any = 0) -> tuple:
+        """``(output, cache)``: with a ``cache`` (``{'k', 'v'}`` ``[B, S, KV, d]``) this
+        call's keys and values are written at ``index`` and the queries attend to all
+        ``S`` cached positions (``bias`` ``[B, 1, L, S]``)."""
         batch, length, _ = x.shape
         dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
         q = nn.Dense(self.num_heads * self.head_dim, name="attn_q", **dense)(x)
@@ -107,6 +111,11 @@ class GemmaAttention(nn.Module):
         k = RMSNorm(self.eps, self.param_dtype, name="attn_k_norm")(k)
         q = rope(q, positions, self.rope_base) * jnp.asarray(self.query_scale, q.dtype)
         k = rope(k, positions, self.rope_base)
+        if cache is not None:
+            at = (0, index, 0, 0)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)}
+            k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
         group = self.num_heads // self.num_kv_heads  # query heads per key/value head
         q = q.reshape(batch, length, self.num_kv_heads, group, self.head_dim)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
@@ -114,7 +123,7 @@ class GemmaAttention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
-        return nn.Dense(x.shape[-1], name="attn_output", **dense)(out)
+        return nn.Dense(x.shape[-1], name="attn_output", **dense)(out), cache
 
 
 class GemmaBlock(nn.Module):
@@ -129,12 +138,14 @@ class GemmaBlock(nn.Module):
     param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array,
+                 cache: dict[str, jax.Array] | None = None, index: Any = 0) -> tuple:
         norm = dict(eps=self.eps, param_dtype=self.param_dtype)
         h = RMSNorm(**norm, name="attn_norm")(x)
-        h = GemmaAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.query_scale,
-                           self.rope_base, self.eps, self.dtype, self.param_dtype,
-                           name="attention")(h, positions, bias)
+        h, cache = GemmaAttention(self.num_heads, self.num_kv_heads, self.head_dim,
+                                  self.query_scale, self.rope_base, self.eps, self.dtype,
+                                  self.param_dtype, name="attention")(h, positions, bias,
+                                                                      cache, index)
         x = x + RMSNorm(**norm, name="post_attention_norm")(h)
         h = RMSNorm(**norm, name="ffn_norm")(x)
         dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -145,7 +156,7 @@ class GemmaBlock(nn.Module):
                 jax.nn.gelu(gate, approximate=True) * up)
         else:  # every FFN neuron pruned: the branch adds nothing
             h = jnp.zeros_like(x)
-        return x + RMSNorm(**norm, name="post_ffw_norm")(h)
+        return x + RMSNorm(**norm, name="post_ffw_norm")(h), cache
 
 
 class Gemma3(nn.Module):
@@ -172,36 +183,67 @@ class Gemma3(nn.Module):
     def is_global(self, layer: int) -> bool:
         return (layer + 1) % self.global_every == 0
 
+    def init_cache(self, batch: int, length: int, dtype: DTypeLike = jnp.float32
+                   ) -> dict[str, Any]:
+        """An empty KV cache of ``length`` positions: per layer ``{'k', 'v'}`` ``[B, S,
+        KV, d]``, and the ``positions`` and ``mask`` ``[B, S]`` of what has been written."""
+        shape = (batch, length, self.num_kv_heads, self.head_dim)
+        return {"layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                           for _ in range(self.num_layers)],
+                "positions": jnp.zeros((batch, length), jnp.int32),
+                "mask": jnp.zeros((batch, length), jnp.int32)}
+
     @nn.compact
     def __call__(self, input_ids: jax.Array, mask: jax.Array | None = None, *,
-                 train: bool = False, return_logits: bool = True,
+                 positions: jax.Array | None = None, cache: dict[str, Any] | None = None,
+                 index: Any = 0, train: bool = False, return_logits: bool = True,
                  return_features: bool = False) -> Any:
+        """Logits ``[B, L, V]`` (module docstring). ``positions`` ``[B, L]`` (default
+        ``0..L-1``; left-padded prompts: ``cumsum(mask) - 1``). With a ``cache``
+        (:meth:`init_cache`) the tokens are written at cache slots ``index..index+L-1``,
+        attend to every cached token, and ``(output, cache)`` is returned."""
         del train  # no dropout
         ids = jnp.asarray(input_ids)
-        mask = jnp.ones(ids.shape, jnp.int32) if mask is None else jnp.asarray(mask)
-        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        mask = jnp.ones(ids.shape, jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        positions = jnp.asarray(positions, jnp.int32)
+        key_positions, key_mask = positions, mask
+        if cache is not None:
+            key_positions = jax.lax.dynamic_update_slice(cache["positions"], positions,
+                                                         (0, index))
+            key_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
         embed = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype,
                          param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
         x = embed(ids) * jnp.asarray(math.sqrt(self.hidden_size), self.dtype)
         scale = self.query_scale or self.head_dim ** -0.5
-        biases = {True: attention_bias(mask, None),
-                  False: attention_bias(mask, self.sliding_window)}
+        biases = {True: attention_bias(positions, key_positions, key_mask, None),
+                  False: attention_bias(positions, key_positions, key_mask,
+                                        self.sliding_window)}
         widths = self.layer_intermediate or (self.intermediate_size,) * self.num_layers
         features: dict[str, jax.Array] = {}
+        layer_caches = []
         for i in range(self.num_layers):
             glob = self.is_global(i)
-            x = GemmaBlock(self.num_heads, self.num_kv_heads, self.head_dim, int(widths[i]),
-                           scale, self.rope_global_base if glob else self.rope_local_base,
-                           self.rms_eps, self.dtype, self.param_dtype, name=f"layer{i}")(
-                x, positions, biases[glob])
+            x, layer_cache = GemmaBlock(
+                self.num_heads, self.num_kv_heads, self.head_dim, int(widths[i]), scale,
+                self.rope_global_base if glob else self.rope_local_base, self.rms_eps,
+                self.dtype, self.param_dtype, name=f"layer{i}")(
+                x, positions, biases[glob], None if cache is None else cache["layers"][i],
+                index)
+            layer_caches.append(layer_cache)
             features[f"hidden{i + 1}"] = x
         h = RMSNorm(self.rms_eps, self.param_dtype, name="output_norm")(x)
         features["final_hidden"] = h
         if not return_logits:
-            return features
-        logits = embed.attend(h.astype(self.dtype)).astype(jnp.float32)
-        return (logits, features) if return_features else logits
+            out = features
+        else:
+            logits = embed.attend(h.astype(self.dtype)).astype(jnp.float32)
+            out = (logits, features) if return_features else logits
+        if cache is None:
+            return out
+        return out, {"layers": layer_caches, "positions": key_positions, "mask": key_mask}
 
 
 def config_of(model: Gemma3) -> dict[str, Any]:

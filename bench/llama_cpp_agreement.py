@@ -1,0 +1,104 @@
+"""jaxkd's Gemma 3 against llama.cpp on the same GGUF file: token ids, then next-token logits.
+
+    pip install llama-cpp-python            # compiles llama.cpp (about 15 min on 2 cores)
+    python -m jaxkd.models.fetch gemma-3-270m
+    python -m jaxkd.data.fetch bbc_news
+    python bench/llama_cpp_agreement.py [--articles 200] [--logit_articles 8] [--docs]
+
+llama.cpp is the reference implementation of the file format and of the architecture, run
+through ``llama-cpp-python``. On the BBC News test articles:
+
+- tokenization: :mod:`jaxkd.models.spm` against ``Llama.tokenize`` (``<bos>`` added,
+  special tokens not parsed), article by article;
+- logits: the first ``--tokens`` tokens of ``--logit_articles`` articles, every position's
+  next-token logits from ``Llama.eval`` (``logits_all``) against jaxkd's float32 forward of
+  the dequantized weights: top-1 agreement, mean Pearson correlation of the logit vectors,
+  mean KL(llama.cpp || jaxkd) and the largest |difference| relative to the logit range.
+
+They are not expected to be equal: llama.cpp multiplies the quantized weights by
+activations it quantizes to 8 bits per block (``Q8_0``/``Q8_K``) and accumulates in its own
+order, jaxkd by the dequantized float32 weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import publish
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--articles", type=int, default=200)
+    parser.add_argument("--logit_articles", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--models_dir", default=None)
+    parser.add_argument("--docs", action="store_true")
+    args = parser.parse_args()
+    try:
+        import llama_cpp
+    except ImportError:
+        sys.exit("llama-cpp-python is not installed: pip install llama-cpp-python")
+    import tensorflow_datasets as tfds
+
+    from jaxkd.data import bbc_news  # noqa: F401  (registers the builder)
+    from jaxkd.models import fetch, gguf_io, spm
+
+    path = fetch.verified_gguf("gemma-3-270m", args.models_dir)
+    source = tfds.builder("bbc_news").as_data_source("test")
+    texts = [e["text"].decode() for e in source.__getitems__(list(range(args.articles)))]
+    ours = spm.from_gguf(path)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=args.tokens, logits_all=True, verbose=False,
+                          n_threads=2, seed=0)
+    same = tokens = 0
+    first_difference = None
+    for text in texts:
+        a = ours.encode(text)
+        b = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        tokens += len(b)
+        same += a == b
+        if a != b and first_difference is None:
+            k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                     min(len(a), len(b)))
+            first_difference = (text[:60], a[k:k + 5], b[k:k + 5])
+    print(f"tokenization: {same}/{len(texts)} articles identical ({tokens:,} tokens)",
+          flush=True)
+    if first_difference:
+        print(f"first difference: {first_difference}", flush=True)
+
+    model, variables, _ = gguf_io.from_gguf(path)
+    forward = jax.jit(lambda ids: model.apply(variables, ids))
+    top1, corr, kl, rel = [], [], [], []
+    for text in texts[:args.logit_articles]:
+        ids = ours.encode(text)[:args.tokens]
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[:len(ids)], np.float64)
+        mine = np.asarray(forward(jnp.asarray([ids]))[0], np.float64)
+        top1.append(np.mean(theirs.argmax(-1) == mine.argmax(-1)))
+        a, b = theirs - theirs.mean(-1, keepdims=True), mine - mine.mean(-1, keepdims=True)
+        corr.append(np.mean((a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))))
+        lp = theirs - np.logaddexp.reduce(theirs, -1, keepdims=True)
+        lq = mine - np.logaddexp.reduce(mine, -1, keepdims=True)
+        kl.append(np.mean((np.exp(lp) * (lp - lq)).sum(-1)))
+        rel.append(np.abs(theirs - mine).max() / (theirs.max() - theirs.min()))
+    n = sum(min(len(ours.encode(t)), args.tokens) for t in texts[:args.logit_articles])
+    lines = ["| check | result |", "|---|---|",
+             f"| token ids, {len(texts)} BBC test articles ({tokens:,} tokens) | "
+             f"{same}/{len(texts)} articles identical |",
+             f"| next-token top-1 agreement ({n:,} positions, {args.logit_articles} articles) "
+             f"| {100 * np.mean(top1):.2f} % |",
+             f"| logit correlation (Pearson, mean over positions) | {np.mean(corr):.5f} |",
+             f"| KL(llama.cpp ‖ jaxkd), mean per position | {np.mean(kl):.2e} nats |",
+             f"| max \\|Δlogit\\| / logit range | {max(rel):.2e} |",
+             "", f"llama-cpp-python {llama_cpp.__version__}, CPU, 2 threads; jaxkd float32 "
+             "on the dequantized weights of gemma-3-270m-q4_k_m.gguf."]
+    publish("llama_cpp_agreement", "\n".join(lines), docs=args.docs)
+
+
+if __name__ == "__main__":
+    main()
