@@ -54,6 +54,11 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return value
 
 
+def _first(value: Any) -> int:
+    """A per-layer array's first value (the FFN widths of a width-pruned file), or the value."""
+    return int(value[0]) if isinstance(value, list | tuple) else int(value)
+
+
 def metadata(reader: Any, path: str) -> dict[str, Any]:
     """The model's hyper-parameters as :class:`Gemma3` kwargs (module docstring)."""
     arch = _field(reader, "general.architecture")
@@ -79,7 +84,7 @@ def metadata(reader: Any, path: str) -> dict[str, Any]:
         "num_heads": int(need("attention.head_count")),
         "num_kv_heads": int(need("attention.head_count_kv")),
         "head_dim": head_dim,
-        "intermediate_size": int(need("feed_forward_length")),
+        "intermediate_size": _first(need("feed_forward_length")),
         "sliding_window": int(need("attention.sliding_window")),
         "rope_global_base": float(need("rope.freq_base")),
         "rms_eps": float(need("attention.layer_norm_rms_epsilon")),
