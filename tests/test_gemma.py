@@ -141,7 +141,8 @@ def test_gguf_gemma_matches_numpy_and_is_causal_with_a_sliding_window(tmp_path):
     table = np.asarray(variables["params"]["embed"]["embedding"])
     np.testing.assert_allclose(np.asarray(feats["final_hidden"]) @ table.T, logits,
                                rtol=1e-4, atol=1e-4)
-    assert sorted(feats) == sorted([f"hidden{i}" for i in range(1, N + 1)] + ["final_hidden"])
+    assert sorted(feats) == sorted([f"hidden{i}" for i in range(1, N + 1)]
+                                   + ["embeddings", "final_hidden"])
 
 
 def test_files_it_cannot_build_are_one_line(tmp_path):

@@ -24,10 +24,11 @@ post_attention_norm, ffn_norm, post_ffw_norm}/scale``; ``layer{i}/attn_{q,k,v,ou
 ``layer{i}/ffn_{gate,up,down}`` (Dense ``kernel`` ``[in, out]``, no bias); ``output_norm/scale``.
 
 ``apply(variables, ids, mask, return_logits=True, return_features=False)`` returns float32
-logits ``[B, L, V]``; with ``return_features`` also ``{'hidden{i}': x after layer i,
-'final_hidden': h}``. For distillation at large ``V`` pass ``return_logits=False`` and
-give ``final_hidden`` and the table to :func:`jaxkd.token_kd.token_losses`
-(:func:`jaxkd.token_kd.tied_head`), which never forms the logits.
+logits ``[B, L, V]``; with ``return_features`` also ``{'embeddings': x_0, 'hidden{i}': x
+after layer i, 'final_hidden': h}``. For distillation at large ``V`` pass
+``return_logits=False`` and give ``final_hidden`` and the table to
+:func:`jaxkd.token_kd.token_losses` (:func:`jaxkd.token_kd.tied_head`), which never forms
+the logits.
 """
 
 from __future__ import annotations
@@ -217,12 +218,12 @@ class Gemma3(nn.Module):
                          param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
         x = embed(ids) * jnp.asarray(math.sqrt(self.hidden_size), self.dtype)
+        features: dict[str, jax.Array] = {"embeddings": x}
         scale = self.query_scale or self.head_dim ** -0.5
         biases = {True: attention_bias(positions, key_positions, key_mask, None),
                   False: attention_bias(positions, key_positions, key_mask,
                                         self.sliding_window)}
         widths = self.layer_intermediate or (self.intermediate_size,) * self.num_layers
-        features: dict[str, jax.Array] = {}
         layer_caches = []
         for i in range(self.num_layers):
             glob = self.is_global(i)
