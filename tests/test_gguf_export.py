@@ -13,6 +13,7 @@ from jaxkd.export.gguf_export import export_gguf, gguf_tensors
 from jaxkd.models import gguf_io, spm
 from jaxkd.models.gemma import Gemma3
 from jaxkd.schema import ConfigError
+from tests.test_spm import write_vocab
 
 V = 96
 MODEL = Gemma3(vocab_size=V, hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1,
@@ -24,18 +25,7 @@ def teacher_vocab(path):
     """A GGUF file holding only a tokenizer of V tokens (as the teacher's would)."""
     tokens = ["<pad>", "<eos>", "<bos>", "\n"] + [f"p{i}" for i in range(V - 4 - 26)] + [
         chr(ord("a") + i) for i in range(26)]
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([-float(i) for i in range(V)])
-    w.add_token_types([3, 3, 3, 4] + [1] * (V - 4))
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_add_bos_token(True)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_vocab(path, tokens, [-float(i) for i in range(V)], [3, 3, 3, 4] + [1] * (V - 4))
 
 
 @pytest.mark.parametrize("qtype,qt", [("Q8_0", Q.Q8_0), ("Q4_0", Q.Q4_0), ("F32", None)])

@@ -51,10 +51,10 @@ def test_user_defined_tokens_bytes_and_decode():
     assert encode("ab", add_space_prefix=True)[0] == ["<bos>", B, "ab"]
 
 
-def test_from_gguf_reads_the_vocabulary(tmp_path):
-    tokens, scores, types = tokenizer()
-    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "gemma3")
-    w.add_tokenizer_model("llama")
+def write_vocab(path, tokens, scores, types, *, model="llama"):
+    """A GGUF file holding only a tokenizer (bos 2, eos 1, <bos> added), as a teacher's."""
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_tokenizer_model(model)
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
@@ -65,13 +65,13 @@ def test_from_gguf_reads_the_vocabulary(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_from_gguf_reads_the_vocabulary(tmp_path):
+    tokens, scores, types = tokenizer()
+    write_vocab(tmp_path / "v.gguf", tokens, scores, types)
     tok = spm.from_gguf(str(tmp_path / "v.gguf"))
     assert tok.encode(" abc") == [2, tok.ids[B + "abc"]] and tok.vocab_size == len(tokens)
-    w = gguf.GGUFWriter(str(tmp_path / "bpe.gguf"), "gemma3")
-    w.add_tokenizer_model("gpt2")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_vocab(tmp_path / "bpe.gguf", tokens, scores, types, model="gpt2")
     with pytest.raises(ConfigError, match=r"bpe.gguf: tokenizer.ggml.model='gpt2'"):
         spm.from_gguf(str(tmp_path / "bpe.gguf"))
