@@ -71,17 +71,15 @@ def run_config(config, workdir):
     return train.train_and_evaluate(config, workdir)
 
 
-@pytest.mark.parametrize("student", ["pruned", "pipeline"])
-def test_bbc_bert_compression_variants_run(student, tmp_path, mock_tfds):
-    """The BERT table's compression rows: heads/FFN pruning, and layers -> width -> int8."""
-    config = load(os.path.join(ROOT, "configs", "bbc_news_bert.py"), f"smoke,student={student}")
+def test_bbc_bert_compression_pipeline_runs(tmp_path, mock_tfds):
+    """The BERT table's pipeline row: teacher layers -> half the heads/FFN (Michel
+    importance) -> int8 with int8 embedding tables, KD throughout (its stages are the
+    table's 'init', 'pruned' and 'qat' rows)."""
+    config = load(os.path.join(ROOT, "configs", "bbc_news_bert.py"), "smoke,student=pipeline")
     with mock_tfds(num_examples=16):
         summary = run_config(config, str(tmp_path / "run"))
     rows = summary["stages"]
-    assert list(rows) == list(config.stage_order)
-    if student == "pipeline":
-        assert rows["student"]["method"].startswith("qat-w8a8e8")
-        assert rows["pruned"]["num_params"] < rows["init"]["num_params"] < rows["teacher"][
-            "num_params"]
-    else:
-        assert rows["student"]["num_params"] < rows["teacher"]["num_params"]
+    assert list(rows) == list(config.stage_order) == ["teacher", "init", "pruned", "student"]
+    assert rows["student"]["method"].startswith("qat-w8a8e8")
+    assert rows["pruned"]["num_params"] < rows["init"]["num_params"] < rows["teacher"][
+        "num_params"]
