@@ -24,6 +24,9 @@ Divergences (``divergence=``), per token, the functions of :mod:`jaxkd.losses`:
 ``tvd``         ``1/2 sum_v |p_t - p_s|``                         Agarwal et al. 2024 (GKD)
 ==============  ===============================================  ==========================
 
+A teacher stored offline as its top-k logits, their ids and its residual mass per token
+(:func:`topk_token_losses`) is compared the same way, the student's logits in chunks.
+
 The heads are functions ``hidden [c, D] -> logits [c, V]`` (:func:`dense_head`,
 :func:`tied_head`, or any other, e.g. with logit soft-capping), so the head's parameters are
 differentiated through the closure. Values are per token ``[B, L]``, 0 where ``mask`` is 0
@@ -115,8 +118,21 @@ def token_losses(student_hidden: ArrayLike, teacher_hidden: ArrayLike, mask: Arr
     if hs.ndim != 3 or ht.ndim != 3 or hs.shape[:2] != ht.shape[:2] or mask.shape != hs.shape[:2]:
         raise ValueError(f"token_losses: hidden states must be [B, L, D] with one [B, L] mask; "
                          f"got student {hs.shape}, teacher {ht.shape}, mask {mask.shape}")
+
+    def values(z_s, h_t):
+        return per_token(z_s, teacher_head(h_t))
+
+    return _chunked("token_losses", values, hs, (ht,), mask, student_head, labels,
+                    chunk_tokens)
+
+
+def _chunked(name: str, divergence: Callable[..., jax.Array], hidden: jax.Array,
+             teacher: tuple[jax.Array, ...], mask: jax.Array, head: Head,
+             labels: ArrayLike | None, chunk_tokens: int) -> TokenLosses:
+    """The chunked scan shared by :func:`token_losses` and :func:`topk_token_losses`:
+    ``divergence(student_logits [c, V], *teacher_chunk) -> [c]`` per chunk of tokens."""
     if int(chunk_tokens) < 1:
-        raise ValueError(f"token_losses: chunk_tokens must be >= 1, got {chunk_tokens}")
+        raise ValueError(f"{name}: chunk_tokens must be >= 1, got {chunk_tokens}")
     batch, length = mask.shape
     n = batch * length
     chunk = min(int(chunk_tokens), n)
@@ -130,10 +146,10 @@ def token_losses(student_hidden: ArrayLike, teacher_hidden: ArrayLike, mask: Arr
         return x.reshape(-1, chunk, *x.shape[1:])
 
     @jax.checkpoint  # the backward recomputes the chunk's logits instead of saving them
-    def chunk_values(h_s, h_t, m, y):
-        z_s, z_t = student_head(h_s), teacher_head(h_t)
+    def chunk_values(h_s, m, y, *t):
+        z_s = head(h_s)
         keep = m != 0
-        d = jnp.where(keep, per_token(z_s, z_t), 0.0)
+        d = jnp.where(keep, divergence(z_s, *t), 0.0)
         ce = (jnp.where(keep, losses.cross_entropy(z_s, y), 0.0) if with_labels
               else jnp.zeros_like(d))
         return d, ce
@@ -141,11 +157,39 @@ def token_losses(student_hidden: ArrayLike, teacher_hidden: ArrayLike, mask: Arr
     def body(carry, xs):
         return carry, chunk_values(*xs)
 
-    _, (d, ce) = jax.lax.scan(body, None, (chunks(hs), chunks(ht), chunks(mask),
-                                          chunks(flat_labels, -1)))
+    _, (d, ce) = jax.lax.scan(body, None, (chunks(hidden), chunks(mask), chunks(flat_labels, -1),
+                                          *(chunks(t) for t in teacher)))
     d = d.reshape(-1)[:n].reshape(batch, length)
     ce = ce.reshape(-1)[:n].reshape(batch, length) if with_labels else None
     return TokenLosses(d, ce)
+
+
+def topk_token_losses(student_hidden: ArrayLike, topk_logits: ArrayLike,
+                      topk_indices: ArrayLike, residual: ArrayLike | None, mask: ArrayLike, *,
+                      student_head: Head, labels: ArrayLike | None = None,
+                      temperature: float = 1.0, chunk_tokens: int = 256) -> TokenLosses:
+    """:func:`jaxkd.losses.topk_soft_target_kl` per token against a teacher stored as its
+    top-k logits ``[B, L, k]``, their ids ``[B, L, k]`` and its residual mass ``[B, L]``
+    outside them (None: renormalised over the k), the student's ``[B, L, V]`` logits never
+    formed (chunks, as :func:`token_losses`; the student's log-normaliser over all ``V``
+    ids is computed inside each chunk)."""
+    hs, mask = jnp.asarray(student_hidden), jnp.asarray(mask)
+    values, ids = jnp.asarray(topk_logits), jnp.asarray(topk_indices)
+    if hs.ndim != 3 or values.shape[:2] != hs.shape[:2] or ids.shape != values.shape \
+            or mask.shape != hs.shape[:2]:
+        raise ValueError(f"topk_token_losses: student hidden [B, L, D], top-k logits and ids "
+                         f"[B, L, k], mask [B, L]; got {hs.shape}, {values.shape}, "
+                         f"{ids.shape}, {mask.shape}")
+    teacher: tuple[jax.Array, ...] = (values, ids)
+    if residual is not None:
+        teacher += (jnp.asarray(residual, jnp.float32),)
+
+    def divergence(z_s, t_values, t_ids, *r):
+        return losses.topk_soft_target_kl(z_s, t_values, t_ids, temperature,
+                                          r[0] if r else None)
+
+    return _chunked("topk_token_losses", divergence, hs, teacher, mask, student_head, labels,
+                    chunk_tokens)
 
 
 def naive_token_losses(student_hidden: ArrayLike, teacher_hidden: ArrayLike, mask: ArrayLike,

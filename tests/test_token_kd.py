@@ -122,3 +122,34 @@ def test_bad_arguments_are_one_line():
         token_kd.token_losses(hs, ht[:, :5], mask, **heads)
     with pytest.raises(ValueError, match="^token_losses: chunk_tokens must be >= 1"):
         token_kd.token_losses(hs, ht, mask, chunk_tokens=0, **heads)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_topk_teacher_chunked_equals_the_whole_logits(residual):
+    hs, ht, ws, emb, mask, labels = setup()
+    zt = ht @ emb.T
+    k, T = 5, 2.0
+    ids = np.argsort(-zt, -1)[..., :k]
+    top = np.take_along_axis(zt, ids, -1)
+    p = np.exp(np_log_softmax(zt / T))
+    rest = 1 - np.take_along_axis(p, ids, -1).sum(-1) if residual else None
+
+    def loss(h, w, chunked):
+        if chunked:
+            out = token_kd.topk_token_losses(h, top, ids, rest, mask,
+                                             student_head=token_kd.dense_head(w), labels=labels,
+                                             temperature=T, chunk_tokens=4)
+            d, ce = out.divergence, out.cross_entropy
+        else:
+            z = h @ w
+            d = losses.topk_soft_target_kl(z, top, ids, T, rest) * mask
+            ce = losses.cross_entropy(z, labels) * mask
+        return losses.masked_mean(d, mask) + losses.masked_mean(ce, mask), d
+
+    (a, da), ga = jax.value_and_grad(lambda h, w: loss(h, w, True), (0, 1), has_aux=True)(hs, ws)
+    (b, db), gb = jax.value_and_grad(lambda h, w: loss(h, w, False), (0, 1), has_aux=True)(hs, ws)
+    np.testing.assert_allclose(da, db, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    for x, y in zip(ga, gb, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    assert float(a) > 0
