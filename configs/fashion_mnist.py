@@ -18,7 +18,10 @@ student collapsed to chance at T = 4 and 8. The
 second command compresses a LeNet on Fashion-MNIST with the Deep Compression pipeline.
 
 Measured: README's Fashion-MNIST table (docs/mnist.md; ``python bench/mnist_table.py
---part=fashion --docs``, 3 seeds, T chosen on the validation split). No paper target.
+--part=fashion --docs``, 3 seeds, these defaults chosen on the validation split), test
+accuracy: teacher 91.47 ± 0.10 %, scratch 88.83 ± 0.16 %, distilled 88.36 ± 0.52 % (no
+gain from distillation here); the compressed LeNet 8.91 ± 0.18 % error at 47.3x. No paper
+target.
 
 Args (after the colon): ``epochs=10``; ``student_lr=0.02``; ``temperature=2.0``; ``smoke``
 (two tiny steps per stage).
