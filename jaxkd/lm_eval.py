@@ -55,15 +55,15 @@ def evaluate(model: Any, variables: Any, ids: np.ndarray, mask: np.ndarray, *,
     def hidden(m, v, x, k):
         return m.apply(v, x, k, return_logits=False)["final_hidden"]
 
-    @jax.jit
-    def sums(x, k):
-        h_s = hidden(model, variables, x, k)[:, :-1]
+    @jax.jit  # the weights are arguments, not constants baked into the compiled function
+    def sums(v_s, v_t, x, k):
+        h_s = hidden(model, v_s, x, k)[:, :-1]
         targets = (k[:, 1:] * k[:, :-1]).astype(jnp.float32)  # real token, real predictor
         if teacher is None:
-            h_t, t_head = h_s, _head(variables)
+            h_t, t_head = h_s, _head(v_s)
         else:
-            h_t, t_head = hidden(*teacher, x, k)[:, :-1], _head(teacher[1])
-        out = token_kd.token_losses(h_s, h_t, targets, student_head=_head(variables),
+            h_t, t_head = hidden(teacher[0], v_t, x, k)[:, :-1], _head(v_t)
+        out = token_kd.token_losses(h_s, h_t, targets, student_head=_head(v_s),
                                     teacher_head=t_head, labels=x[:, 1:],
                                     chunk_tokens=chunk_tokens)
         return (jnp.sum(out.cross_entropy), jnp.sum(out.divergence), jnp.sum(targets))
@@ -74,7 +74,8 @@ def evaluate(model: Any, variables: Any, ids: np.ndarray, mask: np.ndarray, *,
         if len(x) < batch_size:  # one compiled shape: pad with empty rows
             x = np.concatenate([x, np.zeros((batch_size - len(x), x.shape[1]), x.dtype)])
             k = np.concatenate([k, np.zeros((batch_size - len(k), k.shape[1]), k.dtype)])
-        c, d, t = jax.device_get(sums(jnp.asarray(x), jnp.asarray(k)))
+        c, d, t = jax.device_get(sums(variables, None if teacher is None else teacher[1],
+                                      jnp.asarray(x), jnp.asarray(k)))
         ce, kl, n = ce + float(c), kl + float(d), n + float(t)
     if not n:
         raise ValueError("evaluate: the rows hold no target token")

@@ -45,10 +45,10 @@ def importance(model: Gemma3, variables: Mapping[str, Any],
             module.sow("intermediates", "ffn_input", args[0])
         return next_fun(*args, **kwargs)
 
-    @jax.jit
-    def stats(ids, mask):
+    @jax.jit  # the weights are an argument, not constants baked into the compiled function
+    def stats(v, ids, mask):
         with nn.intercept_methods(capture):
-            feats, state = model.apply(variables, ids, mask, return_logits=False,
+            feats, state = model.apply(v, ids, mask, return_logits=False,
                                        mutable=["intermediates"])
         keep = mask.astype(jnp.float32)
         xs = [feats["embeddings"]] + [feats[f"hidden{i + 1}"] for i in range(model.num_layers)]
@@ -67,7 +67,7 @@ def importance(model: Gemma3, variables: Mapping[str, Any],
 
     cos_sum, ffn_sum, tokens = None, None, 0.0
     for ids, mask in batches:
-        c, f, n = jax.device_get(stats(jnp.asarray(ids), jnp.asarray(mask)))
+        c, f, n = jax.device_get(stats(variables, jnp.asarray(ids), jnp.asarray(mask)))
         cos_sum = c if cos_sum is None else cos_sum + c
         ffn_sum = f if ffn_sum is None else [a + b for a, b in zip(ffn_sum, f, strict=True)]
         tokens += float(n)
