@@ -64,6 +64,10 @@ class Data(Block):
       bucket_lengths: each batch is padded to the smallest of these (capped at
         ``max_length``, which is always one) that holds its longest sequence: a few
         shapes, so a few compilations of the step.
+      task: '' = the dataset's own task (:mod:`jaxkd.tasks`); 'causal_lm' makes a text
+        dataset a language-modelling corpus: each document is tokenised whole and cut
+        into consecutive windows of ``max_length`` tokens, each window one example
+        (:func:`jaxkd.data.text.windows`), and the vocabulary is the classes.
     """
 
     name: str = "mnist1d"
@@ -80,9 +84,14 @@ class Data(Block):
     tokenizer: str = ""
     max_length: int = schema.integer(128, minimum=2)  # room for [CLS] and [SEP]
     bucket_lengths: tuple = schema.items((32, 64, 128), schema.Integer(minimum=1))
+    task: str = ""
 
     def check(self) -> None:
         datasets.get(self.name)
+        if self.task:
+            from jaxkd import tasks  # the task registry (user tasks register at run time)
+
+            tasks.get(self.task)
 
 
 def data_config(name: str) -> ml_collections.ConfigDict:
@@ -229,7 +238,7 @@ def pretrained_dir(name: str, directory: str | None = None) -> str:
     return os.path.join(os.path.expanduser(root), name)
 
 
-INIT_METHODS = ("", "copy", "layer_select", "prune_width", "pretrained")
+INIT_METHODS = ("", "copy", "layer_select", "prune_width", "pretrained", "minitron")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,11 +248,14 @@ class Init(Block):
     Fields:
       method: '' (random), 'copy' (continue a finished run's model), 'layer_select' or
         'prune_width' (a slice of a teacher), 'pretrained' (the weights of a Hugging Face
-        BERT directory).
+        BERT directory), 'minitron' (a Gemma 3 student cut out of a Gemma 3 teacher:
+        the student's ``num_layers`` layers of highest Block Influence, keeping the
+        local/global pattern, each with its ``intermediate_size`` most important FFN
+        neurons, ranked on ``calibration_examples`` training windows; :mod:`jaxkd.minitron`).
       teacher_workdir: the run whose weights seed the student; '' = the distillation
         teacher.
       keep_layers: layer_select's kept teacher layers (MLP) or blocks per stage (ResNets),
-        0-based, in order; () = every other one.
+        0-based, in order; () = every other one. For minitron, () = by Block Influence.
       calibration_examples: prune_width's images over which the mean |activation| ranks
         neurons and channels.
       importance: prune_width's ranking: 'activation' (mean |activation|, Minitron) or, for

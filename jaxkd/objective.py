@@ -29,6 +29,13 @@ i.e. ``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(labels)``.
 * ``topk_soft_target_kl`` adds the residual bucket by default (kwarg ``residual=True``):
   the teacher's mass outside its top ``k`` (kwarg ``k``, default 8, for a teacher run in
   the step; stored with precomputed logits) against the student's.
+* Causal LMs at large vocabularies (:mod:`jaxkd.tasks.causal_lm`): ``token_kd`` (kwargs
+  ``divergence`` in {forward_kl, reverse_kl, jsd, tvd}, ``temperature``, ``beta``,
+  ``chunk_tokens``) and ``token_cross_entropy`` compare the final hidden states
+  (``student_feature``/``teacher_feature``, default ``final_hidden``) through each model's
+  LM head (its feature ``lm_head``, the ``[V, D]`` table) in chunks of tokens
+  (:mod:`jaxkd.token_kd`): the ``[B, L, V]`` logits are never formed. They average over
+  the task's token mask.
 * Precomputed logits (``config.distill.teacher_logits``) arrive in the batch as
   ``teacher_topk_logits``/``teacher_topk_indices``; with every class stored they stand for
   the teacher's logits in any logit term, with fewer only ``topk_soft_target_kl`` applies.
@@ -50,7 +57,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxkd import losses, schema
+from jaxkd import losses, schema, token_kd
 from jaxkd.config import LossTerm
 from jaxkd.schema import ConfigError
 from jaxkd.tasks.base import Targets
@@ -63,6 +70,9 @@ from jaxkd.tasks.base import Targets
 #   features      fn(student_feature, teacher_feature)    per example
 #   batch         fn(student_feature, teacher_feature)    scalar over the batch
 #   sequence      fn(student_feature, teacher_feature, token_mask [B, L])   per example
+#   tokens        fn(student_hidden, teacher_hidden, token_mask, student_head=, teacher_head=)
+#                 per token, the heads from each model's 'lm_head' feature
+#   token_labels  fn(student_hidden, labels, token_mask, head=)               per token
 LOSSES: dict[str, tuple[Callable[..., jax.Array], str]] = {
     "cross_entropy": (losses.cross_entropy, "labels"),
     "soft_target_kl": (losses.soft_target_kl, "logits"),
@@ -84,7 +94,11 @@ LOSSES: dict[str, tuple[Callable[..., jax.Array], str]] = {
     "minilm_attention_kl": (losses.minilm_attention_kl, "sequence"),
     "minilm_value_relation_kl": (losses.minilm_value_relation_kl, "sequence"),
     "minilmv2_relation_kl": (losses.minilmv2_relation_kl, "sequence"),
+    "token_kd": (token_kd.token_losses, "tokens"),
+    "token_cross_entropy": (token_kd.token_cross_entropy, "token_labels"),
 }
+LABEL_KINDS = ("labels", "token_labels")  # terms that need no teacher
+TOKEN_KINDS = ("tokens", "token_labels")
 ADAPTED = ("hint_mse", "tinybert_hidden_mse")  # an adapter by default
 ENSEMBLES = ("probabilities", "sum_losses")
 
@@ -110,7 +124,7 @@ class Term:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.kind != "labels"
+        return self.kind not in LABEL_KINDS
 
 
 def _as_term_list(spec: Any) -> list[tuple[str, Mapping[str, Any]]]:
@@ -139,7 +153,7 @@ def parse_terms(spec: Any, *, has_teacher: bool) -> list[Term]:
             raise ConfigError(
                 f"{where}.name={name!r} is not a loss; choose one of: {', '.join(sorted(LOSSES))}")
         kind = LOSSES[name][1]
-        if kind != "labels" and not has_teacher:
+        if kind not in LABEL_KINDS and not has_teacher:
             raise ConfigError(f"{where}.name={name!r} needs a teacher but config.distill has "
                               "none (set distill.teacher.workdir, teachers or teacher_logits)")
         kwargs = dict(term.kwargs or {})
@@ -148,9 +162,15 @@ def parse_terms(spec: Any, *, has_teacher: bool) -> list[Term]:
             raise ConfigError(f"{where}.kwargs.temperature must be > 0, got {temperature}")
         if term.temperature_end is not None and "temperature" not in kwargs:
             raise ConfigError(f"{where}.temperature_end needs kwargs.temperature to start from")
-        default_feature = "embedding" if kind == "batch" else "logits"
+        default_feature = {"batch": "embedding", "tokens": "final_hidden",
+                           "token_labels": "final_hidden"}.get(kind, "logits")
         if kind == "batch" and name == "dist_loss":
             default_feature = "logits"
+        divergence = kwargs.get("divergence")
+        if kind == "tokens" and divergence is not None and divergence not in \
+                token_kd.DIVERGENCES:
+            raise ConfigError(f"{where}.kwargs.divergence={divergence!r} is not a divergence; "
+                              f"choose one of: {', '.join(token_kd.DIVERGENCES)}")
         if kind in ("features", "sequence") and not (term.student_feature
                                                      and term.teacher_feature):
             raise ConfigError(f"{where} ({name}) needs student_feature and teacher_feature")
@@ -193,6 +213,8 @@ def check_features(terms: Sequence[Term], student_out: Any, teacher_outs: Sequen
     ``student_out`` and ``teacher_outs`` are (logits, features) of ShapeDtypeStructs.
     """
     for term in terms:
+        if term.kind in TOKEN_KINDS:
+            _check_token_term(term, student_out, teacher_outs)
         if term.kind not in ("features", "batch", "sequence"):
             continue
         where = f"config.distill.losses.{term.label}"
@@ -225,6 +247,29 @@ def check_features(terms: Sequence[Term], student_out: Any, teacher_outs: Sequen
             if term.name == "attention_transfer" and s[:-1] != t[:-1]:
                 raise ConfigError(f"{where}: attention maps need the same spatial size, got "
                                   f"student {s} and teacher {t}")
+
+
+def _check_token_term(term: Term, student_out: Any, teacher_outs: Sequence[Any]) -> None:
+    """A token term needs a causal LM's ``[B, L, D]`` hidden states and its ``lm_head``."""
+    where = f"config.distill.losses.{term.label}"
+    sides = [("student", student_out, term.student_feature)]
+    if term.kind == "tokens":
+        sides += [("teacher", t, term.teacher_feature) for t in teacher_outs]
+    for side, outputs, name in sides:
+        for needed in (name, "lm_head"):
+            if needed not in outputs[1]:
+                raise ConfigError(
+                    f"{where} ({term.name}) needs the {side}'s feature {needed!r} (a causal LM "
+                    f"such as gemma3); the {side} has: {', '.join(outputs[1]) or 'none'}")
+        if len(outputs[1][name].shape) != 3:
+            raise ConfigError(f"{where}.{side}_feature={name!r} has shape "
+                              f"{tuple(outputs[1][name].shape)}; token terms need [B, L, D]")
+    if term.kind == "tokens":
+        v_s = student_out[1]["lm_head"].shape[0]
+        for t_out in teacher_outs:
+            if t_out[1]["lm_head"].shape[0] != v_s:
+                raise ConfigError(f"{where}: the student's vocabulary ({v_s}) and the teacher's "
+                                  f"({t_out[1]['lm_head'].shape[0]}) differ")
 
 
 def init_adapters(terms: Sequence[Term], student_out: Any, teacher_outs: Sequence[Any],
@@ -301,6 +346,16 @@ def build_objective(
                 residual = None
             return losses.masked_mean(fn(s_logits, values, indices, teacher_residual=residual,
                                          **kwargs), mask)
+        if kind == "tokens":
+            if mask is None or mask.ndim != 2:
+                raise ConfigError(f"config.distill.losses.{term.label} ({term.name}) needs a "
+                                  "task with a token mask [B, L], e.g. causal_lm")
+            per_token = fn(feature(student_out, term.student_feature),
+                           feature(teacher_out, term.teacher_feature), mask,
+                           student_head=token_kd.tied_head(student_out[1]["lm_head"]),
+                           teacher_head=token_kd.tied_head(teacher_out[1]["lm_head"]),
+                           **kwargs).divergence
+            return losses.masked_mean(per_token, mask)
         t_logits = teacher_out[0]
         if kind == "logits":
             return losses.masked_mean(fn(s_logits, t_logits, **kwargs), mask)
@@ -345,6 +400,10 @@ def build_objective(
             if term.kind == "labels":
                 value = losses.masked_mean(LOSSES[term.name][0](student_out[0], labels, **kwargs),
                                            labelled)
+            elif term.kind == "token_labels":
+                value = losses.masked_mean(LOSSES[term.name][0](
+                    feature(student_out, term.student_feature), labels, labelled,
+                    head=token_kd.tied_head(student_out[1]["lm_head"]), **kwargs), labelled)
             elif term.kind == "topk" and not teacher_outs:
                 value = term_value(term, kwargs, adapters, student_out, None, 0, batch, labelled,
                                    mask)

@@ -74,6 +74,7 @@ from jaxkd import schema, surgery
 from jaxkd.config import Init
 from jaxkd.models.bert import BertEncoder
 from jaxkd.models.cnn1d import CNN1D
+from jaxkd.models.gemma import Gemma3
 from jaxkd.models.lenet import LeNet5
 from jaxkd.models.mlp import MLP
 from jaxkd.models.resnet import BasicBlock, CifarResNet
@@ -81,9 +82,10 @@ from jaxkd.models.wrn import WideResNet
 from jaxkd.schema import ConfigError
 
 _FAMILIES = {MLP: "mlp", CNN1D: "cnn1d", LeNet5: "lenet5", CifarResNet: "CIFAR ResNet",
-             WideResNet: "WRN", BertEncoder: "bert"}
+             WideResNet: "WRN", BertEncoder: "bert", Gemma3: "gemma3"}
 _SUPPORTED = {"layer_select": (MLP, CifarResNet, WideResNet, BertEncoder),
-              "prune_width": (MLP, CNN1D, CifarResNet, BertEncoder)}
+              "prune_width": (MLP, CNN1D, CifarResNet, BertEncoder),
+              "minitron": (Gemma3,)}
 
 Plan = surgery.Plan  # module path -> (kept inputs, kept outputs)
 
@@ -129,6 +131,9 @@ def init_from_teacher(
     if method == "copy":
         return copy_variables(teacher_variables, student_variables)
     _check_families(method, teacher_model, student_model)
+    if method == "minitron":
+        return _minitron(init, teacher_model, teacher_variables, student_model,
+                         student_variables, calibration_images)
     teacher_flat = traverse_util.flatten_dict(jax.device_get(dict(teacher_variables)))
     if method == "layer_select":
         depth_t, depth_s = _depth(teacher_model), _depth(student_model)
@@ -412,6 +417,41 @@ def copy_variables(source: Mapping[str, Any], target: Mapping[str, Any], *,
                               f"source and {tuple(leaf.shape)} here")
     return traverse_util.unflatten_dict(
         {k: np.asarray(v, want[k].dtype) for k, v in got.items()})
+
+
+def _minitron(init: Init, teacher: Gemma3, teacher_variables: Mapping[str, Any],
+              student: Gemma3, student_variables: Mapping[str, Any], calibration: Any
+              ) -> dict[str, Any]:
+    """``config.init.method='minitron'`` (:mod:`jaxkd.minitron`): the student's depth and
+    FFN width cut out of the teacher by importance on the calibration windows."""
+    from jaxkd import minitron
+
+    field = "config.init.method='minitron'"
+    if calibration is None:
+        raise ConfigError(f"{field} needs calibration token windows")
+    ids, mask = (_calibration_batch(init, x) for x in calibration)
+    structure = ("vocab_size", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                 "global_every", "sliding_window")
+    for name in structure:
+        if getattr(student, name) != getattr(teacher, name):
+            raise ConfigError(f"{field} cuts layers and FFN neurons only: "
+                              f"config.model.kwargs.{name}={getattr(student, name)!r} but the "
+                              f"teacher's is {getattr(teacher, name)!r}")
+    if student.num_layers > teacher.num_layers:
+        raise ConfigError(f"{field}: the student has {student.num_layers} layers, the teacher "
+                          f"only {teacher.num_layers}")
+    scores = minitron.importance(teacher, teacher_variables, [(ids, mask)])
+    layers = ([int(i) for i in init.keep_layers] if init.keep_layers else
+              minitron.select_layers(scores["blocks"], student.num_layers,
+                                     teacher.global_every))
+    if len(layers) != student.num_layers:
+        raise ConfigError(f"config.init.keep_layers={list(layers)} keeps {len(layers)} layers "
+                          f"but the student has {student.num_layers}")
+    widths = list(student.layer_intermediate or (student.intermediate_size,)
+                  * student.num_layers)
+    _, variables = minitron.prune(teacher, teacher_variables, layers, scores["ffn"], widths)
+    return _fit(traverse_util.flatten_dict(jax.device_get(variables)), student_variables,
+                field)
 
 
 def _check_families(method: str, teacher_model: nn.Module, student_model: nn.Module) -> None:

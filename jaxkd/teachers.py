@@ -8,6 +8,10 @@ written to). ``config.distill.teachers`` lists several, each with a weight; with
 (:func:`jaxkd.objective.ensemble_logits`), else their losses add up. Teachers run inside
 the student's jitted step under ``stop_gradient`` (:mod:`jaxkd.train`). Precomputed logits
 instead of a teacher model are :mod:`jaxkd.teacher_logits`.
+
+A teacher may also be a ``.gguf`` file (llama.cpp's format; Gemma 3, e.g. the file of
+``python -m jaxkd.models.fetch gemma-3-270m``): its weights dequantized to float32
+(:func:`jaxkd.models.gguf_io.from_gguf`), its vocabulary the classes, any input length.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ def load(workdir: str, *, sharding: NamedSharding | None = None,
     rule table: :func:`jaxkd.partitioning.layout`), or all onto ``sharding``; ``compute``
     (``dtype``, ``param_dtype``) is the precision the teacher runs in.
     """
+    if workdir.endswith(".gguf"):
+        return _load_gguf(workdir, layout_of=layout_of, sharding=sharding, compute=compute,
+                          weight=weight, field=field)
     if not os.path.isdir(workdir):
         raise MissingError(f"{field}={workdir!r} does not exist")
     summary = metrics.read_summary(workdir)
@@ -80,7 +87,8 @@ def load(workdir: str, *, sharding: NamedSharding | None = None,
     model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"],
                              **(compute or {}))
     abstract = jax.eval_shape(lambda: dict(model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, *spec["input_shape"]), jnp.float32), train=False)))
+        jax.random.PRNGKey(0), jnp.zeros((1, *spec["input_shape"]), models.input_dtype(model)),
+        train=False)))
     if layout_of is not None:
         shardings = layout_of(spec["name"]).params(abstract)
     else:
@@ -92,6 +100,33 @@ def load(workdir: str, *, sharding: NamedSharding | None = None,
     variables = checkpoint.restore_variables(workdir, step, abstract, field=field)
     return Teacher(workdir=workdir, model=model, config=config, variables=variables,
                    spec=spec, weight=weight, field=field)
+
+
+def _load_gguf(path: str, *, layout_of: Callable[[str], Any] | None,
+               sharding: NamedSharding | None, compute: dict[str, str] | None, weight: float,
+               field: str) -> Teacher:
+    """A teacher read from a GGUF file (module docstring), placed as :func:`load` places
+    a checkpoint's variables."""
+    from jaxkd.models import gemma, gguf_io
+
+    if not os.path.isfile(path):
+        raise MissingError(f"{field}={path!r} does not exist (python -m jaxkd.models.fetch "
+                           "gemma-3-270m fetches Gemma 3 270M)")
+    model, variables, _ = gguf_io.from_gguf(path)
+    kwargs = gemma.config_of(model)
+    vocab = kwargs.pop("vocab_size")
+    kwargs.pop("param_dtype"), kwargs.pop("dtype")
+    model = models.get_model("gemma3", num_classes=vocab, **kwargs, **(compute or {}))
+    if layout_of is not None:
+        shardings = layout_of("gemma3").params(variables)
+    else:
+        if sharding is None:
+            raise TypeError("teachers.load needs sharding or layout_of")
+        shardings = jax.tree.map(lambda _: sharding, variables)
+    variables = jax.device_put(variables, shardings)
+    spec = {"name": "gemma3", "kwargs": kwargs, "num_classes": vocab, "input_shape": None}
+    return Teacher(workdir=path, model=model, variables=variables,
+                   config=ml_collections.ConfigDict(), spec=spec, weight=weight, field=field)
 
 
 def load_all(distill: Distill, *, sharding: NamedSharding | None = None,
@@ -109,12 +144,31 @@ def load_all(distill: Distill, *, sharding: NamedSharding | None = None,
     return []
 
 
+def _same_vocabulary(tokenizer: str, gguf_path: str) -> bool:
+    """Whether ``config.data.tokenizer`` is the GGUF teacher's own vocabulary."""
+    if os.path.abspath(tokenizer) == os.path.abspath(gguf_path):
+        return True
+    if not tokenizer.endswith(".gguf"):
+        return False
+    from jaxkd.models import spm
+
+    return spm.from_gguf(tokenizer).tokens == spm.from_gguf(gguf_path).tokens
+
+
 def check_fit(teachers: list[Teacher], *, num_classes: int, dataset: str,
-              input_shape: tuple[int, ...]) -> None:
+              input_shape: tuple[int, ...], tokenizer: str = "") -> None:
     """Every teacher must take the student's inputs and predict its classes; a teacher
-    trained on another dataset of the same shapes is used with a warning."""
+    trained on another dataset of the same shapes is used with a warning. A GGUF teacher
+    reads token ids of its own vocabulary: ``tokenizer`` (``config.data.tokenizer``) must
+    be it."""
     for t in teachers:
         trained_on = t.config.get("data", {}).get("name", "?")
+        if t.spec["input_shape"] is None:  # a pretrained LM: any length, its vocabulary
+            if not _same_vocabulary(tokenizer, t.workdir):
+                raise ConfigError(f"{t.field}={t.workdir!r} reads the token ids of its own "
+                                  f"vocabulary, but config.data.tokenizer={tokenizer!r} is "
+                                  "another: set config.data.tokenizer to the .gguf file")
+            continue
         shape = tuple(t.spec["input_shape"])
         if t.num_classes != num_classes or shape != tuple(input_shape):
             raise ConfigError(

@@ -164,6 +164,22 @@ def _chunked(name: str, divergence: Callable[..., jax.Array], hidden: jax.Array,
     return TokenLosses(d, ce)
 
 
+def token_cross_entropy(hidden: ArrayLike, labels: ArrayLike, mask: ArrayLike, *,
+                        head: Head, chunk_tokens: int = 256) -> jax.Array:
+    """The next-token cross-entropy ``-log softmax(h W)[y]`` per token ``[B, L]`` (0 where
+    ``mask`` is 0), the ``[B, L, V]`` logits never formed (chunks, as :func:`token_losses`)."""
+    hidden, mask = jnp.asarray(hidden), jnp.asarray(mask)
+    if hidden.ndim != 3 or mask.shape != hidden.shape[:2]:
+        raise ValueError(f"token_cross_entropy: hidden states [B, L, D] and mask [B, L]; got "
+                         f"{hidden.shape} and {mask.shape}")
+
+    def nothing(z_s):
+        return jnp.zeros(z_s.shape[:-1], jnp.float32)
+
+    return _chunked("token_cross_entropy", nothing, hidden, (), mask, head, labels,
+                    chunk_tokens).cross_entropy
+
+
 def topk_token_losses(student_hidden: ArrayLike, topk_logits: ArrayLike,
                       topk_indices: ArrayLike, residual: ArrayLike | None, mask: ArrayLike, *,
                       student_head: Head, labels: ArrayLike | None = None,

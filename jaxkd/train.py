@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -302,7 +303,7 @@ class Setup:
 def build(run: Run) -> Setup:
     """Every part of the run, checked in the user's words before anything is compiled."""
     info = pipeline.get_info(run.data)
-    task = tasks.get(datasets.get(run.data.name).task)
+    task = tasks.get(datasets.task_of(run.data))
     data, fsdp, _ = partitioning.resolved_shape(run.mesh)
     _check_batch_sizes(run, data * fsdp)
     mesh = partitioning.make_mesh(run.mesh)
@@ -318,7 +319,7 @@ def build(run: Run) -> Setup:
     if run.init.method and run.init.method != "pretrained":
         source = load_init_source(run, layout_of)
         teachers.check_fit([source], num_classes=info.num_classes, dataset=run.data.name,
-                           input_shape=info.input_shape)
+                           input_shape=info.input_shape, tokenizer=run.data.tokenizer)
         if run.init.method == "copy":
             start_variables = source.variables
             for m in enabled:  # e.g. similarity merging shrinks the copied weights
@@ -333,7 +334,7 @@ def build(run: Run) -> Setup:
         export_formats_module.check(run.export.formats, model)
     loaded = teachers.load_all(run.distill, layout_of=layout_of, compute=compute)
     teachers.check_fit(loaded, num_classes=info.num_classes, dataset=run.data.name,
-                       input_shape=info.input_shape)
+                       input_shape=info.input_shape, tokenizer=run.data.tokenizer)
     precomputed = run.distill.teacher_logits
     if precomputed and loaded:
         raise ConfigError("config.distill.teacher_logits and a teacher model are both set; "
@@ -528,7 +529,7 @@ def init_weights(s: Setup, state: TrainState) -> TrainState:
         variables = student_init.pretrained_variables(s.run.init.pretrained, s.model, student)
     else:
         images = labels = None
-        if s.run.init.method == "prune_width":  # the same batch in every process
+        if s.run.init.method in ("prune_width", "minitron"):  # the same batch everywhere
             batch = next(pipeline.train_batches(
                 s.run.data, batch_size=s.run.init.calibration_examples, seed=s.run.seed))
             inputs = s.task.model_inputs(batch)
@@ -623,8 +624,8 @@ def train_loop(s: Setup, state: TrainState, start_step: int, manager: Any, workd
                         s.lr((step - 1) // run.grad_accum_steps))
                     window = []
                     writer.write(step, "train", train_means)
-                    writer.progress(step, {"loss": train_means["loss"],
-                                           "acc": train_means["accuracy"]})
+                    writer.progress(step, {"loss": train_means["loss"], **(
+                        {"acc": train_means["accuracy"]} if "accuracy" in train_means else {})})
                 if at_log or at_checkpoint:
                     check_finite(state, run.skip_nonfinite_steps, manager, workdir)
                 if step % run.eval_every_steps == 0 and step != s.num_steps:
@@ -748,9 +749,14 @@ def evaluate_teachers(s: Setup) -> dict[str, Any]:
         teacher_eval = evaluate(jax.jit(make_eval_step(t.model, task=s.task, gather=gather)),
                                 t.variables, s.run, s.data_sharding)
         summary["teacher" if i == 0 else f"teacher_{i}"] = {
-            "workdir": t.workdir, "eval": teacher_eval, "model": t.config.model.name,
+            "workdir": t.workdir, "eval": teacher_eval, "model": t.spec["name"],
             "num_params": models.count_params(t.variables["params"])}
-        print(f"teacher {t.workdir} eval accuracy {teacher_eval['accuracy']:.4f}", flush=True)
+        if s.task.name == "causal_lm":
+            summary["teacher" if i == 0 else f"teacher_{i}"]["perplexity"] = math.exp(
+                teacher_eval["loss"])
+        print(f"teacher {t.workdir} eval accuracy {teacher_eval['accuracy']:.4f}"
+              + (f", perplexity {math.exp(teacher_eval['loss']):.4g}"
+                 if s.task.name == "causal_lm" else ""), flush=True)
     return summary
 
 
@@ -781,6 +787,8 @@ def summarise(s: Setup, state: TrainState, workdir: str, teacher_summary: dict[s
         "dataset": run.data.name,
         "eval": final_eval,
         "accuracy": summary.get("artifact_eval", final_eval)["accuracy"],
+        **({"perplexity": math.exp(summary.get("artifact_eval", final_eval)["loss"])}
+           if s.task.name == "causal_lm" else {}),  # exp(nats per next token)
         "num_params": models.count_params(params),
         "sparsity": pruning.sparsity_report(params),
         "unique_values": sharing.unique_values(params),
@@ -802,6 +810,9 @@ def summarise(s: Setup, state: TrainState, workdir: str, teacher_summary: dict[s
     })
     metrics.write_summary(workdir, summary)
     artifact = summary.get("artifact_eval", {}).get("accuracy")  # every process has it
+    if "perplexity" in summary:
+        print(f"final eval perplexity {summary['perplexity']:.4g} (exp of the next-token "
+              f"cross-entropy, {run.data.eval_split})", flush=True)
     print(f"final eval accuracy {final_eval['accuracy']:.4f} (float model in training)"
           + (f", {artifact:.4f} (exported artifact loaded from disk: the reported accuracy)"
              if artifact is not None else "") + f" ({run.data.eval_split}, {workdir})",

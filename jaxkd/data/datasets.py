@@ -29,6 +29,7 @@ Nothing heavy is imported: configs read the registry without tfds.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from jaxkd.schema import FieldError
 
@@ -72,6 +73,11 @@ DATASETS: dict[str, Dataset] = {
     "bbc_news": Dataset(mean=(0.0,), std=(1.0,), task="text_classification",
                         validation_split="validation"),
 }
+
+
+def task_of(data: Any) -> str:
+    """The task a run on ``config.data`` trains: its ``task`` field, else the dataset's."""
+    return data.task or get(data.name).task
 
 
 def register(name: str, dataset: Dataset) -> None:

@@ -139,6 +139,16 @@ def get_info(data: Data | ml_collections.ConfigDict) -> DatasetInfo:
     vocab_size = 0
     if is_text(builder):
         vocab_size = text.load_tokenizer(data.tokenizer, data.max_length)[0].get_vocab_size()
+    if datasets.task_of(data) == "causal_lm":  # the vocabulary is the classes, windows
+        if not is_text(builder):                # the examples
+            raise ConfigError(f"config.data.task='causal_lm' needs a text dataset; "
+                              f"config.data.name={data.name!r} is not one")
+        digest = text.file_sha256(data.tokenizer)
+        return DatasetInfo(
+            name=data.name, num_classes=vocab_size, input_shape=_input_shape(builder, data),
+            num_examples={s: len(_tokenized(data, _data_dir(data), s, True, digest))
+                          for s in splits},
+            vocab_size=vocab_size)
     return DatasetInfo(
         name=data.name,
         num_classes=builder.info.features["label"].num_classes,
@@ -242,13 +252,18 @@ def _tokenized(data: Data, data_dir: str, split: str, labelled: bool, tokenizer_
     """``split`` read once and tokenised (cached: a run evaluates the same split often;
     the tokenizer's sha256 and the resolved data dir are part of the key)."""
     del data_dir, tokenizer_sha256  # only keys of the cache
-    tokenizer, pad = text.load_tokenizer(data.tokenizer, data.max_length)
+    lm = datasets.task_of(data) == "causal_lm"  # whole documents, cut into windows
+    tokenizer, pad = text.load_tokenizer(data.tokenizer, None if lm else data.max_length)
     with quiet_tfds():
         source = _open_builder(data).as_data_source(split)
     examples = source.__getitems__(list(range(len(source))))
     texts = [_as_str(ex["text"]) for ex in examples]
     labels = np.array([ex["label"] for ex in examples], np.int32) if labelled else None
-    tokens = text.tokenize(tokenizer, texts, labels, max_length=data.max_length, pad=pad)
+    if lm:
+        tokens = text.windows(text.tokenize(tokenizer, texts, None, max_length=None, pad=pad),
+                              data.max_length)
+    else:
+        tokens = text.tokenize(tokenizer, texts, labels, max_length=data.max_length, pad=pad)
     for array in (tokens.ids, tokens.offsets, tokens.labels):
         array.flags.writeable = False  # shared by every caller of the cache
     return tokens

@@ -18,6 +18,14 @@ a batch whose longest article has 40 tokens would cost three times the attention
 The pad id is the tokenizer's padding id if it has one, else the id of ``[PAD]``, else 0;
 a model that reads ``attention_mask`` ignores it either way.
 
+A ``.gguf`` file (llama.cpp's format, e.g. Gemma 3's) names the SentencePiece vocabulary
+in its metadata, read by :mod:`jaxkd.models.spm` exactly as llama.cpp tokenizes
+(:class:`GgufTokenizer`; ``<bos>`` first, pad id 0).
+
+**Language modelling** (``config.data.task='causal_lm'``): each document is tokenised
+whole, then cut into consecutive windows of ``max_length`` tokens (:func:`windows`), each
+an example; no window mixes two documents.
+
 ``config.data.tokenizer='bytes'`` needs no file: every UTF-8 byte is a token (ByT5's
 vocabulary, Xue et al. 2022), ids ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, then
 the 256 bytes (vocabulary 260), each sequence ``[CLS] bytes [SEP]`` (:func:`byte_tokenizer`).
@@ -54,23 +62,48 @@ def byte_tokenizer() -> Any:
     return tokenizer
 
 
-def load_tokenizer(path: str, max_length: int, field: str = "config.data.tokenizer"
+class GgufTokenizer:
+    """The SentencePiece tokenizer of a GGUF file with the part of the ``tokenizers``
+    API that :func:`tokenize` uses (``encode_batch``, ``get_vocab_size``)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Encoding:
+        ids: list[int]
+
+    def __init__(self, path: str, max_length: int | None):
+        from jaxkd.models import spm
+
+        self.spm = spm.from_gguf(path)
+        self.max_length = max_length
+
+    def get_vocab_size(self) -> int:
+        return self.spm.vocab_size
+
+    def encode_batch(self, texts: Sequence[str]) -> list[GgufTokenizer.Encoding]:
+        return [self.Encoding(self.spm.encode(t)[:self.max_length]) for t in texts]
+
+
+def load_tokenizer(path: str, max_length: int | None, field: str = "config.data.tokenizer"
                    ) -> tuple[Any, int]:
     """``(tokenizer, pad_id)``: the ``tokenizers.Tokenizer`` of ``path`` (a HF
-    ``tokenizer.json``, or ``'bytes'``: :func:`byte_tokenizer`) without padding and
-    truncating to ``max_length`` tokens (special tokens included), and the id that pads
-    (see the module). Errors name ``field``."""
+    ``tokenizer.json``, ``'bytes'``: :func:`byte_tokenizer`, or a ``.gguf`` file:
+    :class:`GgufTokenizer`) without padding and truncating to ``max_length`` tokens
+    (special tokens included; None: whole documents), and the id that pads (see the
+    module). Errors name ``field``."""
     from tokenizers import Tokenizer
 
     if path == BYTES:
         tokenizer = byte_tokenizer()
-        tokenizer.enable_truncation(max_length)
+        if max_length is not None:
+            tokenizer.enable_truncation(max_length)
         return tokenizer, 0
     if not path:
         raise ConfigError(f"{field} is empty: a text dataset needs a HF tokenizer.json "
                           f"(or {BYTES!r})")
     if not os.path.isfile(path):
         raise MissingError(f"{field}={path!r} does not exist")
+    if path.endswith(".gguf"):
+        return GgufTokenizer(path, max_length), 0
     try:
         tokenizer = Tokenizer.from_file(path)
     except Exception as e:  # the Rust parser's own reasons
@@ -82,7 +115,10 @@ def load_tokenizer(path: str, max_length: int, field: str = "config.data.tokeniz
     else:
         pad = tokenizer.token_to_id("[PAD]") or 0
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length)
+    if max_length is None:
+        tokenizer.no_truncation()
+    else:
+        tokenizer.enable_truncation(max_length)
     return tokenizer, pad
 
 
@@ -148,11 +184,14 @@ class TokenizedText:
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], labels: np.ndarray | None, *,
-             max_length: int, pad: int = 0) -> TokenizedText:
-    """``texts`` tokenised in one batch call (``labels`` None: every label -1)."""
+             max_length: int | None, pad: int = 0) -> TokenizedText:
+    """``texts`` tokenised in one batch call (``labels`` None: every label -1);
+    ``max_length`` None keeps whole documents (then cut them with :func:`windows`)."""
     encodings = tokenizer.encode_batch(list(texts))
     lengths = np.array([len(e.ids) for e in encodings], np.int64)
-    if len(lengths) and lengths.max() > max_length:
+    if max_length is None:
+        max_length = int(lengths.max(initial=1))
+    elif len(lengths) and lengths.max() > max_length:
         raise ValueError(f"the tokenizer gave {lengths.max()} tokens, more than max_length="
                          f"{max_length}: it must truncate (load it with load_tokenizer)")
     ids = np.fromiter((i for e in encodings for i in e.ids), np.int32, int(lengths.sum()))
@@ -161,6 +200,26 @@ def tokenize(tokenizer: Any, texts: Sequence[str], labels: np.ndarray | None, *,
     return TokenizedText(ids=ids, offsets=np.concatenate([[0], np.cumsum(lengths)]),
                          labels=np.asarray(labels, np.int32), max_length=max_length,
                          pad_id=pad)
+
+
+def windows(documents: TokenizedText, length: int) -> TokenizedText:
+    """Each document cut into consecutive windows of ``length`` tokens (the last one
+    shorter), each an unlabelled example; windows of one token (nothing to predict) are
+    dropped. The ids are the documents', in order."""
+    starts, ends = [], []
+    for begin, end in zip(documents.offsets[:-1], documents.offsets[1:], strict=True):
+        for s in range(int(begin), int(end), length):
+            if min(s + length, int(end)) - s > 1:
+                starts.append(s)
+                ends.append(min(s + length, int(end)))
+    starts_a, ends_a = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    lengths = ends_a - starts_a
+    rows = np.repeat(starts_a - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) \
+        + np.arange(int(lengths.sum()))
+    return TokenizedText(ids=documents.ids[rows],
+                         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                         labels=np.full(len(lengths), UNLABELLED, np.int32),
+                         max_length=length, pad_id=documents.pad_id)
 
 
 def concatenate(parts: Sequence[TokenizedText]) -> TokenizedText:

@@ -128,8 +128,9 @@ def export_stablehlo(artifact_dir: str, out_path: str, *,
     if len(names) == 1:
         shape = jax.export.symbolic_shape("b, ...", like=(None, *spec["input_shape"]))
     else:  # token ids and mask: batch and sequence length both symbolic
+        limit = getattr(model, "max_position", None)  # learned positions; RoPE has none
         shape = jax.export.symbolic_shape(
-            "b, l", constraints=(f"l <= {model.max_position}",))
+            "b, l", constraints=(f"l <= {limit}",) if limit else ())
     dtype = models.input_dtype(model)
     exported = jax.export.export(predict, platforms=platforms)(
         *[jax.ShapeDtypeStruct(shape, dtype)] * len(names))

@@ -26,6 +26,11 @@ contract). Registry names and their kwargs besides ``num_classes``:
   num_layers, num_heads, intermediate_size, max_position, type_vocab_size, layer_norm_eps,
   dropout_rate, attention_dropout_rate, pooling, head_dim, layer_heads, layer_intermediate
   (:mod:`jaxkd.models.bert`; HF weights: :mod:`jaxkd.models.pretrained`).
+- ``gemma3``: Gemma 3's causal decoder (Gemma Team 2025) on token ids ``[B, L]`` with an
+  optional ``mask``, logits ``[B, L, vocabulary]`` (``num_classes`` is the vocabulary);
+  hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size,
+  sliding_window, global_every, rope_local_base, rope_global_base, query_scale, rms_eps,
+  layer_intermediate (:mod:`jaxkd.models.gemma`; GGUF weights: :mod:`jaxkd.models.gguf_io`).
 
 Every zoo model also takes ``dtype`` and ``param_dtype`` (mixed precision: one of
 :data:`DTYPES`, default float32 for both), and the ResNets, WRNs and BERT ``remat_policy``
@@ -48,6 +53,7 @@ from jax.typing import DTypeLike
 
 from jaxkd.models.bert import BertEncoder, build_bert
 from jaxkd.models.cnn1d import CNN1D
+from jaxkd.models.gemma import Gemma3, build_gemma3
 from jaxkd.models.compute import DTYPES, REMAT_POLICIES, as_dtype
 from jaxkd.models.lenet import LeNet5
 from jaxkd.models.mlp import MLP
@@ -162,6 +168,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn_40_1": wrn_40_1,
     "wrn_40_2": wrn_40_2,
     "bert": build_bert,
+    "gemma3": build_gemma3,
 }
 
 
@@ -237,14 +244,20 @@ def get_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
 
 def input_names(model: nn.Module) -> tuple[str, ...]:
     """The names of the model's inputs, in call order: ``('input_ids', 'attention_mask')``
-    (int32 ``[B, L]``) for a token model (:class:`BertEncoder`), else ``('input',)`` (float32
-    ``[B, *input_shape]``). Exports (StableHLO, ONNX) name and type their inputs by it."""
-    return ("input_ids", "attention_mask") if isinstance(model, BertEncoder) else ("input",)
+    (int32 ``[B, L]``) for a token model (:class:`BertEncoder`, :class:`Gemma3`), else
+    ``('input',)`` (float32 ``[B, *input_shape]``). Exports (StableHLO, ONNX) name and type
+    their inputs by it."""
+    return ("input_ids", "attention_mask") if is_token_model(model) else ("input",)
+
+
+def is_token_model(model: nn.Module) -> bool:
+    """Whether the model reads token ids (int32) rather than float inputs."""
+    return isinstance(model, (BertEncoder, Gemma3))
 
 
 def input_dtype(model: nn.Module) -> Any:
     """int32 for a token model's inputs (:func:`input_names`), else float32."""
-    return np.int32 if isinstance(model, BertEncoder) else np.float32
+    return np.int32 if is_token_model(model) else np.float32
 
 
 def count_params(params: Any) -> int:
@@ -261,6 +274,8 @@ __all__ = [
     "REMAT_POLICIES",
     "MLP",
     "BertEncoder",
+    "Gemma3",
+    "is_token_model",
     "CNN1D",
     "LeNet5",
     "BasicBlock",

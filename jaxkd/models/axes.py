@@ -29,7 +29,19 @@ ZOO: tuple[Rule, ...] = (
     (r".*", ("mlp",)),
 )
 
-_RULES: dict[str, tuple[Rule, ...]] = {}
+# Gemma 3 (:mod:`jaxkd.models.gemma`): the tied table is [vocab, embed]; projections into
+# heads and the FFN are embed -> mlp, out of them mlp -> embed (Megatron's pairing: tensor
+# parallelism splits the first by columns and the second by rows); QK-norm scales are
+# per head dimension, replicated.
+GEMMA3: tuple[Rule, ...] = (
+    (r"embed/embedding", ("vocab", "embed")),
+    (r".*/(attn_output|ffn_down)/kernel", ("mlp", "embed")),
+    (r".*kernel", ("embed", "mlp")),
+    (r".*attn_(q|k)_norm/scale", (None,)),
+    (r".*scale", ("embed",)),
+)
+
+_RULES: dict[str, tuple[Rule, ...]] = {"gemma3": GEMMA3}
 
 
 def register(name: str, rules: Sequence[Rule]) -> None:

@@ -25,10 +25,12 @@ post_attention_norm, ffn_norm, post_ffw_norm}/scale``; ``layer{i}/attn_{q,k,v,ou
 
 ``apply(variables, ids, mask, return_logits=True, return_features=False)`` returns float32
 logits ``[B, L, V]``; with ``return_features`` also ``{'embeddings': x_0, 'hidden{i}': x
-after layer i, 'final_hidden': h}``. For distillation at large ``V`` pass
-``return_logits=False`` and give ``final_hidden`` and the table to
-:func:`jaxkd.token_kd.token_losses` (:func:`jaxkd.token_kd.tied_head`), which never forms
-the logits.
+after layer i, 'final_hidden': h, 'lm_head': E, 'mask': mask}`` (``lm_head`` is the
+``[V, D]`` table the logits are ``h E^T`` of). For distillation at large ``V`` give
+``final_hidden`` and ``lm_head`` to :func:`jaxkd.token_kd.token_losses`
+(:func:`jaxkd.token_kd.tied_head`), which never forms the logits: the objective's token
+terms do (:mod:`jaxkd.objective`), and under ``jit`` the unused logits are never computed.
+``return_logits=False`` returns the features alone.
 """
 
 from __future__ import annotations
@@ -237,6 +239,8 @@ class Gemma3(nn.Module):
             features[f"hidden{i + 1}"] = x
         h = RMSNorm(self.rms_eps, self.param_dtype, name="output_norm")(x)
         features["final_hidden"] = h
+        features["lm_head"] = embed.embedding
+        features["mask"] = mask
         if not return_logits:
             out = features
         else:
@@ -245,6 +249,27 @@ class Gemma3(nn.Module):
         if cache is None:
             return out
         return out, {"layers": layer_caches, "positions": key_positions, "mask": key_mask}
+
+
+def build_gemma3(*, num_classes: int, hidden_size: int = 640, num_layers: int = 18,
+                 num_heads: int = 4, num_kv_heads: int = 1, head_dim: int = 256,
+                 intermediate_size: int = 2048, sliding_window: int = 512,
+                 global_every: int = 6, rope_local_base: float = 10_000.0,
+                 rope_global_base: float = 1_000_000.0, query_scale: float | None = None,
+                 rms_eps: float = 1e-6, layer_intermediate: Sequence[int] | None = None,
+                 dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike = jnp.float32
+                 ) -> Gemma3:
+    """The zoo's ``gemma3``: :class:`Gemma3` whose vocabulary is ``num_classes`` (the
+    tokenizer's, for a causal LM task); the defaults are Gemma 3 270M's."""
+    return Gemma3(vocab_size=num_classes, hidden_size=hidden_size, num_layers=num_layers,
+                  num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                  intermediate_size=intermediate_size, sliding_window=sliding_window,
+                  global_every=global_every, rope_local_base=rope_local_base,
+                  rope_global_base=rope_global_base, query_scale=query_scale,
+                  rms_eps=rms_eps,
+                  layer_intermediate=None if layer_intermediate is None
+                  else tuple(layer_intermediate),
+                  dtype=dtype, param_dtype=param_dtype)
 
 
 def config_of(model: Gemma3) -> dict[str, Any]:

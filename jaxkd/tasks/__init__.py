@@ -20,13 +20,16 @@ from __future__ import annotations
 
 from jaxkd.schema import FieldError
 from jaxkd.tasks.base import Targets, Task
+from jaxkd.tasks.causal_lm import CausalLM
 from jaxkd.tasks.classification import Classification
 from jaxkd.tasks.text import TextClassification
 
 CLASSIFICATION = Classification()
 TEXT_CLASSIFICATION = TextClassification()
+CAUSAL_LM = CausalLM()
 TASKS: dict[str, Task] = {"classification": CLASSIFICATION,
-                          "text_classification": TEXT_CLASSIFICATION}
+                          "text_classification": TEXT_CLASSIFICATION,
+                          "causal_lm": CAUSAL_LM}
 
 
 def register(name: str, task: Task) -> None:
@@ -40,5 +43,5 @@ def get(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["CLASSIFICATION", "TASKS", "TEXT_CLASSIFICATION", "Classification", "Targets",
-           "Task", "TextClassification", "get", "register"]
+__all__ = ["CAUSAL_LM", "CLASSIFICATION", "TASKS", "TEXT_CLASSIFICATION", "CausalLM",
+           "Classification", "Targets", "Task", "TextClassification", "get", "register"]
