@@ -53,8 +53,8 @@ from jax.typing import DTypeLike
 
 from jaxkd.models.bert import BertEncoder, build_bert
 from jaxkd.models.cnn1d import CNN1D
-from jaxkd.models.gemma import Gemma3, build_gemma3
 from jaxkd.models.compute import DTYPES, REMAT_POLICIES, as_dtype
+from jaxkd.models.gemma import Gemma3, build_gemma3
 from jaxkd.models.lenet import LeNet5
 from jaxkd.models.mlp import MLP
 from jaxkd.models.resnet import (
