@@ -3,7 +3,7 @@
     pip install llama-cpp-python            # compiles llama.cpp (about 15 min on 2 cores)
     python -m jaxkd.models.fetch gemma-3-270m
     python -m jaxkd.data.fetch bbc_news
-    python bench/llama_cpp_agreement.py [--articles 200] [--logit_articles 8] [--docs]
+    python bench/llama_cpp_agreement.py [--articles 200] [--logit_articles 12] [--docs]
 
 llama.cpp is the reference implementation of the file format and of the architecture, run
 through ``llama-cpp-python``. On the BBC News test articles:
@@ -34,7 +34,7 @@ from common import publish
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--articles", type=int, default=200)
-    parser.add_argument("--logit_articles", type=int, default=8)
+    parser.add_argument("--logit_articles", type=int, default=12)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--models_dir", default=None)
     parser.add_argument("--docs", action="store_true")
@@ -71,14 +71,14 @@ def main() -> None:
         print(f"first difference: {first_difference}", flush=True)
 
     model, variables, _ = gguf_io.from_gguf(path)
-    forward = jax.jit(lambda ids: model.apply(variables, ids))
+    forward = jax.jit(model.apply)  # the weights an argument, not compiled-in constants
     top1, corr, kl, rel = [], [], [], []
     for text in texts[:args.logit_articles]:
         ids = ours.encode(text)[:args.tokens]
         llm.reset()
         llm.eval(ids)
         theirs = np.asarray(llm.scores[:len(ids)], np.float64)
-        mine = np.asarray(forward(jnp.asarray([ids]))[0], np.float64)
+        mine = np.asarray(forward(variables, jnp.asarray([ids]))[0], np.float64)
         top1.append(np.mean(theirs.argmax(-1) == mine.argmax(-1)))
         a, b = theirs - theirs.mean(-1, keepdims=True), mine - mine.mean(-1, keepdims=True)
         corr.append(np.mean((a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))))

@@ -544,7 +544,7 @@ class Compression(Block):
                                         f"({len(names)}) or none")
 
 
-EXPORT_FORMATS = ("stablehlo", "onnx", "safetensors", "hf")
+EXPORT_FORMATS = ("stablehlo", "onnx", "safetensors", "hf", "gguf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,7 +555,8 @@ class Export(Block):
     Huffman stage) when that makes them smaller. ``formats`` (:mod:`jaxkd.export.formats`,
     written to ``DIR/formats/``): ``()`` every one of 'stablehlo', 'onnx', 'safetensors'
     that can express the model (the others skipped with one logged line) and, for BERT,
-    'hf' (an HF model directory), a list of them (each must succeed), or ``('none',)``.
+    'hf' (an HF model directory), for Gemma 3 'gguf' (llama.cpp's file, the tokenizer
+    copied from its GGUF teacher), a list of them (each must succeed), or ``('none',)``.
     """
 
     entropy_coding: bool = False

@@ -15,7 +15,7 @@ from jaxkd import chain, metrics, objective, tasks, train
 from jaxkd.config import run_config
 from jaxkd.configfile import load
 from jaxkd.data import text
-from jaxkd.models import gemma
+from jaxkd.models import gemma, gguf_io, spm
 from jaxkd.schema import ConfigError
 from tests.test_gemma import write_gguf
 
@@ -115,7 +115,7 @@ def lm_config(gguf, layers, steps, **student):
     c.distill.teacher.workdir = gguf
     c.distill.losses = {"kd": {"name": "token_kd", "weight": 1.0}}
     c.init.method, c.init.calibration_examples = "minitron", 8
-    c.export.formats = ("stablehlo",)
+    c.export.formats = ("stablehlo", "gguf")
     return c
 
 
@@ -140,7 +140,16 @@ def test_a_gguf_file_is_teacher_and_tokenizer(tmp_path, mock_tfds):
     assert cut["num_params"] < whole["num_params"]
     assert cut["perplexity"] > 1 and whole["perplexity"] > 1
     with open(tmp_path / "cut" / "formats" / "formats.json") as f:
-        assert "stablehlo" in json.load(f)["formats"]
+        assert {"stablehlo", "gguf"} <= set(json.load(f)["formats"])
+    # llama.cpp's file of the cut student: its 3 layers, the teacher's tokenizer, Q8_0
+    # weights within a Q8_0 rounding of the trained ones
+    model, variables, _ = gguf_io.from_gguf(str(tmp_path / "cut" / "formats" / "model.gguf"))
+    assert model.num_layers == 3
+    assert spm.from_gguf(str(tmp_path / "cut" / "formats" / "model.gguf")).tokens == BYTES
+    trained = np.load(tmp_path / "cut" / "weights.npz")
+    kernel = variables["params"]["layer0"]["ffn_up"]["kernel"]
+    np.testing.assert_allclose(kernel, trained["params/layer0/ffn_up/kernel"],
+                               atol=np.abs(kernel).max() / 100)
     c = lm_config(gguf, 3, 1)
     c.data.tokenizer = "bytes"  # 260 ids too, but not the teacher's: refused before training
     c.data.max_length = 16

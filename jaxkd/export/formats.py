@@ -11,14 +11,16 @@ After a run exports ``DIR/artifact/`` (jaxkd's own format) it writes ``DIR/forma
   (:mod:`jaxkd.export.safetensors_io`);
 - ``hf/`` (BERT only): ``config.json`` and the float weights under HF's names, which
   ``transformers`` and other HF-format readers load (:mod:`jaxkd.export.hf`);
+- ``model.gguf`` (Gemma 3 distilled from a GGUF teacher only): llama.cpp's format, Q8_0
+  or Q4_0, with the teacher's tokenizer (:mod:`jaxkd.export.gguf_export`);
 - ``formats.json``: for each format its file, bytes and sha256 (or why it was skipped),
   the ONNX check's figures, and the sha256 of the artifact manifest they were made from.
 
 ``config.export.formats`` chooses: ``()`` (the default) writes every format that can
-express the model (``hf`` for BERT only, silently) and skips the others with one logged
-line (a model outside ONNX's zoo, a missing optional package: ``pip install
-'jaxkd[export]'``); a list of names writes those or stops the run with one line;
-``('none',)`` writes none. Each file is written to a temporary name and renamed into
+express the model (``hf`` for BERT and ``gguf`` for Gemma 3 only, silently) and skips
+the others with one logged line (a model outside ONNX's zoo, a missing optional
+package: ``pip install 'jaxkd[export]'``); a list of names writes those or stops the run
+with one line; ``('none',)`` writes none. Each file is written to a temporary name and renamed into
 place, so nothing half-written is ever left.
 """
 
@@ -34,11 +36,12 @@ import numpy as np
 from jaxkd import files
 from jaxkd.export.lineage import manifest_sha256
 from jaxkd.models.bert import BertEncoder
+from jaxkd.models.gemma import Gemma3
 from jaxkd.schema import ConfigError
 
-FORMATS = ("stablehlo", "onnx", "safetensors", "hf")
+FORMATS = ("stablehlo", "onnx", "safetensors", "hf", "gguf")
 FILES = {"stablehlo": "model.stablehlo", "onnx": "model.onnx",
-         "safetensors": "model.safetensors", "hf": "hf"}
+         "safetensors": "model.safetensors", "hf": "hf", "gguf": "model.gguf"}
 INDEX = "formats.json"
 
 
@@ -55,6 +58,10 @@ def _export(name: str, artifact_dir: str, path: str, inputs: Any) -> dict[str, A
         from jaxkd.export.hf import export_hf
 
         return export_hf(artifact_dir, path)
+    if name == "gguf":
+        from jaxkd.export.gguf_export import export_gguf_artifact
+
+        return export_gguf_artifact(artifact_dir, path)
     from jaxkd.export.onnx import export_onnx, verify_onnx
 
     info = export_onnx(artifact_dir, path)
@@ -74,11 +81,16 @@ def check(formats: Sequence[str], model: Any) -> None:
                 from jaxkd.export.onnx import ARCHITECTURES, SUPPORTED
             elif name == "stablehlo":
                 import flatbuffers  # noqa: F401  (jax.export's serializer needs it)
+            elif name == "gguf":
+                import gguf  # noqa: F401
             else:
                 import safetensors  # noqa: F401
         except ImportError as e:
             raise ConfigError(f"config.export.formats: {name} needs {e.name}: pip install "
                               "'jaxkd[export]'") from None
+        if name == "gguf" and not isinstance(model, Gemma3):
+            raise ConfigError(f"config.export.formats: gguf is written for gemma3 only, not "
+                              f"{type(model).__name__}")
         if name == "hf" and not isinstance(model, BertEncoder):
             raise ConfigError(f"config.export.formats: hf is written for bert only, not "
                               f"{type(model).__name__}")
@@ -96,8 +108,10 @@ def write(artifact_dir: str, out_dir: str, formats: Sequence[str] = (), *,
     Returns ``formats.json``'s contents."""
     strict = bool(formats)
     names = [] if tuple(formats) == ("none",) else list(formats or FORMATS)
-    if not strict and not _is_bert(artifact_dir):
-        names.remove("hf")
+    if not strict:
+        model_name = _model_name(artifact_dir)
+        names = [n for n in names if {"hf": "bert", "gguf": "gemma3"}.get(n, model_name)
+                 == model_name]
     os.makedirs(out_dir, exist_ok=True)
     index: dict[str, Any] = {"artifact_manifest_sha256": manifest_sha256(artifact_dir),
                              "formats": {}}
@@ -127,10 +141,10 @@ def write(artifact_dir: str, out_dir: str, formats: Sequence[str] = (), *,
     return index
 
 
-def _is_bert(artifact_dir: str) -> bool:
+def _model_name(artifact_dir: str) -> str:
     from jaxkd.export.artifact import read_manifest
 
-    return read_manifest(artifact_dir)["model"]["name"] == "bert"
+    return read_manifest(artifact_dir)["model"]["name"]
 
 
 def _plain(value: Any) -> Any:

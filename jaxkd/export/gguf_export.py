@@ -12,6 +12,12 @@ table (rows in blocks of 32 values with one float16 scale each: ``Q8_0`` ``x = d
 ``q`` in [-127, 127], 34 bytes per block; ``Q4_0`` ``x = d (q - 8)``, ``q`` in [0, 15], 18
 bytes per block); norms stay float32. ``'F32'`` writes everything in float32.
 ``jaxkd.lineage`` (JSON) records where the model came from when given.
+
+:func:`export_gguf_artifact` writes a run's exported artifact (the trainer's
+``config.export.formats`` ``'gguf'``, :mod:`jaxkd.export.formats`): its float model (the
+dequantized kernels of a quantized student), ``Q4_0`` when its weights were trained at
+4 bits or fewer, else ``Q8_0``, the tokenizer copied from the GGUF teacher its lineage
+names, and that lineage.
 """
 
 from __future__ import annotations
@@ -113,6 +119,38 @@ def export_gguf(model: Gemma3, variables: Mapping[str, Any], out_path: str, *,
             os.remove(tmp)
     return {"path": out_path, "bytes": os.path.getsize(out_path), "qtype": qtype,
             "tensor_types": types}
+
+
+def export_gguf_artifact(artifact_dir: str, out_path: str, *, qtype: str | None = None,
+                         tokenizer_from: str | None = None) -> dict[str, Any]:
+    """The Gemma 3 artifact in ``artifact_dir`` as a GGUF file (module docstring);
+    ``tokenizer_from`` defaults to the GGUF file among the run's teachers (and the run it
+    started from). Returns :func:`export_gguf`'s dict."""
+    from jaxkd import models
+    from jaxkd.export import artifact, lineage
+    from jaxkd.export.safetensors_io import float_params
+
+    manifest = artifact.verify(artifact_dir)
+    spec = manifest["model"]
+    where = os.path.join(artifact_dir, artifact.MANIFEST)
+    if spec["name"] != "gemma3":
+        raise ConfigError(f"{where}: model {spec['name']!r} is not gemma3; GGUF is written "
+                          "for Gemma 3 only")
+    model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
+    history = lineage.read_lineage(artifact_dir) or {}
+    if tokenizer_from is None:
+        sources = [*history.get("teachers", []), history.get("init") or {}]
+        tokenizer_from = next((e["file"] for e in sources
+                               if str(e.get("file", "")).endswith(".gguf")), None)
+    if tokenizer_from is None:
+        raise ConfigError(f"{where}: the run had no GGUF teacher to copy a tokenizer from, "
+                          "and llama.cpp needs one")
+    if qtype is None:
+        bits = [e["weight_bits"] for e in manifest["layers"]]
+        qtype = "Q4_0" if bits and max(bits) <= 4 else "Q8_0"
+    params = traverse_util.unflatten_dict(float_params(artifact_dir, manifest))
+    return export_gguf(model, {"params": params}, out_path, qtype=qtype,
+                       tokenizer_from=tokenizer_from, lineage=history)
 
 
 def _copy_tokenizer(reader: Any, writer: Any, vocab_size: int, where: str) -> None:

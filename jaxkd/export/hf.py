@@ -34,7 +34,7 @@ from safetensors.numpy import save
 from jaxkd import files, models
 from jaxkd.export import artifact
 from jaxkd.export.lineage import manifest_sha256
-from jaxkd.export.safetensors_io import FLOAT_PREFIX, dense_tensors
+from jaxkd.export.safetensors_io import float_params
 from jaxkd.models.pretrained import hf_names
 from jaxkd.schema import ConfigError
 
@@ -93,16 +93,7 @@ def export_hf(artifact_dir: str, out_dir: str) -> dict[str, Any]:
     where = os.path.join(artifact_dir, artifact.MANIFEST)
     model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
     _check(model, where)
-    tensors = dense_tensors(artifact_dir, manifest, include_float=True)
-    flat = {}
-    for name, value in tensors.items():  # the float model: float tensors + dequantized
-        if name.startswith(FLOAT_PREFIX):
-            flat[name.removeprefix(FLOAT_PREFIX)] = value
-        elif name.startswith("params.") and not name.endswith(
-                (".weight_int", ".weight_scale", ".weight_zero_point", ".input_scale",
-                 ".input_zero_point")):
-            flat[name] = value
-    params = {tuple(n.removeprefix("params.").split(".")): v for n, v in flat.items()}
+    params = float_params(artifact_dir, manifest)
     out: dict[str, np.ndarray] = {}
     for path, value in params.items():
         names = hf_names(path)

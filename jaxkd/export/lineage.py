@@ -66,7 +66,10 @@ def packages() -> dict[str, str]:
 
 def run_entry(workdir: str, artifact: str = "artifact") -> dict[str, Any]:
     """A finished run as a lineage entry: its workdir and, when it exported an artifact,
-    the sha256 of that artifact's manifest and the artifact's own lineage."""
+    the sha256 of that artifact's manifest and the artifact's own lineage. A teacher
+    that is a file (a GGUF model) is its path and sha256."""
+    if os.path.isfile(workdir):
+        return {"file": os.path.abspath(workdir), "sha256": files.sha256(workdir)}
     entry: dict[str, Any] = {"workdir": os.path.abspath(workdir)}
     directory = os.path.join(workdir, artifact)
     if os.path.exists(os.path.join(directory, MANIFEST)):

@@ -76,6 +76,23 @@ def _array(value: Any, dtype: Any) -> np.ndarray:
     return np.array(value, dtype=dtype, order="C")
 
 
+def float_params(artifact_dir: str, manifest: Mapping[str, Any]
+                 ) -> dict[tuple[str, ...], np.ndarray]:
+    """The artifact's float model, by Flax parameter path: its float tensors and the
+    dequantized kernels and tables of its quantized layers (what other runtimes that have
+    no integer kernels load: HF, GGUF)."""
+    tensors = dense_tensors(artifact_dir, manifest, include_float=True)
+    flat = {}
+    for name, value in tensors.items():
+        if name.startswith(FLOAT_PREFIX):
+            flat[name.removeprefix(FLOAT_PREFIX)] = value
+        elif name.startswith("params.") and not name.endswith(
+                (".weight_int", ".weight_scale", ".weight_zero_point", ".input_scale",
+                 ".input_zero_point")):
+            flat[name] = value
+    return {tuple(n.removeprefix("params.").split(".")): v for n, v in flat.items()}
+
+
 def dense_tensors(directory: str, manifest: Mapping[str, Any], *, include_float: bool = False
                   ) -> dict[str, np.ndarray]:
     """Every tensor of an artifact by its safetensors name (the module docstring's scheme),
