@@ -187,6 +187,29 @@ class TeacherRef(Block):
     weight: float = schema.number(1.0, lo=0.0, lo_open=True)
 
 
+ON_POLICY_POLICIES = ("student", "teacher")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicy(Block):
+    """``config.distill.on_policy``: distillation on generated text (:mod:`jaxkd.on_policy`).
+
+    Fields: ``fraction`` of the batches whose windows are replaced by generated ones (GKD's
+    lambda; 0 = off); ``policy`` 'student' (on-policy GKD, Agarwal et al. 2024) or
+    'teacher' (sequence-level KD, Kim & Rush 2016) writes them; the first
+    ``prompt_tokens`` of each window are the prompt, ``new_tokens`` are sampled at
+    ``temperature`` (0 = greedy), ``top_k`` (0 = all) and ``top_p``.
+    """
+
+    fraction: float = schema.number(0.0, lo=0.0, hi=1.0)
+    policy: str = schema.choice("student", ON_POLICY_POLICIES, noun="a policy")
+    prompt_tokens: int = schema.integer(32, minimum=1)
+    new_tokens: int = schema.integer(32, minimum=1)
+    temperature: float = schema.number(1.0, lo=0.0)
+    top_k: int = schema.integer(0, minimum=0)
+    top_p: float = schema.number(1.0, lo=0.0, lo_open=True, hi=1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Distill(Block):
     """``config.distill``: the teachers and the objective (:mod:`jaxkd.objective`).
@@ -198,6 +221,7 @@ class Distill(Block):
       teacher_logits: a directory of precomputed logits (:mod:`jaxkd.teacher_logits`).
       allow_augment_with_precomputed: use stored (un-augmented) logits with augmentation.
       losses: the terms of the objective, checked by :func:`jaxkd.objective.parse_terms`.
+      on_policy: distillation on generated text (:class:`OnPolicy`), off by default.
     """
 
     teacher: TeacherRef = schema.nested(TeacherRef)
@@ -206,6 +230,7 @@ class Distill(Block):
     teacher_logits: str = ""
     allow_augment_with_precomputed: bool = False
     losses: Any = schema.free({"ce": {"name": "cross_entropy", "weight": 1.0}})
+    on_policy: OnPolicy = schema.nested(OnPolicy)
 
 
 def supervised_losses() -> ml_collections.ConfigDict:

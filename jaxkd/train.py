@@ -134,6 +134,7 @@ def make_train_step(
     task: tasks.Task = CLASSIFICATION,
     gather: Callable[[Any], Any] | None = None,
     teacher_gathers: Sequence[Callable[[Any], Any]] = (),
+    prepare: Callable[..., Any] | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure ``train_step(state, batch, teacher_variables) -> (state, metrics)``.
 
@@ -150,7 +151,9 @@ def make_train_step(
     ``tx.update(..., per_example_grad_sq=...)`` (Fisher pruning's empirical Fisher).
     ``gather`` (the student's parameters) and ``teacher_gathers`` (one per teacher's
     variables) place weights for the compute (:meth:`jaxkd.partitioning.Layout.gather`:
-    FSDP's all-gather); the identity when None.
+    FSDP's all-gather); the identity when None. ``prepare(student_variables,
+    teacher_variables, batch, rng, step) -> batch`` rewrites the batch first (generated
+    text: :func:`jaxkd.on_policy.make_prepare`).
     """
     apply = student_apply or model.apply
     gather = gather or (lambda tree: tree)
@@ -180,6 +183,11 @@ def make_train_step(
         return jax.tree.map(lambda t: t / m, total)
 
     def train_step(state, batch, teacher_variables):
+        if prepare is not None:
+            batch = prepare(
+                model_variables(gather(state.params), state.batch_stats, state.collections),
+                teacher_gathers[0](teacher_variables[0]) if teacher_models else None,
+                batch, state.rng, state.step)
         inputs, targets = task.model_inputs(batch), task.targets(batch)
         teacher_outs = [
             jax.lax.stop_gradient(m.apply(g(v), *inputs, train=False, return_features=True))
@@ -289,6 +297,7 @@ class Setup:
     per_example: int
     ctx: methods.Context
     num_steps: int
+    prepare: Callable[..., Any] | None = None  # generated batches (jaxkd.on_policy)
 
     @property
     def replicated(self) -> NamedSharding:
@@ -384,7 +393,15 @@ def build(run: Run) -> Setup:
     project = functools.reduce(
         lambda f, g: lambda params, opt: g(f(params, opt), opt), projections) if projections \
         else None
-    return Setup(run=run, info=info, task=task, mesh=mesh, layout=layout,
+    prepare = None
+    if run.distill.on_policy.fraction > 0:
+        from jaxkd import on_policy
+
+        on_policy.check(run.distill.on_policy, task=task.name, max_length=run.data.max_length,
+                        bucket_lengths=run.data.bucket_lengths, model=model)
+        prepare = on_policy.make_prepare(run.distill.on_policy, model,
+                                         loaded[0].model if loaded else None)
+    return Setup(run=run, info=info, task=task, mesh=mesh, layout=layout, prepare=prepare,
                  methods=enabled, model=model,
                  model_kwargs=model_kwargs, init_source=source, start_variables=start_variables,
                  teachers=loaded, precomputed=precomputed, terms=terms,
@@ -580,7 +597,8 @@ def jitted_train_step(s: Setup, state: TrainState) -> Callable:
     return jax.jit(make_train_step(s.model, s.tx, s.objective_fn, [t.model for t in s.teachers],
                                    student_apply=s.student_apply, project=s.project,
                                    per_example=s.per_example, task=s.task,
-                                   gather=s.layout.gather, teacher_gathers=teacher_gathers),
+                                   gather=s.layout.gather, teacher_gathers=teacher_gathers,
+                                   prepare=s.prepare),
                    donate_argnums=(0,),
                    out_shardings=(state_shardings(s.layout, state), s.replicated))
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkd import chain, metrics, objective, tasks, train
+from jaxkd import chain, metrics, objective, on_policy, tasks, train
 from jaxkd.config import run_config
 from jaxkd.configfile import load
 from jaxkd.data import text
@@ -182,3 +182,62 @@ def test_gemma_cut_from_its_teacher_distils_on_real_bbc_news(real_bbc_news, tmp_
     assert student["num_params"] < 0.7 * teacher["num_params"]
     kd = train_losses(str(tmp_path / "run" / "student"))
     assert kd[-1] < 0.5 * kd[0], kd
+
+
+def test_generated_batches_are_right_padded_with_the_generated_tokens_marked():
+    """on_policy.generated_batch: each row is its prompt's real tokens, then what the
+    sampler wrote (left-padded prompts in, right padding out), loss on generated ones."""
+    ids = np.array([[11, 12, 13, 14, 15, 16], [21, 22, 0, 0, 0, 0]], np.int32)
+    mask = (ids != 0).astype(np.int32)
+    seen = {}
+
+    def generate(prompts, prompt_mask, rng):
+        seen["prompts"], seen["mask"] = np.asarray(prompts), np.asarray(prompt_mask)
+        return jnp.array([[91, 92, 93], [81, 82, 0]]), jnp.array([[1, 1, 1], [1, 1, 0]])
+
+    out = on_policy.generated_batch(generate, {"input_ids": ids, "attention_mask": mask},
+                                    jax.random.PRNGKey(0), prompt_tokens=3)
+    np.testing.assert_array_equal(seen["prompts"], [[11, 12, 13], [0, 21, 22]])
+    np.testing.assert_array_equal(seen["mask"], [[1, 1, 1], [0, 1, 1]])
+    np.testing.assert_array_equal(out["input_ids"], [[11, 12, 13, 91, 92, 93],
+                                                     [21, 22, 81, 82, 0, 0]])
+    np.testing.assert_array_equal(out["attention_mask"], [[1] * 6, [1, 1, 1, 1, 0, 0]])
+    # position t is trained when token t + 1 was generated
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]])
+    t = tasks.CAUSAL_LM.targets(out)
+    np.testing.assert_array_equal(t.labelled, out["loss_mask"])
+
+
+def test_on_policy_distillation_trains_on_generated_continuations(tmp_path, mock_tfds):
+    """GKD (the student samples) and sequence-level KD (the teacher writes, greedily): every
+    step trains on exactly batch x new_tokens generated tokens; a student identical to
+    the teacher has JSD 0 on its own samples, a cut one distils it down."""
+    gguf = str(tmp_path / "teacher.gguf")
+    write_gguf(gguf, vocab=VOCAB)
+    results = {}
+    for policy, layers, steps in (("student", 6, 1), ("student", 3, 6), ("teacher", 3, 2)):
+        c = lm_config(gguf, layers, steps)
+        c.data.max_length, c.data.bucket_lengths = 12, (12,)
+        c.distill.losses.kd.kwargs = {"divergence": "jsd", "beta": 0.5}
+        c.distill.on_policy = {"fraction": 1.0, "policy": policy, "prompt_tokens": 4,
+                               "new_tokens": 8, "temperature": 0.0 if policy == "teacher"
+                               else 1.0}
+        c.export.formats = ("none",)
+        workdir = str(tmp_path / f"{policy}{layers}")
+        with mock_tfds(num_examples=16):
+            train.train_and_evaluate(c, workdir)
+        with open(os.path.join(workdir, metrics.METRICS_FILE)) as f:
+            records = [json.loads(line) for line in f if "train/loss" in line]
+        assert all(r["train/tokens"] == 8 * 8 for r in records), records
+        results[policy, layers] = [r["train/loss"] for r in records]
+    assert results["student", 6][0] < 1e-5
+    cut = results["student", 3]
+    assert cut[0] > 1e-3 and cut[-1] < cut[0], cut
+    c = lm_config(gguf, 3, 1)
+    c.distill.on_policy = {"fraction": 0.5, "prompt_tokens": 4, "new_tokens": 8}
+    with mock_tfds(num_examples=16), pytest.raises(ConfigError) as e:
+        train.train_and_evaluate(c, str(tmp_path / "bad"))
+    assert str(e.value) == (
+        "config.distill.on_policy: every batch must be windows of prompt_tokens + new_tokens "
+        "= 12 tokens: set config.data.max_length=12 and config.data.bucket_lengths=(12,) "
+        "(got 16 and (16,))")

@@ -12,7 +12,8 @@ and a position counts when it and its successor are both tokens::
     labelled[b, t] = mask[b, t] * mask[b, t + 1]   (0 at t = L - 1)
 
 Label terms and teacher terms alike average over those positions (``Targets.mask`` is
-``labelled``). At large vocabularies the objective's token terms (``token_kd``,
+``labelled``), times the batch's ``loss_mask`` ``[B, L]`` when it has one (a generated
+batch counts only the positions whose next token was generated: :mod:`jaxkd.on_policy`). At large vocabularies the objective's token terms (``token_kd``,
 ``token_cross_entropy``: :mod:`jaxkd.objective`) compare final hidden states through the
 LM head in chunks; training logs no logit metric, so under ``jit`` the ``[B, L, V]`` logits
 of the training step are never formed. Evaluation reports the next-token cross-entropy
@@ -45,6 +46,8 @@ class CausalLM(TextClassification):
 
     def targets(self, batch: dict[str, Any]) -> Targets:
         labels, labelled = next_token_targets(batch["input_ids"], batch["attention_mask"])
+        if "loss_mask" in batch:
+            labelled = labelled * jnp.asarray(batch["loss_mask"], jnp.float32)
         return Targets(labels=labels, labelled=labelled, mask=labelled)
 
     def train_metrics(self, logits: jax.Array, targets: Targets) -> dict[str, jax.Array]:
