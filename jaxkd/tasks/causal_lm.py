@@ -15,8 +15,9 @@ Label terms and teacher terms alike average over those positions (``Targets.mask
 ``labelled``), times the batch's ``loss_mask`` ``[B, L]`` when it has one (a generated
 batch counts only the positions whose next token was generated: :mod:`jaxkd.on_policy`).
 At large vocabularies the objective's token terms (``token_kd``, ``token_cross_entropy``:
-:mod:`jaxkd.objective`) compare final hidden states through the LM head in chunks; training logs no logit metric, so under ``jit`` the ``[B, L, V]`` logits
-of the training step are never formed. Evaluation reports the next-token cross-entropy
+:mod:`jaxkd.objective`) compare final hidden states through the LM head in chunks;
+training logs no logit metric, so under ``jit`` the ``[B, L, V]`` logits of the training
+step are never formed. Evaluation reports the next-token cross-entropy
 (``loss``, nats per token; perplexity is ``exp(loss)``) and top-1 accuracy.
 """
 
