@@ -36,6 +36,9 @@ i.e. ``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(labels)``.
   LM head (its feature ``lm_head``, the ``[V, D]`` table) in chunks of tokens
   (:mod:`jaxkd.token_kd`): the ``[B, L, V]`` logits are never formed. They average over
   the task's token mask.
+* ``token_topk_kd`` compares the student with a causal LM teacher's stored top-k logits
+  (``config.distill.teacher_logits`` written by :mod:`jaxkd.sequence_logits`; kwargs
+  ``temperature``, ``residual``, ``chunk_tokens``).
 * Precomputed logits (``config.distill.teacher_logits``) arrive in the batch as
   ``teacher_topk_logits``/``teacher_topk_indices``; with every class stored they stand for
   the teacher's logits in any logit term, with fewer only ``topk_soft_target_kl`` applies.
@@ -73,6 +76,8 @@ from jaxkd.tasks.base import Targets
 #   tokens        fn(student_hidden, teacher_hidden, token_mask, student_head=, teacher_head=)
 #                 per token, the heads from each model's 'lm_head' feature
 #   token_labels  fn(student_hidden, labels, token_mask, head=)               per token
+#   token_topk    fn(student_hidden, topk_logits, topk_ids, residual, token_mask, student_head=)
+#                 per token, against stored top-k logits (jaxkd.sequence_logits)
 LOSSES: dict[str, tuple[Callable[..., jax.Array], str]] = {
     "cross_entropy": (losses.cross_entropy, "labels"),
     "soft_target_kl": (losses.soft_target_kl, "logits"),
@@ -96,9 +101,10 @@ LOSSES: dict[str, tuple[Callable[..., jax.Array], str]] = {
     "minilmv2_relation_kl": (losses.minilmv2_relation_kl, "sequence"),
     "token_kd": (token_kd.token_losses, "tokens"),
     "token_cross_entropy": (token_kd.token_cross_entropy, "token_labels"),
+    "token_topk_kd": (token_kd.topk_token_losses, "token_topk"),
 }
 LABEL_KINDS = ("labels", "token_labels")  # terms that need no teacher
-TOKEN_KINDS = ("tokens", "token_labels")
+TOKEN_KINDS = ("tokens", "token_labels", "token_topk")
 ADAPTED = ("hint_mse", "tinybert_hidden_mse")  # an adapter by default
 ENSEMBLES = ("probabilities", "sum_losses")
 
@@ -163,7 +169,8 @@ def parse_terms(spec: Any, *, has_teacher: bool) -> list[Term]:
         if term.temperature_end is not None and "temperature" not in kwargs:
             raise ConfigError(f"{where}.temperature_end needs kwargs.temperature to start from")
         default_feature = {"batch": "embedding", "tokens": "final_hidden",
-                           "token_labels": "final_hidden"}.get(kind, "logits")
+                           "token_labels": "final_hidden",
+                           "token_topk": "final_hidden"}.get(kind, "logits")
         if kind == "batch" and name == "dist_loss":
             default_feature = "logits"
         divergence = kwargs.get("divergence")
@@ -400,6 +407,14 @@ def build_objective(
             if term.kind == "labels":
                 value = losses.masked_mean(LOSSES[term.name][0](student_out[0], labels, **kwargs),
                                            labelled)
+            elif term.kind == "token_topk":  # stored top-k logits (jaxkd.sequence_logits)
+                residual = batch["teacher_topk_residual"] if kwargs.pop("residual", True) \
+                    else None
+                value = losses.masked_mean(LOSSES[term.name][0](
+                    feature(student_out, term.student_feature), batch["teacher_topk_logits"],
+                    batch["teacher_topk_indices"], residual, labelled,
+                    student_head=token_kd.tied_head(student_out[1]["lm_head"]),
+                    **kwargs).divergence, labelled)
             elif term.kind == "token_labels":
                 value = losses.masked_mean(LOSSES[term.name][0](
                     feature(student_out, term.student_feature), labels, labelled,

@@ -252,7 +252,7 @@ def write(teacher_workdir: str, data: ml_collections.ConfigDict, out_dir: str, *
         start_time = time.perf_counter()
         values = _chunk_records(forward, teacher.variables, inputs, chunk, records,
                                 batch_size=batch_size, sharding=sharded)
-        _write_chunk(path, values, group_size)
+        write_chunk(path, values, group_size)
         print(f"{chunk['file']}: {chunk['count']} examples, "
               f"{chunk['count'] / (time.perf_counter() - start_time):.0f} examples/s"
               + (f" (process {jax.process_index()})" if jax.process_count() > 1 else ""),
@@ -509,7 +509,7 @@ def _chunk_records(forward: Callable, variables: Any, inputs: pipeline.TrainInpu
     return out
 
 
-def _write_chunk(path: str, records: np.ndarray, group_size: int) -> None:
+def write_chunk(path: str, records: np.ndarray, group_size: int) -> None:
     """Writes ``records`` as ``path`` so that no half-written file ever has that name."""
     tmp = path + ".tmp"
     writer = array_record_module.ArrayRecordWriter(tmp, f"group_size:{group_size},uncompressed")
@@ -517,9 +517,9 @@ def _write_chunk(path: str, records: np.ndarray, group_size: int) -> None:
     for offset in range(0, len(data), size):
         writer.write(data[offset:offset + size])
     writer.close()
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, path)
-    _fsync(os.path.dirname(path) or ".")
+    fsync(os.path.dirname(path) or ".")
 
 
 def _start_or_resume(out_dir: str, manifest: dict[str, Any]) -> None:
@@ -530,7 +530,7 @@ def _start_or_resume(out_dir: str, manifest: dict[str, Any]) -> None:
         for field in _IDENTITY:
             ours, theirs = _get(manifest, field), _get(existing, field)
             if ours != theirs:
-                difference = _first_difference(field, theirs, ours)
+                difference = first_difference(field, theirs, ours)
                 raise ConfigError(f"{path} belongs to other teacher logits: {difference}; "
                                  "choose another output directory")
         for stale in glob.glob(os.path.join(out_dir, "*.tmp")):
@@ -543,12 +543,12 @@ def _start_or_resume(out_dir: str, manifest: dict[str, Any]) -> None:
     files.write_json(path, manifest)
 
 
-def _first_difference(field: str, theirs: Any, ours: Any) -> str:
+def first_difference(field: str, theirs: Any, ours: Any) -> str:
     """``'field.sub: a there, b here'`` for the first nested key where two values differ."""
     if isinstance(theirs, dict) and isinstance(ours, dict):
         for key in list(theirs) + [k for k in ours if k not in theirs]:
             if theirs.get(key) != ours.get(key):
-                return _first_difference(f"{field}.{key}", theirs.get(key), ours.get(key))
+                return first_difference(f"{field}.{key}", theirs.get(key), ours.get(key))
     return f"{field} is {theirs!r} there, {ours!r} here"
 
 
@@ -580,7 +580,7 @@ def _read_manifest(out_dir: str) -> dict[str, Any]:
     return manifest
 
 
-def _fsync(path: str) -> None:
+def fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -55,6 +55,7 @@ from jaxkd import (
     preemption,
     pruning,
     quant,
+    sequence_logits,
     sharing,
     student_init,
     tasks,
@@ -356,7 +357,15 @@ def build(run: Run) -> Setup:
                           f"{tuple(info.input_shape)} of config.data.name={run.data.name!r}: "
                           f"{e}") from None
     objective.check_features(terms, student_out, teacher_outs)
-    if precomputed:
+    topk_terms = [t for t in terms if t.kind == "token_topk"]
+    if topk_terms and not (precomputed and sequence_logits.is_sequence_logits(precomputed)):
+        raise ConfigError(f"config.distill.losses.{topk_terms[0].label} ({topk_terms[0].name}) "
+                          "reads stored top-k logits: set config.distill.teacher_logits to "
+                          "a directory of python -m jaxkd.sequence_logits")
+    if precomputed and sequence_logits.is_sequence_logits(precomputed):
+        sequence_logits.check_terms(sequence_logits.check(precomputed, run.data), terms,
+                                    where=precomputed)
+    elif precomputed:
         teacher_logits.check_terms(
             teacher_logits.check(precomputed, run.data,
                                  allow_augment=run.distill.allow_augment_with_precomputed),
@@ -613,7 +622,11 @@ def train_loop(s: Setup, state: TrainState, start_step: int, manager: Any, workd
                                        gather=s.layout.gather))
     teacher_variables = [t.variables for t in s.teachers]
     writer = metrics.MetricWriter(workdir, total_steps=s.num_steps, start_step=start_step)
-    extra = teacher_logits.stream(s.precomputed, run.data) if s.precomputed else None
+    extra = None
+    if s.precomputed:
+        stored = sequence_logits if sequence_logits.is_sequence_logits(s.precomputed) \
+            else teacher_logits
+        extra = stored.stream(s.precomputed, run.data)
     batches = device_batches(
         pipeline.train_batches(run.data, batch_size=run.batch_size, seed=run.seed,
                                start_step=start_step, process_index=jax.process_index(),

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkd import chain, metrics, objective, on_policy, tasks, train
+from jaxkd import chain, metrics, objective, on_policy, sequence_logits, tasks, train
 from jaxkd.config import run_config
 from jaxkd.configfile import load
-from jaxkd.data import text
+from jaxkd.data import pipeline, text
 from jaxkd.models import gemma, gguf_io, spm
 from jaxkd.schema import ConfigError
 from tests.test_gemma import write_gguf
@@ -241,3 +241,52 @@ def test_on_policy_distillation_trains_on_generated_continuations(tmp_path, mock
         "config.distill.on_policy: every batch must be windows of prompt_tokens + new_tokens "
         "= 12 tokens: set config.data.max_length=12 and config.data.bucket_lengths=(12,) "
         "(got 16 and (16,))")
+
+
+def test_stored_top_k_logits_of_windows_are_the_teachers_and_train_a_student(tmp_path,
+                                                                             mock_tfds):
+    """python -m jaxkd.sequence_logits's records hold the teacher's top-k logits, ids and
+    residual mass per token (against its whole logits); token_topk_kd trains from them; a
+    manifest of other data is refused in one line."""
+    gguf = str(tmp_path / "teacher.gguf")
+    write_gguf(gguf, vocab=VOCAB)
+    c = lm_config(gguf, 6, 2)
+    out = str(tmp_path / "top8")
+    with mock_tfds(num_examples=16):
+        manifest = sequence_logits.write(gguf, c.data, out, top_k=8, temperature=2.0,
+                                         dtype="float32", batch_size=4, chunk_size=5,
+                                         log=lambda _: None)
+        windows = pipeline.train_inputs(c.data).source
+    assert manifest["complete"] and manifest["count"] == len(windows) > 5
+    assert [ch["count"] for ch in manifest["chunks"]][:1] == [5]
+    stored = sequence_logits.StoredSequenceLogits(out, manifest)
+    rows = np.array([0, len(windows) - 1])
+    ids, mask = windows.padded(rows, 16)
+    model, variables, _ = gguf_io.from_gguf(gguf)
+    z = np.asarray(model.apply(variables, ids, mask), np.float64)
+    fields = stored.batch_fields(rows, ids, mask)
+    for r in range(2):
+        for t in np.flatnonzero(mask[r]):
+            order = np.argsort(-z[r, t], kind="stable")[:8]
+            np.testing.assert_array_equal(fields["teacher_topk_indices"][r, t], order)
+            np.testing.assert_allclose(fields["teacher_topk_logits"][r, t], z[r, t, order],
+                                       rtol=1e-4, atol=1e-4)
+            p = np.exp(z[r, t] / 2 - np.logaddexp.reduce(z[r, t] / 2))
+            np.testing.assert_allclose(fields["teacher_topk_residual"][r, t],
+                                       1 - p[order].sum(), atol=1e-5)
+    with pytest.raises(ConfigError, match="were computed for other tokens"):
+        stored.batch_fields(rows, ids[::-1], mask[::-1])
+    c.distill.teacher.workdir = ""
+    c.distill.teacher_logits = out
+    c.distill.losses = {"kd": {"name": "token_topk_kd", "weight": 1.0,
+                               "kwargs": {"temperature": 2.0}}}
+    c.init.method = ""  # a random student
+    with mock_tfds(num_examples=16):
+        train.train_and_evaluate(c, str(tmp_path / "student"))
+        losses = train_losses(str(tmp_path / "student"))
+        assert losses[0] > 0.1 and np.isfinite(losses).all(), losses
+        c.data.max_length, c.data.bucket_lengths = 12, (12,)
+        with pytest.raises(ConfigError) as e:
+            train.train_and_evaluate(c, str(tmp_path / "other"))
+    assert str(e.value).startswith(f"config.distill.teacher_logits={out!r} holds logits of "
+                                   "other data: inputs.") and "\n" not in str(e.value)

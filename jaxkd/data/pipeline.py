@@ -242,6 +242,8 @@ def _text_train_inputs(builder: tfds.core.DatasetBuilder, data: Data) -> TrainIn
     }
     if data.drop_labels:
         spec["drop_labels"] = list(data.drop_labels)
+    if data.task:  # e.g. causal_lm: windows of whole documents, not truncated ones
+        spec["task"] = data.task
     return TrainInputs(source=text.concatenate(list(parts.values())),
                        normalise=lambda ids: ids, spec=spec)
 
@@ -305,7 +307,9 @@ def train_dataset(data: Data | ml_collections.ConfigDict, *, batch_size: int, se
     Yields:
       ``{'image': float32 [b, *input_shape], 'label': int32 [b], **extra}``; labels of the
       transfer split are -1. For text ``{'input_ids', 'attention_mask': int32 [b, L],
-      'label': int32 [b]}`` (no ``extra_fields``).
+      'label': int32 [b]}``; a language-model stream's ``extra_fields`` are called as
+      ``fields(indices, input_ids, attention_mask)``
+      (:func:`jaxkd.sequence_logits.stream`).
     """
     data = _settings(data)
     local_size = _local_batch_size(batch_size, process_index, process_count)
@@ -315,17 +319,24 @@ def train_dataset(data: Data | ml_collections.ConfigDict, *, batch_size: int, se
     train, normalise = inputs.source, inputs.normalise
     offset = process_index * local_size
     if isinstance(train, text.TokenizedText):
-        if extra_fields is not None:
+        lm = datasets.task_of(data) == "causal_lm"
+        if extra_fields is not None and not lm:
             raise ConfigError(f"config.data.name={data.name!r} is text: precomputed teacher "
                               "logits (config.distill.teacher_logits) take image datasets "
+                              "and language-model windows (config.data.task='causal_lm') "
                               "only; distil from the teacher model instead")
         records_of = _stream(len(train), seed, batch_size)
+        fields = extra_fields(train) if extra_fields is not None else None
 
         def text_batch(step: int) -> dict[str, np.ndarray]:
             records = records_of(step, np.arange(batch_size))  # the global batch
             length = text.bucket_length(int(train.lengths(records).max()),
                                         data.bucket_lengths, data.max_length)
-            return text.batch(train, records[offset:offset + local_size], length)
+            local = records[offset:offset + local_size]
+            batch = text.batch(train, local, length)
+            if fields is not None:
+                batch.update(fields(local, batch["input_ids"], batch["attention_mask"]))
+            return batch
 
         return _ahead(grain.MapDataset.range(start_step, sys.maxsize).map(text_batch))
     if data.in_memory:

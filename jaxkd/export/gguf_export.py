@@ -139,7 +139,8 @@ def export_gguf_artifact(artifact_dir: str, out_path: str, *, qtype: str | None 
     model = models.get_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
     history = lineage.read_lineage(artifact_dir) or {}
     if tokenizer_from is None:
-        sources = [*history.get("teachers", []), history.get("init") or {}]
+        sources = [*history.get("teachers", []), history.get("init") or {},
+                   (history.get("precomputed_logits") or {}).get("teacher") or {}]
         tokenizer_from = next((e["file"] for e in sources
                                if str(e.get("file", "")).endswith(".gguf")), None)
     if tokenizer_from is None:

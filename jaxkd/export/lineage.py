@@ -103,7 +103,8 @@ def of_run(config: Mapping[str, Any], dataset_spec: Mapping[str, Any], *,
         lineage["precomputed_logits"] = {
             "manifest_sha256": sha256_of_json(precomputed),
             "teacher": {k: precomputed["teacher"].get(k)
-                        for k in ("workdir", "step", "checkpoint_sha256")}}
+                        for k in ("workdir", "step", "checkpoint_sha256", "file", "sha256")
+                if k in precomputed["teacher"]}}
     return lineage
 
 
