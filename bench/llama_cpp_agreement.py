@@ -15,6 +15,14 @@ through ``llama-cpp-python``. On the BBC News test articles:
   the dequantized weights: top-1 agreement, mean Pearson correlation of the logit vectors,
   mean KL(llama.cpp || jaxkd) and the largest |difference| relative to the logit range.
 
+On a virtual machine whose CPU reports AMX (Sapphire Rapids and later) but whose kernel
+does not grant it, the default native build dies with a general-protection fault in
+``libggml-cpu`` at the first ``eval``; build it for AVX2 instead::
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+      -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
+      pip install --no-cache-dir llama-cpp-python
+
 They are not expected to be equal: llama.cpp multiplies the quantized weights by
 activations it quantizes to 8 bits per block (``Q8_0``/``Q8_K``) and accumulates in its own
 order, jaxkd by the dequantized float32 weights.
