@@ -10,6 +10,9 @@ through ``llama-cpp-python``. On the BBC News test articles:
 
 - tokenization: :mod:`jaxkd.models.spm` against ``Llama.tokenize`` (``<bos>`` added,
   special tokens not parsed), article by article;
+- an exported student (``--student RUN``): llama.cpp runs the run's ``formats/model.gguf``
+  and is compared with jaxkd's own forward of the run's artifact (its integer kernels for
+  a quantized student), the same way;
 - logits: the first ``--tokens`` tokens of ``--logit_articles`` articles, every position's
   next-token logits from ``Llama.eval`` (``logits_all``) against jaxkd's float32 forward of
   the dequantized weights: top-1 agreement, mean Pearson correlation of the logit vectors,
@@ -31,6 +34,7 @@ order, jaxkd by the dequantized float32 weights.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import jax
@@ -39,12 +43,40 @@ import numpy as np
 from common import publish
 
 
+def agreement(llm, forward, tokenizer, texts, max_tokens):
+    """``(top-1 agreement, mean Pearson r, mean KL(llama.cpp || jaxkd), max |dz| / range,
+    positions)`` of next-token logits over the first ``max_tokens`` tokens of ``texts``."""
+    top1, corr, kl, rel, n = [], [], [], [], 0
+    for text in texts:
+        ids = tokenizer.encode(text)[:max_tokens]
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[:len(ids)], np.float64)
+        mine = np.asarray(forward(jnp.asarray([ids]))[0], np.float64)
+        top1.append(np.mean(theirs.argmax(-1) == mine.argmax(-1)))
+        a, b = theirs - theirs.mean(-1, keepdims=True), mine - mine.mean(-1, keepdims=True)
+        corr.append(np.mean((a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))))
+        lp = theirs - np.logaddexp.reduce(theirs, -1, keepdims=True)
+        lq = mine - np.logaddexp.reduce(mine, -1, keepdims=True)
+        kl.append(np.mean((np.exp(lp) * (lp - lq)).sum(-1)))
+        rel.append(np.abs(theirs - mine).max() / (theirs.max() - theirs.min()))
+        n += len(ids)
+    return float(np.mean(top1)), float(np.mean(corr)), float(np.mean(kl)), float(max(rel)), n
+
+
+def artifact_kind(manifest):
+    bits = sorted({e["weight_bits"] for e in manifest["layers"]})
+    return "float" if not bits else "int" + "/".join(map(str, bits)) + " weights"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--articles", type=int, default=200)
     parser.add_argument("--logit_articles", type=int, default=12)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--models_dir", default=None)
+    parser.add_argument("--student", default="", help="a finished run of "
+                        "configs/bbc_lm_gemma.py (its artifact and formats/model.gguf)")
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args()
     try:
@@ -80,31 +112,35 @@ def main() -> None:
 
     model, variables, _ = gguf_io.from_gguf(path)
     forward = jax.jit(model.apply)  # the weights an argument, not compiled-in constants
-    top1, corr, kl, rel = [], [], [], []
-    for text in texts[:args.logit_articles]:
-        ids = ours.encode(text)[:args.tokens]
-        llm.reset()
-        llm.eval(ids)
-        theirs = np.asarray(llm.scores[:len(ids)], np.float64)
-        mine = np.asarray(forward(variables, jnp.asarray([ids]))[0], np.float64)
-        top1.append(np.mean(theirs.argmax(-1) == mine.argmax(-1)))
-        a, b = theirs - theirs.mean(-1, keepdims=True), mine - mine.mean(-1, keepdims=True)
-        corr.append(np.mean((a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))))
-        lp = theirs - np.logaddexp.reduce(theirs, -1, keepdims=True)
-        lq = mine - np.logaddexp.reduce(mine, -1, keepdims=True)
-        kl.append(np.mean((np.exp(lp) * (lp - lq)).sum(-1)))
-        rel.append(np.abs(theirs - mine).max() / (theirs.max() - theirs.min()))
-    n = sum(min(len(ours.encode(t)), args.tokens) for t in texts[:args.logit_articles])
+    logit_texts = texts[:args.logit_articles]
+    rows = [("teacher: gemma-3-270m-q4_k_m.gguf, jaxkd float32 on its dequantized weights",
+             agreement(llm, lambda ids: forward(variables, ids), ours, logit_texts,
+                       args.tokens))]
+    if args.student:
+        from jaxkd.export import artifact
+
+        student_file = os.path.join(args.student, "formats", "model.gguf")
+        predict, manifest = artifact.load(os.path.join(args.student, "artifact"))
+        student_llm = llama_cpp.Llama(model_path=student_file, n_ctx=args.tokens,
+                                      logits_all=True, verbose=False, n_threads=2, seed=0)
+        layers = manifest["model"]["kwargs"]["num_layers"]
+        size = os.path.getsize(student_file)
+        rows.append((f"student {args.student}: its model.gguf ({size:,} bytes) against "
+                     f"jaxkd's artifact ({layers} layers, {artifact_kind(manifest)})",
+                     agreement(student_llm, lambda ids: predict(ids, jnp.ones_like(ids)), ours,
+                               logit_texts, args.tokens)))
     lines = ["| check | result |", "|---|---|",
              f"| token ids, {len(texts)} BBC test articles ({tokens:,} tokens) | "
-             f"{same}/{len(texts)} articles identical |",
-             f"| next-token top-1 agreement ({n:,} positions, {args.logit_articles} articles) "
-             f"| {100 * np.mean(top1):.2f} % |",
-             f"| logit correlation (Pearson, mean over positions) | {np.mean(corr):.5f} |",
-             f"| KL(llama.cpp ‖ jaxkd), mean per position | {np.mean(kl):.2e} nats |",
-             f"| max \\|Δlogit\\| / logit range | {max(rel):.2e} |",
-             "", f"llama-cpp-python {llama_cpp.__version__}, CPU, 2 threads; jaxkd float32 "
-             "on the dequantized weights of gemma-3-270m-q4_k_m.gguf."]
+             f"{same}/{len(texts)} articles identical |"]
+    for name, (top1, corr, kl, rel, n) in rows:
+        lines += [f"| **{name}** | |",
+                  f"| next-token top-1 agreement ({n:,} positions, {len(logit_texts)} articles)"
+                  f" | {100 * top1:.2f} % |",
+                  f"| logit correlation (Pearson, mean over positions) | {corr:.5f} |",
+                  f"| KL(llama.cpp ‖ jaxkd), mean per position | {kl:.2e} nats |",
+                  f"| max \\|Δlogit\\| / logit range | {rel:.2e} |"]
+    lines += ["", f"llama-cpp-python {llama_cpp.__version__} (llama.cpp built for AVX2), CPU, "
+              "2 threads."]
     publish("llama_cpp_agreement", "\n".join(lines), docs=args.docs)
 
 
