@@ -1,12 +1,30 @@
-"""Shared fixtures: a per-session tfds data dir, and tfds' mock data made usable."""
+"""Shared fixtures: a per-session tfds data dir, and tfds' mock data made usable.
 
+Every compiled XLA program of the session, in this process and in the ones it starts
+(``launch.py`` runs, multi-process tests), goes through one persistent compilation cache
+(JAX's own, in a temporary directory removed at exit): the same tiny models are compiled
+in many tests, and loading a compiled program is much cheaper than compiling it again.
+"""
+
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
+import jax
 import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
+
+_CACHE = tempfile.mkdtemp(prefix="jaxkd-tests-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+for name, value in [("jax_compilation_cache_dir", _CACHE),
+                    ("jax_persistent_cache_min_compile_time_secs", 0),
+                    ("jax_persistent_cache_min_entry_size_bytes", 0)]:
+    os.environ.setdefault(name.upper(), str(value))  # the processes tests start
+    jax.config.update(name, type(value)(os.environ[name.upper()]))
 
 
 @pytest.fixture(scope="session", autouse=True)
