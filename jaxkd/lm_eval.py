@@ -1,7 +1,8 @@
 """Language-model evaluation on token rows: perplexity and the per-token KL to a teacher.
 
 Text becomes rows with :func:`token_rows`: each document is its token ids (``<bos>`` first,
-from the tokenizer), cut into consecutive windows of ``length`` tokens, the last one
+from the tokenizer), cut into windows of ``length`` tokens that each start with ``<bos>``
+(:func:`jaxkd.data.text.windows`, as the trainer's ``causal_lm`` windows), the last one
 right-padded; no row mixes two documents, so no token attends across a document boundary.
 A row's position ``t`` predicts token ``t + 1``: every real token but a row's first is a
 target.
@@ -24,22 +25,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import token_kd
+from jaxkd.data import text
 
 
 def token_rows(texts: Sequence[str], encode: Callable[[str], list[int]], length: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, mask)`` int32 ``[rows, length]``: each text's tokens in windows (module
     docstring); windows of a single token are dropped (they predict nothing)."""
-    rows = []
-    for text in texts:
-        ids = encode(text)
-        rows += [ids[i:i + length] for i in range(0, len(ids), length)
-                 if len(ids[i:i + length]) > 1]
-    out = np.zeros((len(rows), length), np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for r, ids in enumerate(rows):
-        out[r, :len(ids)], mask[r, :len(ids)] = ids, 1
-    return out, mask
+    encoded = [np.asarray(encode(t), np.int32) for t in texts]
+    lengths = np.array([len(e) for e in encoded], np.int64)
+    documents = text.TokenizedText(
+        ids=np.concatenate(encoded) if encoded else np.zeros(0, np.int32),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        labels=np.zeros(len(texts), np.int32), max_length=max(int(lengths.max(initial=1)), 1))
+    rows = text.windows(documents, length)
+    return rows.padded(np.arange(len(rows)), length)
 
 
 def _head(variables: Any) -> Callable[[jax.Array], jax.Array]:

@@ -39,9 +39,15 @@ def test_next_token_targets_and_windows():
                               max_length=5)
     w = text.windows(docs, 2)
     got = [list(w.ids[a:b]) for a, b in zip(w.offsets[:-1], w.offsets[1:], strict=True)]
-    # the 1-token document and the 1-token tails predict nothing: dropped
+    # no common first token: plain slices; 1-token pieces predict nothing: dropped
     assert got == [[1, 2], [3, 4], [7, 8], [9, 10]]
     assert (w.labels == -1).all() and w.max_length == 2
+    docs = text.TokenizedText(ids=np.array([2, 5, 6, 7, 8, 9, 2, 4], np.int32),
+                              offsets=np.array([0, 6, 8]), labels=np.zeros(2, np.int32),
+                              max_length=6)
+    w = text.windows(docs, 3)  # every document starts with 2: every window does
+    got = [list(w.ids[a:b]) for a, b in zip(w.offsets[:-1], w.offsets[1:], strict=True)]
+    assert got == [[2, 5, 6], [2, 7, 8], [2, 9], [2, 4]]
 
 
 def np_log_softmax(z):

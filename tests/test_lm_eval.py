@@ -16,11 +16,15 @@ def encode(text):
     return [1] + [2 + (ord(c) % 38) for c in text]  # <bos> then one token per character
 
 
-def test_rows_are_windows_of_one_document_each():
+def test_rows_are_windows_of_one_document_each_starting_with_bos():
     ids, mask = lm_eval.token_rows(["abcdefg", "xy", "pqrs"], encode, 4)
-    # "abcdefg": 8 tokens -> 2 full windows; "xy": 3 tokens; "pqrs": 5 -> 4 + 1 (dropped).
-    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]
-    assert ids[1].tolist() == encode("abcdefg")[4:] and ids[2].tolist() == encode("xy") + [0]
+    # "abcdefg": <bos> + 7 -> [<bos> abc] [<bos> def] [<bos> g]; "xy": [<bos> xy];
+    # "pqrs": [<bos> pqr] [<bos> s]: every character predicted once, after <bos>.
+    e = encode
+    assert ids.tolist() == [e("abc"), e("def"), e("g") + [0, 0], e("xy") + [0], e("pqr"),
+                            e("s") + [0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0],
+                             [1, 1, 1, 1], [1, 1, 0, 0]]
 
 
 def np_log_softmax(z):
@@ -41,8 +45,8 @@ def test_perplexity_and_kl_equal_the_whole_logits():
     targets = (mask[:, 1:] * mask[:, :-1]).astype(bool)
     nll = -np.take_along_axis(ls, ids[:, 1:, None], -1)[..., 0][targets]
     kl = (np.exp(lt) * (lt - ls)).sum(-1)[targets]
-    # 12 tokens -> 6 + 6, 17 -> 6 + 6 + 5, 2 -> 2: each window predicts all but its first.
-    assert result["tokens"] == targets.sum() == (5 + 5) + (5 + 5 + 4) + 1
+    # windows of <bos> + 5 characters: every character is a target once (11 + 16 + 1)
+    assert result["tokens"] == targets.sum() == 11 + 16 + 1
     np.testing.assert_allclose(result["cross_entropy"], nll.mean(), rtol=1e-5)
     np.testing.assert_allclose(result["perplexity"], np.exp(nll.mean()), rtol=1e-5)
     np.testing.assert_allclose(result["kl_to_teacher"], kl.mean(), rtol=1e-4)

@@ -148,7 +148,8 @@ def get_info(data: Data | ml_collections.ConfigDict) -> DatasetInfo:
         return DatasetInfo(
             name=data.name, num_classes=vocab_size, input_shape=_input_shape(builder, data),
             num_examples={s: len(_tokenized(data, _data_dir(data), s, True, digest))
-                          for s in splits},
+                          for s in (data.train_split, data.eval_split, data.transfer_split)
+                          if s},  # windows of the splits the run reads (tokenising costs)
             vocab_size=vocab_size)
     return DatasetInfo(
         name=data.name,
