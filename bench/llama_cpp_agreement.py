@@ -10,9 +10,9 @@ through ``llama-cpp-python``. On the BBC News test articles:
 
 - tokenization: :mod:`jaxkd.models.spm` against ``Llama.tokenize`` (``<bos>`` added,
   special tokens not parsed), article by article;
-- an exported student (``--student RUN``): llama.cpp runs the run's ``formats/model.gguf``
-  and is compared with jaxkd's own forward of the run's artifact (its integer kernels for
-  a quantized student), the same way;
+- an exported student (``--student RUN``, a float one for now): llama.cpp runs the run's
+  ``formats/model.gguf`` (Q8_0) and is compared with jaxkd's own forward of the run's
+  trained weights, the same way;
 - logits: the first ``--tokens`` tokens of ``--logit_articles`` articles, every position's
   next-token logits from ``Llama.eval`` (``logits_all``) against jaxkd's float32 forward of
   the dequantized weights: top-1 agreement, mean Pearson correlation of the logit vectors,
@@ -84,7 +84,9 @@ def main() -> None:
     except ImportError:
         sys.exit("llama-cpp-python is not installed: pip install llama-cpp-python")
     import tensorflow_datasets as tfds
+    from flax import traverse_util
 
+    from jaxkd import models
     from jaxkd.data import bbc_news  # noqa: F401  (registers the builder)
     from jaxkd.models import fetch, gguf_io, spm
 
@@ -120,15 +122,26 @@ def main() -> None:
         from jaxkd.export import artifact
 
         student_file = os.path.join(args.student, "formats", "model.gguf")
-        predict, manifest = artifact.load(os.path.join(args.student, "artifact"))
+        manifest = artifact.verify(os.path.join(args.student, "artifact"))
+        if manifest["layers"]:
+            sys.exit("--student: a quantized student's integer forward is not compared yet")
+        # A float artifact holds the run's trained weights (weights.npz): jaxkd's forward
+        # of them, the weights as arguments of the compiled function.
+        spec = manifest["model"]
+        student = models.get_model(spec["name"], num_classes=spec["num_classes"],
+                                   **spec["kwargs"])
+        with np.load(os.path.join(args.student, "weights.npz")) as f:
+            student_variables = traverse_util.unflatten_dict(
+                {tuple(k.split("/")): f[k] for k in f.files})
+        student_forward = jax.jit(student.apply)
         student_llm = llama_cpp.Llama(model_path=student_file, n_ctx=args.tokens,
                                       logits_all=True, verbose=False, n_threads=2, seed=0)
         layers = manifest["model"]["kwargs"]["num_layers"]
         size = os.path.getsize(student_file)
         rows.append((f"student {args.student}: its model.gguf ({size:,} bytes) against "
                      f"jaxkd's artifact ({layers} layers, {artifact_kind(manifest)})",
-                     agreement(student_llm, lambda ids: predict(ids, jnp.ones_like(ids)), ours,
-                               logit_texts, args.tokens)))
+                     agreement(student_llm, lambda ids: student_forward(student_variables, ids),
+                               ours, logit_texts, args.tokens)))
     lines = ["| check | result |", "|---|---|",
              f"| token ids, {len(texts)} BBC test articles ({tokens:,} tokens) | "
              f"{same}/{len(texts)} articles identical |"]

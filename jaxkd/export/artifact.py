@@ -43,7 +43,6 @@ name (:func:`jaxkd.models.get_model`) and returns ``(predict_fn, manifest)``:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -489,15 +488,4 @@ def load(directory: str, *, check: bool = True
             "activation": entry["activation"],
         }
 
-    # The weights are arguments of the compiled function, not constants folded into it
-    # (a 200 M-parameter student's constants took minutes to compile).
-    arrays = {path: {k: layer[k] for k in ("values", "scale", "zero_point", "bias")}
-              for path, layer in layers.items()}
-    static = {path: {k: layer[k] for k in ("kind", "activation")}
-              for path, layer in layers.items()}
-
-    def run(variables, arrays, *inputs):
-        merged = {path: {**static[path], **arrays[path]} for path in arrays}
-        return integer.integer_apply(model, variables, merged)(*inputs)
-
-    return functools.partial(jax.jit(run), variables, arrays), manifest
+    return jax.jit(integer.integer_apply(model, variables, layers)), manifest
