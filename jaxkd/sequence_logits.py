@@ -244,15 +244,8 @@ class StoredSequenceLogits:
             os.path.join(out_dir, c["file"]), _READ_OPTIONS) for c in manifest["chunks"]]
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        indices = np.asarray(indices)
-        out = np.empty(len(indices), self.dtype)
-        chunk_of = indices // self.chunk_size
-        for chunk in np.unique(chunk_of):
-            rows = np.flatnonzero(chunk_of == chunk)
-            positions = (indices[rows] - chunk * self.chunk_size).tolist()
-            out[rows] = np.frombuffer(b"".join(self._readers[chunk].read(positions)),
-                                      self.dtype)
-        return out
+        return teacher_logits.read_records(self._readers, np.asarray(indices),
+                                           self.chunk_size, self.dtype)
 
     def batch_fields(self, indices: np.ndarray, ids: np.ndarray, mask: np.ndarray
                      ) -> dict[str, np.ndarray]:

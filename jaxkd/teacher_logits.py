@@ -420,14 +420,7 @@ class StoredLogits:
         indices = np.asarray(indices)
         if self._records is not None:
             return self._records[indices]
-        out = np.empty(len(indices), self.dtype)
-        chunk_of = indices // self.chunk_size
-        for chunk in np.unique(chunk_of):
-            rows = np.flatnonzero(chunk_of == chunk)
-            positions = (indices[rows] - chunk * self.chunk_size).tolist()
-            out[rows] = np.frombuffer(b"".join(self._readers[chunk].read(positions)),
-                                      self.dtype)
-        return out
+        return read_records(self._readers, indices, self.chunk_size, self.dtype)
 
     def verify(self, indices: np.ndarray, images: np.ndarray,
                records: np.ndarray | None = None) -> None:
@@ -458,6 +451,19 @@ class StoredLogits:
             fields["teacher_topk_indices"] = np.broadcast_to(
                 self._classes, (len(indices), self.k)).copy()
         return fields
+
+
+def read_records(readers: Sequence[Any], indices: np.ndarray, chunk_size: int,
+                 dtype: np.dtype) -> np.ndarray:
+    """Records ``indices`` of chunked array_record files (record ``j`` of file ``c`` is
+    ``c * chunk_size + j``) as ``dtype`` structs ``[n]``: one batched read per file."""
+    out = np.empty(len(indices), dtype)
+    chunk_of = indices // chunk_size
+    for chunk in np.unique(chunk_of):
+        rows = np.flatnonzero(chunk_of == chunk)
+        positions = (indices[rows] - chunk * chunk_size).tolist()
+        out[rows] = np.frombuffer(b"".join(readers[chunk].read(positions)), dtype)
+    return out
 
 
 def _forward_fn(model: Any, top_k: int, temperature: float,
