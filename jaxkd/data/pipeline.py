@@ -287,19 +287,24 @@ def train_batches(data: Data | ml_collections.ConfigDict, **kwargs: Any
 _LOADED: dict[tuple[str, tuple], sources.InMemory] = {}
 
 
-def _files_state(data: Data) -> tuple:
+def _files_state(data: Data) -> tuple | None:
     """The prepared dataset's files as ``(path, size, mtime_ns)``: a dataset prepared
-    again is another one."""
+    again is another one. None when it has no files of its own (tfds' mock data)."""
     directory = _open_builder(data).data_dir
+    if not os.path.isdir(directory):
+        return None
     return tuple((e.path, e.stat().st_size, e.stat().st_mtime_ns)
                  for e in sorted(os.scandir(directory), key=lambda e: e.name))
 
 
-def _loaded(spec: str, files_state: tuple, source: sources.Source) -> sources.InMemory:
+def _loaded(spec: str, files_state: tuple | None, source: sources.Source
+            ) -> sources.InMemory:
     """``source`` in memory, decoded once per process for the training inputs ``spec``
     (every stage of a chain, and every run of a process, on the same data reads it once:
     tfds decodes each record in Python, 18 s for MNIST's 60,000). Only the latest
     is kept; its arrays are read-only."""
+    if files_state is None:
+        return sources.load(source)
     key = (spec, files_state)
     if key not in _LOADED:
         _LOADED.clear()
