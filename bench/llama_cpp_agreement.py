@@ -138,8 +138,8 @@ def main() -> None:
                                       logits_all=True, verbose=False, n_threads=2, seed=0)
         layers = manifest["model"]["kwargs"]["num_layers"]
         size = os.path.getsize(student_file)
-        rows.append((f"student {args.student}: its model.gguf ({size:,} bytes) against "
-                     f"jaxkd's artifact ({layers} layers, {artifact_kind(manifest)})",
+        rows.append((f"student ({layers} layers, {artifact_kind(manifest)}): its "
+                     f"model.gguf ({size:,} bytes) against jaxkd's forward of its weights",
                      agreement(student_llm, lambda ids: student_forward(student_variables, ids),
                                ours, logit_texts, args.tokens)))
     lines = ["| check | result |", "|---|---|",
