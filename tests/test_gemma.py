@@ -154,7 +154,8 @@ def test_gguf_gemma_matches_numpy_and_is_causal_with_a_sliding_window(tmp_path):
     np.testing.assert_allclose(np.asarray(feats["final_hidden"]) @ table.T, logits,
                                rtol=1e-4, atol=1e-4)
     assert sorted(feats) == sorted([f"hidden{i}" for i in range(1, N + 1)]
-                                   + ["embeddings", "final_hidden"])
+                                   + ["embeddings", "final_hidden", "lm_head", "mask"])
+    np.testing.assert_array_equal(feats["lm_head"], table)  # the head the KD terms read
 
 
 def test_files_it_cannot_build_are_one_line(tmp_path):

@@ -268,6 +268,7 @@ def test_examples_that_changed_since_the_write_are_refused(written, data_dir, mo
         return sources.InMemory(loaded.images[::-1].copy(), loaded.labels)
 
     monkeypatch.setattr(sources, "load", reversed_load)
+    monkeypatch.setattr(pipeline, "_LOADED", {})  # not the examples decoded earlier
     with pytest.raises(ValueError) as excinfo:
         data = data_config(data_dir)
         pipeline.train_batches(data, batch_size=10, seed=0,
