@@ -231,7 +231,8 @@ def windows(documents: TokenizedText, length: int) -> TokenizedText:
     window starts with it: a document ``[b, x_1, x_2, ...]`` becomes ``[b, x_1 ..
     x_{length-1}]``, ``[b, x_length ..]``, ... (a decoder trained with ``<bos>`` first,
     as Gemma, is lost without it: Gemma 3 270M's perplexity on BBC News test windows of
-    128 tokens was 197 without, 29.5 with), and every ``x`` is predicted once. Otherwise the windows are plain consecutive slices."""
+    128 tokens was 197 without, 29.5 with), and every ``x`` is predicted once. Otherwise
+    the windows are plain consecutive slices."""
     firsts = documents.ids[documents.offsets[:-1][documents.lengths(
         np.arange(len(documents))) > 0]]
     bos = int(firsts[0]) if len(firsts) and (firsts == firsts[0]).all() else None
