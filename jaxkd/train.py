@@ -123,6 +123,25 @@ def student_variables(state: TrainState) -> dict[str, Any]:
     return model_variables(state.params, state.batch_stats, state.collections)
 
 
+def per_example_grad_sq(loss: Callable[[Any, Any, Any], jax.Array], trainable: Any,
+                        examples: Any, m: int) -> Any:
+    """``mean_i g_i^2`` over the first ``m`` of ``examples`` (a tree of ``[B, ...]``
+    arrays, e.g. ``(batch, teacher_outs)``), ``g_i`` the gradient of ``loss(trainable,
+    *example_i)``; shaped like ``trainable``.
+
+    One example at a time (``lax.scan``), squares summed as they come: a batch of
+    per-example gradients (vmap) would hold m copies of the parameters and, on CPU, was
+    20x slower for the 784-800-800 MLP (bench/compress_step.py)."""
+
+    def add(total, example):
+        return jax.tree.map(lambda t, g: t + jnp.square(g), total,
+                            jax.grad(loss)(trainable, *example)), None
+
+    head = jax.tree.map(lambda x: x[:m], examples)
+    total, _ = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, trainable), head)
+    return jax.tree.map(lambda t: t / m, total)
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -160,28 +179,15 @@ def make_train_step(
     gather = gather or (lambda tree: tree)
     teacher_gathers = list(teacher_gathers) or [lambda tree: tree] * len(teacher_models)
 
-    def per_example_grad_sq(state, batch, teacher_outs, trainable, m):
-        """``mean_i g_i^2`` over the batch's first ``m`` examples, shaped like ``trainable``."""
-
-        def one(trainable, example, teacher_out):
-            example, teacher_out = jax.tree.map(lambda x: x[None], (example, teacher_out))
-            out = apply(model_variables(gather(trainable["model"]), state.batch_stats,
-                                        state.collections),
-                        *task.model_inputs(example), train=False, return_features=True)
-            loss, _ = objective_fn(trainable["adapters"], out, teacher_out, example, state.step,
-                                   task.targets(example))
-            return loss
-
-        # One example at a time (lax.scan), squares summed as they come: a batch of
-        # per-example gradients (vmap) would hold m copies of the parameters and, on CPU,
-        # was 20x slower for the 784-800-800 MLP (bench/compress_step.py).
-        def add(total, example):
-            return jax.tree.map(lambda t, g: t + jnp.square(g), total,
-                                jax.grad(one)(trainable, *example)), None
-
-        head = jax.tree.map(lambda x: x[:m], (batch, teacher_outs))
-        total, _ = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, trainable), head)
-        return jax.tree.map(lambda t: t / m, total)
+    def example_loss(state, trainable, example, teacher_out):
+        """The objective on one example (batch axis 1), the model in inference mode."""
+        example, teacher_out = jax.tree.map(lambda x: x[None], (example, teacher_out))
+        out = apply(model_variables(gather(trainable["model"]), state.batch_stats,
+                                    state.collections),
+                    *task.model_inputs(example), train=False, return_features=True)
+        loss, _ = objective_fn(trainable["adapters"], out, teacher_out, example, state.step,
+                               task.targets(example))
+        return loss
 
     def train_step(state, batch, teacher_variables):
         if prepare is not None:
@@ -215,7 +221,8 @@ def make_train_step(
         extra = {}
         if per_example:
             extra["per_example_grad_sq"] = per_example_grad_sq(
-                state, batch, teacher_outs, trainable, per_example)
+                functools.partial(example_loss, state), trainable, (batch, teacher_outs),
+                per_example)
 
         def update(state):
             updates, opt_state = tx.update(grads, state.opt_state, trainable, **extra)
