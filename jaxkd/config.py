@@ -375,6 +375,27 @@ class Quantization(Block):
             raise FieldError("method", "='lsq' learns a symmetric step: set symmetric=True")
 
 
+GGUF_QTYPES = ("Q8_0", "Q4_0")
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufQuantization(Block):
+    """``config.gguf_quantization`` (:mod:`jaxkd.gguf_quant`): QAT on llama.cpp's own grid.
+
+    Fields:
+      enabled: train a Gemma 3 student with every matrix llama.cpp quantizes (attention,
+        FFN, the tied embedding table) fake-quantized on ``qtype``'s grid, weights only.
+      qtype: 'Q8_0' (8-bit, blocks of 32 values with a float16 scale) or 'Q4_0' (4-bit).
+
+    The artifact holds the quantized weights, and its GGUF file (``config.export.formats``
+    'gguf') writes them in ``qtype`` losslessly: llama.cpp runs exactly the weights that
+    trained. Not combined with ``config.quantization`` (jaxkd's own integer grid).
+    """
+
+    enabled: bool = False
+    qtype: str = schema.choice("Q8_0", GGUF_QTYPES, noun="a GGUF quantization type")
+
+
 PRUNING_METHODS = ("magnitude", "global_magnitude", "taylor", "snip", "fisher", "random")
 PATTERNS = ("unstructured", "n:m", "channels")
 SPARSITY_SCHEDULES = ("one_shot", "polynomial")
@@ -676,6 +697,7 @@ class Run(Block):
     distill: Distill = schema.nested(Distill)
     init: Init = schema.nested(Init)
     quantization: Quantization = schema.nested(Quantization)
+    gguf_quantization: GgufQuantization = schema.nested(GgufQuantization)
     pruning: Pruning = schema.nested(Pruning)
     clustering: Clustering = schema.nested(Clustering)
     merging: Merging = schema.nested(Merging)

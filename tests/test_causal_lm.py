@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from jaxkd import chain, metrics, objective, on_policy, sequence_logits, tasks, train
 from jaxkd.config import run_config
@@ -296,3 +297,54 @@ def test_stored_top_k_logits_of_windows_are_the_teachers_and_train_a_student(tmp
             train.train_and_evaluate(c, str(tmp_path / "other"))
     assert str(e.value).startswith(f"config.distill.teacher_logits={out!r} holds logits of "
                                    "other data: inputs.") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_qat_on_llama_cpps_grid_exports_exactly_the_weights_that_trained(tmp_path, mock_tfds,
+                                                                          qtype):
+    """config.gguf_quantization: the student trains fake-quantized on llama.cpp's grid; the
+    artifact holds its weights quantized, on the grid; the GGUF file is written in that
+    qtype and dequantizes to exactly those weights; the artifact's eval is training's."""
+    import gguf as gguf_package
+
+    from jaxkd import gguf_quant
+    from jaxkd.export import artifact
+    from jaxkd.export.safetensors_io import float_params
+
+    gguf = str(tmp_path / "teacher.gguf")
+    write_gguf(gguf, vocab=VOCAB)
+    c = lm_config(gguf, 3, 3)
+    c.gguf_quantization = {"enabled": True, "qtype": qtype}
+    c.export.formats = ("gguf",)
+    workdir = tmp_path / "student"
+    with mock_tfds(num_examples=16):
+        summary = train.train_and_evaluate(c, str(workdir))
+    assert summary["method"] == f"qat-{qtype.lower()}+kd"
+    assert summary["artifact_eval"]["accuracy"] == summary["accuracy"]
+    path = str(workdir / "formats" / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf_package.GGUFReader(path).tensors}
+    assert {v for k, v in types.items() if not k.endswith("norm.weight")} == {qtype}
+    directory = str(workdir / "artifact")
+    stored = float_params(directory, artifact.verify(directory))
+    _, variables, _ = gguf_io.from_gguf(path)
+    from_gguf = {k: np.asarray(v) for k, v in
+                 traverse_util.flatten_dict(variables["params"]).items()}
+    trained = np.load(workdir / "weights.npz")
+    assert set(from_gguf) == set(stored)
+    for key, value in stored.items():
+        np.testing.assert_array_equal(from_gguf[key], value, err_msg=str(key))
+        latent = trained["params/" + "/".join(key)]
+        if key[-1] == "embedding":
+            np.testing.assert_array_equal(
+                gguf_quant.block_quantize_dequantize(latent, qtype), value)
+        elif key[-1] == "kernel":
+            np.testing.assert_array_equal(
+                gguf_quant.block_quantize_dequantize(latent.T, qtype).T, value)
+            assert not np.array_equal(latent, value)  # the grid is coarser than float32
+        else:
+            np.testing.assert_array_equal(latent, value)
+    c.quantization.enabled = True
+    with mock_tfds(num_examples=16), pytest.raises(ConfigError) as e:
+        train.train_and_evaluate(c, str(tmp_path / "both"))
+    assert str(e.value) == ("config.gguf_quantization and config.quantization are both "
+                            "enabled: choose llama.cpp's grid or jaxkd's integer one")

@@ -16,7 +16,8 @@ bytes per block); norms stay float32. ``'F32'`` writes everything in float32.
 :func:`export_gguf_artifact` writes a run's exported artifact (the trainer's
 ``config.export.formats`` ``'gguf'``, :mod:`jaxkd.export.formats`): its float model (the
 dequantized kernels of a quantized student), ``Q4_0`` when its weights were trained at
-4 bits or fewer, else ``Q8_0``, the tokenizer copied from the GGUF teacher its lineage
+4 bits or fewer or already lie on ``Q4_0``'s grid (``config.gguf_quantization``), else
+``Q8_0`` (lossless for weights on its grid), the tokenizer copied from the GGUF teacher its lineage
 names, and that lineage.
 """
 
@@ -52,6 +53,20 @@ def gguf_tensors(model: Gemma3, params: Mapping[str, Any]) -> dict[str, np.ndarr
             if kernel is not None:  # a layer without FFN neurons has no FFN matrices
                 out[f"blk.{i}.{name}.weight"] = np.ascontiguousarray(kernel.T)
     return out
+
+
+def on_grid(tensors: Mapping[str, np.ndarray], qtype: str) -> bool:
+    """Whether every matrix of ``tensors`` (GGUF names and layout) is exactly representable
+    in ``qtype``: quantizing it then dequantizing gives it back (a model trained with
+    ``config.gguf_quantization``)."""
+    from gguf import GGMLQuantizationType, quants
+
+    target = getattr(GGMLQuantizationType, qtype)
+    for value in tensors.values():
+        if value.ndim == 2 and (value.shape[-1] % 32 or not np.array_equal(
+                quants.dequantize(quants.quantize(value, target), target), value)):
+            return False
+    return True
 
 
 def export_gguf(model: Gemma3, variables: Mapping[str, Any], out_path: str, *,
@@ -146,10 +161,11 @@ def export_gguf_artifact(artifact_dir: str, out_path: str, *, qtype: str | None 
     if tokenizer_from is None:
         raise ConfigError(f"{where}: the run had no GGUF teacher to copy a tokenizer from, "
                           "and llama.cpp needs one")
+    params = traverse_util.unflatten_dict(float_params(artifact_dir, manifest))
     if qtype is None:
         bits = [e["weight_bits"] for e in manifest["layers"]]
-        qtype = "Q4_0" if bits and max(bits) <= 4 else "Q8_0"
-    params = traverse_util.unflatten_dict(float_params(artifact_dir, manifest))
+        on_q4_0 = not bits and on_grid(gguf_tensors(model, params), "Q4_0")
+        qtype = "Q4_0" if (bits and max(bits) <= 4) or on_q4_0 else "Q8_0"
     return export_gguf(model, {"params": params}, out_path, qtype=qtype,
                        tokenizer_from=tokenizer_from, lineage=history)
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 from jaxkd.config import Run
 from jaxkd.methods.base import Artifact, Context, Method, StructureError
 from jaxkd.methods.clustering import Clustering
+from jaxkd.methods.gguf_quantization import GgufQuantization
 from jaxkd.methods.merging import Merging
 from jaxkd.methods.pruning import Pruning
 from jaxkd.methods.quantization import Quantization
 from jaxkd.methods.tying import Tying
 
-METHODS: tuple[type[Method], ...] = (Pruning, Clustering, Merging, Tying, Quantization)
+METHODS: tuple[type[Method], ...] = (Pruning, Clustering, Merging, Tying, Quantization,
+                                     GgufQuantization)
 
 
 def enabled(run: Run) -> list[Method]:
