@@ -10,9 +10,11 @@ through ``llama-cpp-python``. On the BBC News test articles:
 
 - tokenization: :mod:`jaxkd.models.spm` against ``Llama.tokenize`` (``<bos>`` added,
   special tokens not parsed), article by article;
-- an exported student (``--student RUN``, a float one for now): llama.cpp runs the run's
-  ``formats/model.gguf`` (Q8_0) and is compared with jaxkd's own forward of the run's
-  trained weights, the same way;
+- exported students (``--student RUN,...``): llama.cpp runs each run's
+  ``formats/model.gguf`` (Q8_0 or Q4_0) and is compared, the same way, with jaxkd's float32
+  forward of the weights the file holds and with jaxkd's integer forward of them
+  (:func:`jaxkd.gguf_quant.integer_apply`: activations quantized to Q8_0 blocks, int8 block
+  dot products summed in int32, as llama.cpp's CPU kernels compute);
 - logits: the first ``--tokens`` tokens of ``--logit_articles`` articles, every position's
   next-token logits from ``Llama.eval`` (``logits_all``) against jaxkd's float32 forward of
   the dequantized weights: top-1 agreement, mean Pearson correlation of the logit vectors,
@@ -64,9 +66,34 @@ def agreement(llm, forward, tokenizer, texts, max_tokens):
     return float(np.mean(top1)), float(np.mean(corr)), float(np.mean(kl)), float(max(rel)), n
 
 
-def artifact_kind(manifest):
-    bits = sorted({e["weight_bits"] for e in manifest["layers"]})
-    return "float" if not bits else "int" + "/".join(map(str, bits)) + " weights"
+def student_rows(run_dir, llama_cpp, tokenizer, texts, max_tokens):
+    """The agreement of llama.cpp's run of a student's ``formats/model.gguf`` with jaxkd's
+    forward of the weights that file holds, in float32 and, for Q8_0/Q4_0 files, as
+    llama.cpp's integer kernels compute it (:func:`jaxkd.gguf_quant.integer_apply`)."""
+    import gguf
+
+    from jaxkd import gguf_quant
+    from jaxkd.models import gguf_io
+
+    path = os.path.join(run_dir, "formats", "model.gguf")
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors} - {"F32"}
+    qtype = types.pop() if len(types) == 1 else None
+    model, variables, _ = gguf_io.from_gguf(path)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=max_tokens, logits_all=True, verbose=False,
+                          n_threads=2, seed=0)
+    name = (f"student {os.path.basename(os.path.dirname(os.path.abspath(run_dir)))} "
+            f"({model.num_layers} layers, {qtype}, {os.path.getsize(path):,} bytes)")
+    forward = jax.jit(model.apply)
+    rows = [(f"{name} against jaxkd's float32 forward of the file's weights",
+             agreement(llm, lambda ids: forward(variables, ids), tokenizer, texts,
+                       max_tokens))]
+    if qtype in gguf_quant.QTYPES:
+        integer = jax.jit(gguf_quant.integer_apply(model, qtype))
+        rows.append((f"{name} against jaxkd's integer forward (Q8_0 activations, int8 block "
+                     "dot products)",
+                     agreement(llm, lambda ids: integer(variables, ids), tokenizer, texts,
+                               max_tokens)))
+    return rows
 
 
 def main() -> None:
@@ -75,8 +102,8 @@ def main() -> None:
     parser.add_argument("--logit_articles", type=int, default=12)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--models_dir", default=None)
-    parser.add_argument("--student", default="", help="a finished run of "
-                        "configs/bbc_lm_gemma.py (its artifact and formats/model.gguf)")
+    parser.add_argument("--student", default="", help="finished runs of "
+                        "configs/bbc_lm_gemma.py (their formats/model.gguf), comma-separated")
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args()
     try:
@@ -84,9 +111,7 @@ def main() -> None:
     except ImportError:
         sys.exit("llama-cpp-python is not installed: pip install llama-cpp-python")
     import tensorflow_datasets as tfds
-    from flax import traverse_util
 
-    from jaxkd import models
     from jaxkd.data import bbc_news  # noqa: F401  (registers the builder)
     from jaxkd.models import fetch, gguf_io, spm
 
@@ -118,30 +143,8 @@ def main() -> None:
     rows = [("teacher: gemma-3-270m-q4_k_m.gguf, jaxkd float32 on its dequantized weights",
              agreement(llm, lambda ids: forward(variables, ids), ours, logit_texts,
                        args.tokens))]
-    if args.student:
-        from jaxkd.export import artifact
-
-        student_file = os.path.join(args.student, "formats", "model.gguf")
-        manifest = artifact.verify(os.path.join(args.student, "artifact"))
-        if manifest["layers"]:
-            sys.exit("--student: a quantized student's integer forward is not compared yet")
-        # A float artifact holds the run's trained weights (weights.npz): jaxkd's forward
-        # of them, the weights as arguments of the compiled function.
-        spec = manifest["model"]
-        student = models.get_model(spec["name"], num_classes=spec["num_classes"],
-                                   **spec["kwargs"])
-        with np.load(os.path.join(args.student, "weights.npz")) as f:
-            student_variables = traverse_util.unflatten_dict(
-                {tuple(k.split("/")): f[k] for k in f.files})
-        student_forward = jax.jit(student.apply)
-        student_llm = llama_cpp.Llama(model_path=student_file, n_ctx=args.tokens,
-                                      logits_all=True, verbose=False, n_threads=2, seed=0)
-        layers = manifest["model"]["kwargs"]["num_layers"]
-        size = os.path.getsize(student_file)
-        rows.append((f"student ({layers} layers, {artifact_kind(manifest)}): its "
-                     f"model.gguf ({size:,} bytes) against jaxkd's forward of its weights",
-                     agreement(student_llm, lambda ids: student_forward(student_variables, ids),
-                               ours, logit_texts, args.tokens)))
+    for run_dir in [r for r in args.student.split(",") if r]:
+        rows += student_rows(run_dir, llama_cpp, ours, logit_texts, args.tokens)
     lines = ["| check | result |", "|---|---|",
              f"| token ids, {len(texts)} BBC test articles ({tokens:,} tokens) | "
              f"{same}/{len(texts)} articles identical |"]

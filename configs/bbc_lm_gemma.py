@@ -22,11 +22,16 @@ One run, ``runs/bbc_lm_gemma_<args>/student``:
     ``length`` tokens: a token budget of ``steps * batch * length`` (200 * 8 * 128 = 204,800
     by default).
 
-Not measured here yet: the table of issue 17 (perplexity, KL to the teacher, bytes and
-tokens/s for each divergence, GKD, top-k and QAT) needs the accelerator or many CPU hours.
+With ``qat=Q8_0`` or ``qat=Q4_0`` the student trains quantization-aware on llama.cpp's own
+grid (``config.gguf_quantization``) and exports ``formats/model.gguf`` in that type, holding
+exactly the weights that trained.
+
+Measured (``bench/llm_table.py``, docs/llm.md): perplexity, KL to the teacher, parameters,
+GGUF bytes and tokens/s for each divergence, GKD, top-k and QAT, at a small token budget.
 
 Args (after the colon): ``layers=6``, ``ffn=2048`` (the teacher's width: depth pruning
-only), ``divergence=forward_kl``, ``lr=1e-4``, ``steps=200``, ``batch=8``, ``length=128``;
+only), ``divergence=forward_kl``, ``lr=1e-4``, ``steps=200``, ``batch=8``, ``length=128``,
+``qat=''`` (float; or ``Q8_0``, ``Q4_0``);
 ``smoke`` (no download: a 4-layer Gemma 3 of width 32 on the built-in byte tokenizer is
 trained for a few steps as the teacher, then a 2-layer student is cut out of it and
 distilled, two steps each).
@@ -36,6 +41,7 @@ from jaxkd.config import chain_config, parse_arg, pretrained_dir, run_config, sm
 from jaxkd.schema import ConfigError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+QTYPES = ("", "Q8_0", "Q4_0")
 GEMMA3_270M = {"hidden_size": 640, "num_layers": 18, "num_heads": 4, "num_kv_heads": 1,
                "head_dim": 256, "intermediate_size": 2048, "sliding_window": 512,
                "global_every": 6, "rope_local_base": 10_000.0, "rope_global_base": 1e6,
@@ -62,10 +68,12 @@ def lm_run(kwargs, *, tokenizer, length, batch, steps, learning_rate):
 
 def get_config(arg=None):
     args = parse_arg(arg, layers=6, ffn=2048, divergence="forward_kl", lr=1e-4, steps=200,
-                     batch=8, length=128, smoke=False)
+                     batch=8, length=128, qat="", smoke=False)
     if args["divergence"] not in DIVERGENCES:
         raise ConfigError(f"config arg divergence={args['divergence']!r} is not one of "
                           f"{', '.join(DIVERGENCES)}")
+    if args["qat"] not in QTYPES:
+        raise ConfigError(f"config arg qat={args['qat']!r} is not one of Q8_0, Q4_0 (or '')")
     shape = TINY if args["smoke"] else GEMMA3_270M
     layers = 2 if args["smoke"] else args["layers"]
     ffn = shape["intermediate_size"] if args["smoke"] else args["ffn"]
@@ -81,6 +89,8 @@ def get_config(arg=None):
     student.init.method, student.init.calibration_examples = "minitron", 64
     student.distill.losses = {"kd": {"name": "token_kd", "weight": 1.0,
                                      "kwargs": {"divergence": args["divergence"]}}}
+    if args["qat"]:
+        student.gguf_quantization = {"enabled": True, "qtype": args["qat"]}
     stages = {}
     if args["smoke"]:
         teacher = lm_run(shape, **{**common, "learning_rate": 3e-3})

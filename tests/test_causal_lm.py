@@ -348,3 +348,11 @@ def test_qat_on_llama_cpps_grid_exports_exactly_the_weights_that_trained(tmp_pat
         train.train_and_evaluate(c, str(tmp_path / "both"))
     assert str(e.value) == ("config.gguf_quantization and config.quantization are both "
                             "enabled: choose llama.cpp's grid or jaxkd's integer one")
+
+
+def test_the_config_arg_qat_trains_on_llama_cpps_grid():
+    c = load(os.path.join(ROOT, "configs", "bbc_lm_gemma.py") + ":qat=Q4_0,smoke")
+    assert dict(c.stages["student"].gguf_quantization) == {"enabled": True, "qtype": "Q4_0"}
+    assert not c.stages["teacher"].gguf_quantization.enabled
+    with pytest.raises(ConfigError, match=r"config arg qat='Q5_0' is not one of Q8_0, Q4_0"):
+        load(os.path.join(ROOT, "configs", "bbc_lm_gemma.py") + ":qat=Q5_0")
