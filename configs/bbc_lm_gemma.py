@@ -26,8 +26,9 @@ With ``qat=Q8_0`` or ``qat=Q4_0`` the student trains quantization-aware on llama
 grid (``config.gguf_quantization``) and exports ``formats/model.gguf`` in that type, holding
 exactly the weights that trained.
 
-Measured (``bench/llm_table.py``, docs/llm.md): perplexity, KL to the teacher, parameters,
-GGUF bytes and tokens/s for each divergence, GKD, top-k and QAT, at a small token budget.
+Measured: README and docs/llm.md (``bench/llm_table.py``): perplexity, KL to the teacher,
+parameters, GGUF bytes and tokens/s for each divergence, GKD, top-k and QAT, at a small
+token budget.
 
 Args (after the colon): ``layers=6``, ``ffn=2048`` (the teacher's width: depth pruning
 only), ``divergence=forward_kl``, ``lr=1e-4``, ``steps=200``, ``batch=8``, ``length=128``,
