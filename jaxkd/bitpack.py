@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+CHUNK = 1 << 20  # values per bit plane (a multiple of 8: whole bytes for every width)
+
 
 def value_range(bits: int, *, signed: bool) -> tuple[int, int]:
     """``[-2^(b-1), 2^(b-1) - 1]`` signed, ``[0, 2^b - 1]`` unsigned."""
@@ -62,8 +64,12 @@ def pack(values: Any, bits: int, *, signed: bool = False) -> np.ndarray:
         for j in range(per_byte):
             out |= groups[:, j] << np.uint8(bits * j)
         return out
-    planes = (field[:, None] >> np.arange(bits)) & 1
-    return np.packbits(planes.astype(np.uint8).reshape(-1), bitorder="little")
+    # Other widths go through a [values, bits] bit plane, CHUNK values (whole bytes) at a
+    # time so that a large table never holds the plane of all its values at once.
+    return np.concatenate([
+        np.packbits(((field[i:i + CHUNK, None] >> np.arange(bits)) & 1).astype(np.uint8)
+                    .reshape(-1), bitorder="little")
+        for i in range(0, flat.size, CHUNK)] or [np.zeros(0, np.uint8)])
 
 
 def unpack(packed: Any, bits: int, count: int | Sequence[int], *, signed: bool = False
@@ -82,8 +88,12 @@ def unpack(packed: Any, bits: int, count: int | Sequence[int], *, signed: bool =
         fields = np.stack([(packed >> np.uint8(bits * j)) & ((1 << bits) - 1)
                            for j in range(per_byte)], -1).reshape(-1)[:n].astype(np.int64)
     else:
-        planes = np.unpackbits(packed, count=n * bits, bitorder="little").reshape(n, bits)
-        fields = (planes.astype(np.int64) << np.arange(bits)).sum(1)
+        fields = np.zeros(n, np.int64)
+        for i in range(0, n, CHUNK):  # CHUNK values are CHUNK * bits / 8 whole bytes
+            m = min(CHUNK, n - i)
+            planes = np.unpackbits(packed[i * bits // 8:], count=m * bits,
+                                   bitorder="little").reshape(m, bits)
+            fields[i:i + m] = (planes.astype(np.int64) << np.arange(bits)).sum(1)
     if signed:
         sign = 1 << (bits - 1)
         fields = (fields ^ sign) - sign

@@ -57,3 +57,18 @@ def test_out_of_range_values_and_short_buffers_are_refused():
     with pytest.raises(ValueError, match="bytes do not hold"):
         bitpack.unpack(np.zeros(1, np.uint8), 4, 3)
     assert [bitpack.index_bits(u) for u in (1, 2, 3, 16, 17)] == [1, 1, 2, 4, 5]
+
+
+@pytest.mark.parametrize("bits", [3, 5, 19])
+def test_widths_that_straddle_bytes_pack_in_chunks_as_one_bit_stream(bits, monkeypatch):
+    """Values of widths that do not divide 8 are packed CHUNK at a time (so a 168 M-entry
+    table never holds a [values, bits] int64 plane); the stream is the whole array's, bit
+    ``b`` of value ``i`` at stream bit ``i * bits + b``, and unpacks in chunks too."""
+    values = np.random.default_rng(bits).integers(0, 1 << bits, 1001)
+    monkeypatch.setattr(bitpack, "CHUNK", 16)
+    packed = bitpack.pack(values, bits)
+    stream = np.unpackbits(packed, bitorder="little")
+    want = ((values[:, None] >> np.arange(bits)) & 1).reshape(-1)
+    np.testing.assert_array_equal(stream[:want.size], want)
+    assert packed.size == bitpack.nbytes(values.size, bits)
+    np.testing.assert_array_equal(bitpack.unpack(packed, bits, values.size), values)
