@@ -169,8 +169,7 @@ def integer_apply(model: nn.Module, qtype: str) -> Callable[..., jax.Array]:
         return next_fun(*args, **kwargs)
 
     def apply(variables, *inputs, **kwargs):
-        quantized = jax.tree.map(jax.lax.stop_gradient,
-                                 fake_quant_gemma(variables["params"], qtype))
+        quantized = fake_quant_gemma(variables["params"], qtype)
         with nn.intercept_methods(integer):
             return model.apply({**variables, "params": quantized}, *inputs, **kwargs)
 

@@ -17,8 +17,8 @@ bytes per block); norms stay float32. ``'F32'`` writes everything in float32.
 ``config.export.formats`` ``'gguf'``, :mod:`jaxkd.export.formats`): its float model (the
 dequantized kernels of a quantized student), ``Q4_0`` when its weights were trained at
 4 bits or fewer or already lie on ``Q4_0``'s grid (``config.gguf_quantization``), else
-``Q8_0`` (lossless for weights on its grid), the tokenizer copied from the GGUF teacher its lineage
-names, and that lineage.
+``Q8_0`` (lossless for weights on its grid), the tokenizer copied from the GGUF teacher its
+lineage names, and that lineage.
 """
 
 from __future__ import annotations
