@@ -102,7 +102,10 @@ def _distinct(stored: np.ndarray, bits: int | None) -> tuple[np.ndarray, np.ndar
 def _count_distinct(stored: np.ndarray, bits: int | None) -> int:
     if bits is not None:
         return int(np.count_nonzero(np.bincount(stored.astype(np.int16) + 128, minlength=256)))
-    return int(np.unique(stored.view(np.uint32)).size)
+    # Sort and count the steps: numpy 2.4's np.unique without an inverse takes ~200x as
+    # long on a float embedding table (11 s against 0.06 s for 11.7 M values).
+    keys = np.sort(stored.view(np.uint32))
+    return int(keys.size > 0) + int(np.count_nonzero(keys[1:] != keys[:-1]))
 
 
 def raw_nbytes(count: int, bits: int | None) -> int:
@@ -135,12 +138,13 @@ def encoded_nbytes(values: Any, *, bits: int | None = None) -> dict[str, int]:
     rows, cols = _grid(shape)
     max_col = int((np.flatnonzero(nonzero) % max(cols, 1)).max()) if m else 0
     csr = (rows + 1) * index_dtype(m).itemsize + m * index_dtype(max_col).itemsize
-    stored = {"dense": (n, _count_distinct(flat, bits), 0),
+    distinct = _count_distinct(flat, bits)
+    distinct_nonzero = distinct - int(m < n)  # zero is one of the distinct values iff m < n
+    stored = {"dense": (n, distinct, 0),
               "bitmask": (m, None, math.ceil(n / 8)), "csr": (m, None, csr)}
-    distinct_nonzero = _count_distinct(flat[nonzero], bits)
     sizes = {}
-    for position, (count, distinct, overhead) in stored.items():
-        u = distinct_nonzero if distinct is None else distinct
+    for position, (count, u, overhead) in stored.items():
+        u = distinct_nonzero if u is None else u
         sizes[f"{position}+raw"] = overhead + raw_nbytes(count, bits)
         sizes[f"{position}+codebook"] = (overhead + raw_nbytes(u, bits)
                                          + math.ceil(count * bitpack.index_bits(u) / 8))
