@@ -2,7 +2,7 @@
 
     python -m jaxkd.data.fetch bbc_news                  # once
     python -m jaxkd.models.fetch all-MiniLM-L6-v2        # once
-    python bench/bbc_table.py [--seeds=0,1,2] [--layers=2,3] [--epochs=5] [--docs]
+    python bench/bbc_table.py [--seeds=0,1,2] [--layers=2,3] [--epochs=3] [--docs]
 
 Every row is a run of ``configs/bbc_news_bert.py`` (its ``student`` arg), evaluated once
 on the 444 test articles through its exported artifact; runs live in ``--root`` (default
@@ -18,7 +18,9 @@ teacher with half its heads and FFN neurons, Michel et al.'s importance, + KD), 
 heads/FFN -> int8, KD throughout). Every student learns from the same teacher run of its
 seed. Columns: test accuracy (mean ± sample std over seeds), parameters, bytes of the
 artifact on disk, and inference tokens/s relative to the teacher's artifact (seed 0's
-artifacts, 32 articles of 128 tokens per call, interleaved rounds in this one process).
+artifacts, 32 articles per call, interleaved rounds in this one process). The default
+budget fits a seed in under an hour of a 2-core CPU: the first ``--max-length=64`` tokens
+of each article, ``--teacher-epochs=3``, ``--epochs=3``, ``--qat-epochs=1``.
 """
 
 from __future__ import annotations
@@ -58,10 +60,13 @@ WHAT = {
     "pipeline": "{L} layers from the teacher -> half the heads/FFN -> QAT int8, KD throughout",
 }
 SMOKE = False
+BUDGET = {"teacher_epochs": 3, "qat_epochs": 1, "max_length": 64}
 
 
 def config(student: str, layers: int, lr: float, teacher_lr: float, epochs: int):
-    arg = f"student={student},layers={layers},lr={lr},teacher_lr={teacher_lr},epochs={epochs}"
+    arg = (f"student={student},layers={layers},lr={lr},teacher_lr={teacher_lr},epochs={epochs},"
+           f"teacher_epochs={BUDGET['teacher_epochs']},qat_epochs={BUDGET['qat_epochs']},"
+           f"max_length={BUDGET['max_length']}")
     return configfile.load(os.path.join(ROOT, "configs", "bbc_news_bert.py")
                            + f":{arg}{',smoke' if SMOKE else ''}")
 
@@ -88,7 +93,7 @@ def run_after_teacher(c, teacher_dir: str, directory: str, *, validate: bool = F
 
 def tokens_per_second(artifacts: dict[str, str], rounds: int) -> dict[str, Ratio]:
     """Each artifact's inference speed relative to the teacher's, on the same 32 random
-    articles of 128 tokens (every position a token), interleaved rounds."""
+    articles of the artifacts' length (every position a token), interleaved rounds."""
     fns = {}
     rng = np.random.default_rng(0)
     for key, directory in artifacts.items():
@@ -106,7 +111,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--layers", default="2,3", help="the students' depths")
-    parser.add_argument("--epochs", type=int, default=5, help="the students' epochs")
+    parser.add_argument("--epochs", type=int, default=3, help="the students' epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=BUDGET["teacher_epochs"])
+    parser.add_argument("--qat-epochs", type=int, default=BUDGET["qat_epochs"])
+    parser.add_argument("--max-length", type=int, default=BUDGET["max_length"],
+                        help="tokens kept of each article")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds")
     parser.add_argument("--smoke", action="store_true",
                         help="two tiny steps per stage: checks the plumbing, not the numbers")
@@ -114,6 +123,8 @@ def main() -> None:
     args = parser.parse_args()
     global SMOKE
     SMOKE = args.smoke
+    BUDGET.update(teacher_epochs=args.teacher_epochs, qat_epochs=args.qat_epochs,
+                  max_length=args.max_length)
     seeds = [int(s) for s in args.seeds.split(",")]
     depths = [int(n) for n in args.layers.split(",")]
     val = os.path.join(args.root, "validation")
@@ -170,10 +181,11 @@ def main() -> None:
     lines += ["", f"Mean ± sample std over seeds {','.join(map(str, seeds))} on the 444 test "
               "articles (the exported artifact); parameters, bytes and speed of seed "
               f"{seeds[0]}'s runs (tokens/s: the teacher's time over the row's, median "
-              f"(min-max) of {args.rounds} interleaved rounds, 32 articles x 128 tokens). "
-              "Teacher: AdamW, 5 epochs; students: AdamW, "
-              f"{args.epochs} epochs (QAT: 2 epochs at a tenth of the rate), batch 32, 128 "
-              "tokens, 10 % warm-up, cosine decay; KD: T = 4, alpha = 0.5. Learning rates "
+              f"(min-max) of {args.rounds} interleaved rounds, 32 articles x "
+              f"{args.max_length} tokens). Every article cut to its first {args.max_length} "
+              f"tokens. Teacher: AdamW, {args.teacher_epochs} epochs; students: AdamW, "
+              f"{args.epochs} epochs (QAT: {args.qat_epochs} at a tenth of the rate), batch "
+              "32, 10 % warm-up, cosine decay; KD: T = 4, alpha = 0.5. Learning rates "
               "chosen on the validation split (seed 0): the teacher's "
               + ", ".join(f"{lr:g}: {a:.2f} %" for lr, a in t_scores.items())
               + f" -> {t_lr:g}; the students' (KD, {max(depths)} layers) "

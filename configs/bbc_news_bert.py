@@ -34,7 +34,8 @@ Not measured here yet: ``python bench/bbc_table.py`` (3 seeds, the learning rate
 on the validation split) makes issue 15's table.
 
 Args (after the colon): ``student=kd`` (scratch, kd, tinybert, minilm, init, pruned, qat,
-pipeline); ``layers=3``; ``lr=1e-4`` and ``epochs=10`` (the students'), ``teacher_lr=5e-5``;
+pipeline); ``layers=3``; ``lr=1e-4`` and ``epochs=10`` (the students'), ``teacher_lr=5e-5``,
+``teacher_epochs=5``, ``qat_epochs=2``; ``max_length=128`` (tokens kept of each article);
 ``smoke`` (a 2-layer teacher and 1-layer student of width 32, random weights, the built-in
 byte tokenizer, two steps per stage: no download).
 """
@@ -57,9 +58,9 @@ TINY = {"vocab_size": 260, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
 TRAIN_EXAMPLES, BATCH = 1558, 32
 
 
-def bbc_run(kwargs, *, epochs, learning_rate, tokenizer):
+def bbc_run(kwargs, *, epochs, learning_rate, tokenizer, max_length):
     c = run_config("bbc_news", "bert", **kwargs)
-    c.data.tokenizer, c.data.max_length = tokenizer, 128
+    c.data.tokenizer, c.data.max_length = tokenizer, max_length
     c.batch_size = BATCH
     c.num_epochs = float(epochs)
     c.optimizer.name, c.optimizer.learning_rate = "adamw", learning_rate
@@ -93,7 +94,7 @@ def quantized(c, source, learning_rate):
 
 def get_config(arg=None):
     args = parse_arg(arg, student="kd", layers=3, lr=1e-4, epochs=10, teacher_lr=5e-5,
-                     smoke=False)
+                     teacher_epochs=5, qat_epochs=2, max_length=128, smoke=False)
     if args["student"] not in STUDENTS:
         raise ConfigError(f"config arg student={args['student']!r} is not one of "
                           f"{', '.join(STUDENTS)}")
@@ -103,7 +104,9 @@ def get_config(arg=None):
         raise ConfigError(f"config arg layers={layers} must be in 1..{shape['num_layers']}")
     directory = pretrained_dir("all-MiniLM-L6-v2")
     tokenizer = "bytes" if args["smoke"] else f"{directory}/tokenizer.json"
-    teacher = bbc_run(shape, epochs=5, learning_rate=args["teacher_lr"], tokenizer=tokenizer)
+    max_length = args["max_length"]
+    teacher = bbc_run(shape, epochs=args["teacher_epochs"], learning_rate=args["teacher_lr"],
+                      tokenizer=tokenizer, max_length=max_length)
     if not args["smoke"]:
         teacher.init.method, teacher.init.pretrained = "pretrained", directory
     kind, lr, epochs = args["student"], args["lr"], args["epochs"]
@@ -111,7 +114,8 @@ def get_config(arg=None):
     keep = tuple(range(0, shape["num_layers"], step))[:layers]
 
     def run(kwargs, epochs=epochs):
-        return bbc_run(kwargs, epochs=epochs, learning_rate=lr, tokenizer=tokenizer)
+        return bbc_run(kwargs, epochs=epochs, learning_rate=lr, tokenizer=tokenizer,
+                       max_length=max_length)
 
     def pruned(kwargs, source):
         c = distilled(run(halved(shape, kwargs["num_layers"])))
@@ -124,14 +128,16 @@ def get_config(arg=None):
         if kind == "pruned":
             stages["student"] = pruned(shape, "stage:teacher")
         elif kind == "qat":
-            stages["student"] = quantized(distilled(run(shape, epochs=2)), "stage:teacher", lr)
+            stages["student"] = quantized(distilled(run(shape, epochs=args["qat_epochs"])),
+                                          "stage:teacher", lr)
         else:
             init = distilled(run({**shape, "num_layers": layers}))
             init.init.method, init.init.keep_layers = "layer_select", keep
             init.init.teacher_workdir = "stage:teacher"
             stages["init"] = init
             stages["pruned"] = pruned({"num_layers": layers}, "stage:init")
-            stages["student"] = quantized(distilled(run(halved(shape, layers), epochs=2)),
+            stages["student"] = quantized(distilled(run(halved(shape, layers),
+                                                        epochs=args["qat_epochs"])),
                                           "stage:pruned", lr)
         config = chain_config(stages)
         if args["smoke"]:
