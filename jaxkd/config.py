@@ -92,6 +92,10 @@ class Data(Block):
             from jaxkd import tasks  # the task registry (user tasks register at run time)
 
             tasks.get(self.task)
+            if self.task == "sentence_embedding" and datasets.get(self.name).task != \
+                    "text_classification":
+                raise schema.FieldError("task", f"={self.task!r} needs a text dataset; "
+                                        f"config.data.name={self.name!r} is not one")
 
 
 def data_config(name: str) -> ml_collections.ConfigDict:

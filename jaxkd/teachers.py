@@ -11,7 +11,10 @@ instead of a teacher model are :mod:`jaxkd.teacher_logits`.
 
 A teacher may also be a ``.gguf`` file (llama.cpp's format; Gemma 3, e.g. the file of
 ``python -m jaxkd.models.fetch gemma-3-270m``): its weights dequantized to float32
-(:func:`jaxkd.models.gguf_io.from_gguf`), its vocabulary the classes, any input length.
+(:func:`jaxkd.models.gguf_io.from_gguf`), its vocabulary the classes, any input length. Or
+a Hugging Face BERT directory (``config.json`` + ``model.safetensors``, e.g. the
+all-MiniLM-L6-v2 of ``python -m jaxkd.models.fetch``), a pretrained sentence encoder whose
+features teach (the ``sentence_embedding`` task) and whose new head teaches nothing.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ def load(workdir: str, *, sharding: NamedSharding | None = None,
     if workdir.endswith(".gguf"):
         return _load_gguf(workdir, layout_of=layout_of, sharding=sharding, compute=compute,
                           weight=weight, field=field)
+    if is_pretrained(workdir):
+        return _load_pretrained(workdir, layout_of=layout_of, sharding=sharding,
+                                compute=compute, weight=weight, field=field)
     if not os.path.isdir(workdir):
         raise MissingError(f"{field}={workdir!r} does not exist")
     summary = metrics.read_summary(workdir)
@@ -129,6 +135,38 @@ def _load_gguf(path: str, *, layout_of: Callable[[str], Any] | None,
                    config=ml_collections.ConfigDict(), spec=spec, weight=weight, field=field)
 
 
+def is_pretrained(path: str) -> bool:
+    """Whether ``path`` is a Hugging Face BERT directory (``config.json`` and
+    ``model.safetensors``), not a run."""
+    return (os.path.isfile(os.path.join(path, "model.safetensors"))
+            and not os.path.exists(os.path.join(path, checkpoint.MODEL_FILE)))
+
+
+def _load_pretrained(directory: str, *, layout_of: Callable[[str], Any] | None,
+                     sharding: NamedSharding | None, compute: dict[str, str] | None,
+                     weight: float, field: str) -> Teacher:
+    """A pretrained encoder read from a Hugging Face directory
+    (:func:`jaxkd.models.pretrained.from_pretrained`): its features are the teacher's, its
+    head is new and untrained (``spec['pretrained']``: no logit term may read it)."""
+    from jaxkd.models import pretrained
+
+    model, variables = pretrained.from_pretrained(directory)
+    kwargs = {**pretrained.model_kwargs(pretrained.read_config(directory),
+                                        os.path.join(directory, "config.json")),
+              "pooling": model.pooling}
+    model = models.get_model("bert", num_classes=1, **kwargs, **(compute or {}))
+    if layout_of is not None:
+        shardings = layout_of("bert").params(variables)
+    else:
+        if sharding is None:
+            raise TypeError("teachers.load needs sharding or layout_of")
+        shardings = jax.tree.map(lambda _: sharding, variables)
+    spec = {"name": "bert", "kwargs": kwargs, "num_classes": 1, "input_shape": None,
+            "pretrained": True}
+    return Teacher(workdir=directory, model=model, variables=jax.device_put(variables, shardings),
+                   config=ml_collections.ConfigDict(), spec=spec, weight=weight, field=field)
+
+
 def load_all(distill: Distill, *, sharding: NamedSharding | None = None,
              layout_of: Callable[[str], Any] | None = None,
              compute: dict[str, str] | None = None) -> list[Teacher]:
@@ -163,6 +201,14 @@ def check_fit(teachers: list[Teacher], *, num_classes: int, dataset: str,
     be it."""
     for t in teachers:
         trained_on = t.config.get("data", {}).get("name", "?")
+        if t.spec.get("pretrained"):  # a Hugging Face encoder: its own tokenizer, if it has one
+            own = os.path.join(t.workdir, "tokenizer.json")
+            if os.path.isfile(own) and not (os.path.isfile(tokenizer)
+                                            and files.sha256(tokenizer) == files.sha256(own)):
+                raise ConfigError(f"{t.field}={t.workdir!r} reads the token ids of its own "
+                                  f"tokenizer, but config.data.tokenizer={tokenizer!r} is "
+                                  f"another: set config.data.tokenizer to {own!r}")
+            continue
         if t.spec["input_shape"] is None:  # a pretrained LM: any length, its vocabulary
             if not _same_vocabulary(tokenizer, t.workdir):
                 raise ConfigError(f"{t.field}={t.workdir!r} reads the token ids of its own "

@@ -357,6 +357,14 @@ def build(run: Run) -> Setup:
         raise ConfigError("config.distill.teacher_logits and a teacher model are both set; "
                           "use one of them")
     terms = objective.parse_terms(run.distill.losses, has_teacher=bool(loaded or precomputed))
+    headless = next((t for t in loaded if t.spec.get("pretrained")), None)
+    reads_logits = next((t for t in terms if t.kind in ("logits", "logits_labels")), None)
+    if headless and reads_logits:
+        raise ConfigError(f"config.distill.losses.{reads_logits.label} ({reads_logits.name}) "
+                          f"reads the teacher's logits, but {headless.field}="
+                          f"{headless.workdir!r} is a pretrained encoder without a trained "
+                          "head: only feature terms can learn from it (e.g. hint_mse on "
+                          "'embedding')")
     try:
         student_out, teacher_outs = output_shapes(model, loaded, info.input_shape, task)
     except ConfigError as e:  # a model that cannot take this dataset's inputs
@@ -568,9 +576,14 @@ def init_weights(s: Setup, state: TrainState) -> TrainState:
             inputs = s.task.model_inputs(batch)
             images = inputs[0] if len(inputs) == 1 else inputs
             labels = batch["label"]
+        teacher_variables = s.init_source.variables
+        if s.init_source.spec.get("pretrained") and "head" in student["params"]:
+            # A Hugging Face encoder's head is new: the student keeps its own.
+            teacher_variables = {**teacher_variables, "params": {
+                **teacher_variables["params"], "head": student["params"]["head"]}}
         variables = student_init.init_from_teacher(
             s.run.init, teacher_model=s.init_source.model,
-            teacher_variables=s.init_source.variables, student_model=s.model,
+            teacher_variables=teacher_variables, student_model=s.model,
             student_variables=student, calibration_images=images, calibration_labels=labels)
     variables = jax.device_put(variables, s.layout.params(variables))
     state = state.replace(params=variables["params"],
@@ -739,6 +752,23 @@ def export_artifact(s: Setup, state: TrainState, workdir: str, extra_metrics: di
     return multihost.broadcast_json(result)
 
 
+def embedding_report(s: Setup, state: TrainState) -> dict[str, float]:
+    """The ``sentence_embedding`` task's metrics (:mod:`jaxkd.sentence_embedding`): the
+    trained student's linear-probe accuracy (fitted on ``config.data.train_split``, measured
+    on the eval split) and, beside the first teacher, the cosine between their embeddings
+    and the teacher's own probe accuracy."""
+    from jaxkd import sentence_embedding
+
+    def batches(split: str) -> Callable[[], Any]:
+        return lambda: pipeline.eval_batches(s.run.data, split=split,
+                                             batch_size=s.run.eval_batch_size)
+
+    teacher = (s.teachers[0].model.apply, s.teachers[0].variables) if s.teachers else None
+    return sentence_embedding.report((s.student_apply, student_variables(state)), teacher,
+                                     batches(s.run.data.train_split),
+                                     batches(s.run.data.eval_split))
+
+
 def export_formats(s: Setup, artifact_dir: str, out_dir: str) -> dict[str, Any]:
     """The artifact in the formats of ``config.export.formats`` (:mod:`jaxkd.export.formats`),
     the ONNX model checked on the eval split; their ``formats.json`` entries."""
@@ -783,6 +813,11 @@ def evaluate_teachers(s: Setup) -> dict[str, Any]:
     """Each teacher's eval metrics (printed), as ``summary.json`` records them."""
     summary = {}
     for i, t in enumerate(s.teachers):
+        if t.spec.get("pretrained"):  # its head is new: nothing to evaluate but its features
+            summary["teacher" if i == 0 else f"teacher_{i}"] = {
+                "workdir": t.workdir, "model": t.spec["name"], "pretrained": True,
+                "num_params": models.count_params(t.variables["params"])}
+            continue
         gather = partitioning.layout(s.mesh, s.run.mesh, t.spec["name"]).gather
         teacher_eval = evaluate(jax.jit(make_eval_step(t.model, task=s.task, gather=gather)),
                                 t.variables, s.run, s.data_sharding)
@@ -818,13 +853,16 @@ def summarise(s: Setup, state: TrainState, workdir: str, teacher_summary: dict[s
     summary["method"] = methods.label(s.methods, distilled=bool(s.teachers or s.precomputed))
     # The accuracy reported is that of the exported artifact, as loaded back from disk.
     summary.update(export_artifact(s, state, workdir, {"train_eval": final_eval}))
+    if s.task.name == "sentence_embedding":  # what its embeddings know, and the teacher's
+        summary["embedding"] = embedding_report(s, state)
     params = quant.strip_steps(state.params)
     summary.update({
         "jaxkd_version": jaxkd.__version__,
         "model": run.model.name,
         "dataset": run.data.name,
         "eval": final_eval,
-        "accuracy": summary.get("artifact_eval", final_eval)["accuracy"],
+        "accuracy": (summary["embedding"]["linear_probe_accuracy"] if "embedding" in summary
+                     else summary.get("artifact_eval", final_eval)["accuracy"]),
         **({"perplexity": math.exp(summary.get("artifact_eval", final_eval)["loss"])}
            if s.task.name == "causal_lm" else {}),  # exp(nats per next token)
         "num_params": models.count_params(params),
@@ -848,6 +886,11 @@ def summarise(s: Setup, state: TrainState, workdir: str, teacher_summary: dict[s
     })
     metrics.write_summary(workdir, summary)
     artifact = summary.get("artifact_eval", {}).get("accuracy")  # every process has it
+    if "embedding" in summary:  # the head is untrained: the probe's accuracy is reported
+        print("final eval (sentence embeddings): " + ", ".join(
+            f"{k} {v:.4f}" for k, v in summary["embedding"].items())
+            + f" ({run.data.eval_split}, {workdir})", flush=True)
+        return summary
     if "perplexity" in summary:
         print(f"final eval perplexity {summary['perplexity']:.4g} (exp of the next-token "
               f"cross-entropy, {run.data.eval_split})", flush=True)

@@ -22,13 +22,15 @@ from jaxkd.schema import FieldError
 from jaxkd.tasks.base import Targets, Task
 from jaxkd.tasks.causal_lm import CausalLM
 from jaxkd.tasks.classification import Classification
-from jaxkd.tasks.text import TextClassification
+from jaxkd.tasks.text import SentenceEmbedding, TextClassification
 
 CLASSIFICATION = Classification()
 TEXT_CLASSIFICATION = TextClassification()
 CAUSAL_LM = CausalLM()
+SENTENCE_EMBEDDING = SentenceEmbedding()
 TASKS: dict[str, Task] = {"classification": CLASSIFICATION,
                           "text_classification": TEXT_CLASSIFICATION,
+                          "sentence_embedding": SENTENCE_EMBEDDING,
                           "causal_lm": CAUSAL_LM}
 
 
@@ -43,5 +45,6 @@ def get(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["CAUSAL_LM", "CLASSIFICATION", "TASKS", "TEXT_CLASSIFICATION", "CausalLM",
-           "Classification", "Targets", "Task", "TextClassification", "get", "register"]
+__all__ = ["CAUSAL_LM", "CLASSIFICATION", "SENTENCE_EMBEDDING", "TASKS", "TEXT_CLASSIFICATION",
+           "CausalLM", "Classification", "SentenceEmbedding", "Targets", "Task",
+           "TextClassification", "get", "register"]

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
+from jaxkd.tasks.base import Targets
 from jaxkd.tasks.classification import Classification
 
 
@@ -27,3 +29,20 @@ class TextClassification(Classification):
         """Token ids 0 and an all-ones attention mask, int32 ``[n, *input_shape]``."""
         shape = (n, *input_shape)
         return (jnp.zeros(shape, jnp.int32), jnp.ones(shape, jnp.int32))
+
+
+class SentenceEmbedding(TextClassification):
+    """Sentence embeddings distilled from a sentence encoder (Reimers & Gurevych 2020): the
+    labels are never learned (every ``labelled`` is 0), so only teacher terms train, e.g.
+    ``hint_mse`` between the ``embedding`` features. The head's metrics stay as they are
+    (an untrained head's); what a run reports is :mod:`jaxkd.sentence_embedding`'s cosine
+    to the teacher and linear-probe accuracy, measured at its end on the embeddings."""
+
+    name = "sentence_embedding"
+
+    def targets(self, batch: dict[str, Any]) -> Targets:
+        targets = super().targets(batch)
+        return targets._replace(labelled=jnp.zeros_like(targets.labelled))
+
+    def train_metrics(self, logits: jax.Array, targets: Targets) -> dict[str, jax.Array]:
+        return {}  # no label is learned: a training accuracy would be 0 / 0
