@@ -470,3 +470,42 @@ def test_a_bert_student_pruned_from_its_teacher_through_the_trainer(texts, data_
     summary = train.train_and_evaluate(c, str(tmp_path / "student"))
     assert summary["num_params"] < train.metrics.read_summary(
         str(tmp_path / "teacher"))["num_params"]
+
+
+def test_pruning_and_clustering_reach_every_bert_projection(texts, data_dir, tmp_path):
+    """Magnitude pruning (50 %, one shot) and weight clustering (8 shared values) select the
+    Q, K, V, attention-output and FFN kernels of a BERT like any Dense kernel: the trained
+    weights are half zeros, then (clustering the pruned run) at most 8 values and the pinned
+    zero, in each of them."""
+    kwargs = {"vocab_size": len(SPECIAL) + len(WORDS), "hidden_size": 16, "num_layers": 2,
+              "num_heads": 2, "intermediate_size": 32, "max_position": 64}
+    projections = [f"params/layer{i}/{name}/kernel" for i in range(2) for name in (
+        "attention/query", "attention/key", "attention/value", "attention/output",
+        "intermediate", "output")]
+
+    def trained(name, setup):
+        c = run_config(NAME, "bert", **kwargs)
+        for field in ("tokenizer", "max_length", "bucket_lengths"):
+            c.data[field] = getattr(texts, field)
+        c.batch_size, c.num_steps = 10, 3
+        c.export.formats = ("none",)
+        setup(c)
+        summary = train.train_and_evaluate(c, str(tmp_path / name))
+        with np.load(tmp_path / name / "weights.npz") as w:
+            return summary, {k: w[k] for k in projections}
+
+    def prune(c):
+        c.pruning.enabled, c.pruning.sparsity, c.pruning.schedule = True, 0.5, "one_shot"
+        c.pruning.keep_first_last = False  # layer0's query kernel is the model's first
+
+    def cluster(c):
+        c.clustering.enabled, c.clustering.num_clusters = True, 8
+        c.clustering.keep_first_last = False
+        c.init.method, c.init.teacher_workdir = "copy", str(tmp_path / "pruned")  # trained
+
+    _, pruned = trained("pruned", prune)
+    for key, w in pruned.items():
+        assert abs(np.mean(w == 0) - 0.5) <= 0.02, (key, np.mean(w == 0))
+    _, clustered = trained("clustered", cluster)
+    for key, w in clustered.items():
+        assert 2 <= len(np.unique(w)) <= 9, (key, len(np.unique(w)))
