@@ -10,8 +10,8 @@ its Hugging Face directory: no fine-tuning, no head. The student, ``layers`` of 
 (every other one, DistilBERT's initialisation; ``init=scratch``: random weights), learns
 the teacher's embedding of the 1,558 BBC training articles (their first ``max_length``
 tokens) by the mean squared difference (Reimers & Gurevych 2020: ``hint_mse`` on the
-``embedding`` features); the topic labels are never trained on. AdamW ``lr``, 10 %
-warm-up, cosine decay, ``epochs`` epochs, batch 32.
+``embedding`` features, without FitNets' adapter); the topic labels are never trained
+on. AdamW ``lr``, 10 % warm-up, cosine decay, ``epochs`` epochs, batch 32.
 
 Reported in ``summary.json``'s ``embedding`` (:mod:`jaxkd.sentence_embedding`): the mean
 cosine between the student's and the teacher's embeddings of the test articles, and the
@@ -58,7 +58,9 @@ def get_config(arg=None):
     tiny.data.tokenizer, tiny.data.max_length = c.data.tokenizer, args["max_length"]
     c.data.max_length = args["max_length"]
     c.distill.teacher.workdir = teacher
-    c.distill.losses = {"embedding": {"name": "hint_mse", "weight": 1.0,
+    # No adapter (hint_mse has one by default, FitNets' regressor): the student's own
+    # embedding is what must match the teacher's.
+    c.distill.losses = {"embedding": {"name": "hint_mse", "weight": 1.0, "adapter": False,
                                       "student_feature": "embedding",
                                       "teacher_feature": "embedding"}}
     if args["init"] == "teacher":

@@ -90,6 +90,7 @@ def test_a_student_copied_from_the_encoder_has_its_embeddings(tiny_encoder, tmp_
     and its loss is the embedding MSE alone (no label term)."""
     c = smoke(tiny_encoder, ",layers=2,lr=1e-12")
     assert c.data.task == "sentence_embedding" and list(c.distill.losses) == ["embedding"]
+    assert c.distill.losses.embedding.adapter is False  # the student's own embedding learns
     with mock_tfds(num_examples=24):
         copied = train.train_and_evaluate(c, str(tmp_path / "copied"))
         scratch = train.train_and_evaluate(smoke(tiny_encoder, ",init=scratch,layers=1"),
