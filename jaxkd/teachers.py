@@ -123,16 +123,22 @@ def _load_gguf(path: str, *, layout_of: Callable[[str], Any] | None,
     vocab = kwargs.pop("vocab_size")
     kwargs.pop("param_dtype"), kwargs.pop("dtype")
     model = models.get_model("gemma3", num_classes=vocab, **kwargs, **(compute or {}))
+    spec = {"name": "gemma3", "kwargs": kwargs, "num_classes": vocab, "input_shape": None}
+    return Teacher(workdir=path, model=model, variables=_place(variables, "gemma3", layout_of,
+                                                               sharding),
+                   config=ml_collections.ConfigDict(), spec=spec, weight=weight, field=field)
+
+
+def _place(variables: Any, name: str, layout_of: Callable[[str], Any] | None,
+           sharding: NamedSharding | None) -> Any:
+    """``variables`` on model ``name``'s layout (``layout_of``), or all on ``sharding``."""
     if layout_of is not None:
-        shardings = layout_of("gemma3").params(variables)
+        shardings = layout_of(name).params(variables)
     else:
         if sharding is None:
             raise TypeError("teachers.load needs sharding or layout_of")
         shardings = jax.tree.map(lambda _: sharding, variables)
-    variables = jax.device_put(variables, shardings)
-    spec = {"name": "gemma3", "kwargs": kwargs, "num_classes": vocab, "input_shape": None}
-    return Teacher(workdir=path, model=model, variables=variables,
-                   config=ml_collections.ConfigDict(), spec=spec, weight=weight, field=field)
+    return jax.device_put(variables, shardings)
 
 
 def is_pretrained(path: str) -> bool:
@@ -155,15 +161,10 @@ def _load_pretrained(directory: str, *, layout_of: Callable[[str], Any] | None,
                                         os.path.join(directory, "config.json")),
               "pooling": model.pooling}
     model = models.get_model("bert", num_classes=1, **kwargs, **(compute or {}))
-    if layout_of is not None:
-        shardings = layout_of("bert").params(variables)
-    else:
-        if sharding is None:
-            raise TypeError("teachers.load needs sharding or layout_of")
-        shardings = jax.tree.map(lambda _: sharding, variables)
     spec = {"name": "bert", "kwargs": kwargs, "num_classes": 1, "input_shape": None,
             "pretrained": True}
-    return Teacher(workdir=directory, model=model, variables=jax.device_put(variables, shardings),
+    return Teacher(workdir=directory, model=model,
+                   variables=_place(variables, "bert", layout_of, sharding),
                    config=ml_collections.ConfigDict(), spec=spec, weight=weight, field=field)
 
 
