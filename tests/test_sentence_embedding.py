@@ -122,3 +122,16 @@ def test_the_task_needs_text():
     with pytest.raises(ConfigError, match="needs a text dataset") as e:
         parse_run(c)
     assert "config.data.task" in str(e.value)
+
+
+def test_an_encoder_with_its_own_tokenizer_refuses_another(tiny_encoder, tmp_path, mock_tfds):
+    """A Hugging Face teacher that ships tokenizer.json reads its own token ids: a run
+    tokenising with anything else is refused in one line, before anything is written."""
+    import shutil
+
+    directory = shutil.copytree(tiny_encoder, tmp_path / "with_tokenizer")
+    (directory / "tokenizer.json").write_text("{}")
+    with mock_tfds(num_examples=8), pytest.raises(ConfigError) as e:
+        train.train_and_evaluate(smoke(str(directory)), str(tmp_path / "run"))
+    assert "tokenizer.json" in str(e.value) and "config.data.tokenizer='bytes'" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
