@@ -47,12 +47,13 @@ from jaxkd.config import validation
 
 TEACHER_LRS = (5e-5, 1e-4)
 STUDENT_LRS = (1e-4, 3e-4)
+TINYBERT_ATTENTION = (True, False)  # the intermediate stage's attention-score term
 STUDENTS = ("scratch", "kd", "tinybert", "minilm", "init")
 COMPRESSED = ("pruned", "qat", "pipeline")
 WHAT = {
     "scratch": "{L} layers, labels only",
     "kd": "{L} layers, KD (T = 4)",
-    "tinybert": "{L} layers, KD + TinyBERT hidden states",
+    "tinybert": "{L} layers, TinyBERT's layer losses, then KD",
     "minilm": "{L} layers, KD + MiniLM attention and value relations",
     "init": "{L} layers from the teacher's + KD",
     "pruned": "teacher, half the heads and FFN neurons (Michel importance) + KD",
@@ -63,10 +64,11 @@ SMOKE = False
 BUDGET = {"teacher_epochs": 3, "qat_epochs": 1, "max_length": 64}
 
 
-def config(student: str, layers: int, lr: float, teacher_lr: float, epochs: int):
+def config(student: str, layers: int, lr: float, teacher_lr: float, epochs: int,
+           tinybert_attention: bool = True):
     arg = (f"student={student},layers={layers},lr={lr},teacher_lr={teacher_lr},epochs={epochs},"
            f"teacher_epochs={BUDGET['teacher_epochs']},qat_epochs={BUDGET['qat_epochs']},"
-           f"max_length={BUDGET['max_length']}")
+           f"max_length={BUDGET['max_length']},tinybert_attention={tinybert_attention}")
     return configfile.load(os.path.join(ROOT, "configs", "bbc_news_bert.py")
                            + f":{arg}{',smoke' if SMOKE else ''}")
 
@@ -141,8 +143,13 @@ def main() -> None:
                                                validate=True))
                 for lr in STUDENT_LRS}
     s_lr = max(s_scores, key=lambda k: s_scores[k])
-    print(f"validation: teacher lr {t_scores} -> {t_lr:g}; student lr {s_scores} -> {s_lr:g}",
-          flush=True)
+    tb_scores = {att: accuracy(run_after_teacher(
+        config("tinybert", max(depths), s_lr, t_lr, args.epochs, att), val_teacher,
+        os.path.join(val, "tinybert", f"attention_{att}".lower()), validate=True))
+        for att in TINYBERT_ATTENTION}
+    tb_att = max(tb_scores, key=lambda k: tb_scores[k])
+    print(f"validation: teacher lr {t_scores} -> {t_lr:g}; student lr {s_scores} -> {s_lr:g}; "
+          f"TinyBERT attention term {tb_scores} -> {tb_att}", flush=True)
 
     rows = [("teacher", 0)] + [(s, n) for n in depths for s in STUDENTS] + [
         ("pruned", 0), ("qat", 0), ("pipeline", max(depths))]
@@ -157,7 +164,7 @@ def main() -> None:
         if seed == seeds[0]:
             seed0["teacher"] = t_dir
         for student, n in rows[1:]:
-            c = config(student, n or max(depths), s_lr, t_lr, args.epochs)
+            c = config(student, n or max(depths), s_lr, t_lr, args.epochs, tb_att)
             for name in c.stage_order:
                 c.stages[name].seed = seed
             directory = os.path.join(d, f"{student}{n or ''}")
@@ -190,7 +197,11 @@ def main() -> None:
               + ", ".join(f"{lr:g}: {a:.2f} %" for lr, a in t_scores.items())
               + f" -> {t_lr:g}; the students' (KD, {max(depths)} layers) "
               + ", ".join(f"{lr:g}: {a:.2f} %" for lr, a in s_scores.items())
-              + f" -> {s_lr:g}. Wall time: the row's last stage (pipeline: its QAT stage)."]
+              + f" -> {s_lr:g}; TinyBERT's intermediate stage (its own {args.epochs} epochs, "
+              "embedding, hidden-state and attention-score MSE) with the attention term "
+              + ", ".join(f"{a}: {v:.2f} %" for a, v in tb_scores.items())
+              + f" -> {tb_att}. Wall time: the row's last stage (pipeline: its QAT stage; "
+              "TinyBERT: its KD stage)."]
     publish("bbc_news_bert", "\n".join(lines), docs=args.docs)
 
 

@@ -13,8 +13,13 @@ A chain of two stages in ``runs/bbc_news_bert_<args>/<stage>``:
   2. ``student``: a BERT of ``layers`` layers, the teacher's width, by ``student``:
      - ``scratch``: random weights, the labels only;
      - ``kd``: random weights, Hinton KD (T = 4, alpha = 0.5);
-     - ``tinybert``: KD + TinyBERT's hidden-state MSE, student layer ``j`` against teacher
-       layer ``2j`` (Jiao et al. 2020);
+     - ``tinybert``: TinyBERT's two-step task distillation (Jiao et al. 2020, sec. 3.3): a
+       stage ``intermediate`` learns the teacher's layers alone (no labels, no logits):
+       embedding-output and hidden-state MSE, student layer ``j`` against teacher layer
+       ``6j / layers``, and (``tinybert_attention``) their attention-score MSE; then the
+       ``student`` stage continues it (``init.method='copy'``) with KD. The widths are
+       equal, so no projection ``W_h``: through one (FitNets' adapter), in one stage with KD,
+       the student matched the hidden states by their mean and stayed at chance;
      - ``minilm``: KD + MiniLM's last-layer attention and value-relation KL (Wang et al.
        2020);
      - ``init``: KD from the teacher's own layers (``config.init.method='layer_select'``,
@@ -36,8 +41,9 @@ validation split, 64 tokens, 3 epochs; seeds 0 and 1 so far, of the table's 3).
 Args (after the colon): ``student=kd`` (scratch, kd, tinybert, minilm, init, pruned, qat,
 pipeline); ``layers=3``; ``lr=1e-4`` and ``epochs=10`` (the students'), ``teacher_lr=5e-5``,
 ``teacher_epochs=5``, ``qat_epochs=2``; ``max_length=128`` (tokens kept of each article);
-``smoke`` (a 2-layer teacher and 1-layer student of width 32, random weights, the built-in
-byte tokenizer, two steps per stage: no download).
+``tinybert_attention=true`` (the ``tinybert`` row's attention-score term); ``smoke`` (a
+2-layer teacher and 1-layer student of width 32, random weights, the built-in byte
+tokenizer, two steps per stage: no download).
 """
 
 from jaxkd.config import (
@@ -92,9 +98,26 @@ def quantized(c, source, learning_rate):
     return c
 
 
+def tinybert_layer_losses(layers, step, *, attention):
+    """TinyBERT's intermediate-layer objective (Jiao et al. 2020, eqs. 7-9), weight 1 each:
+    the embedding outputs' MSE, and for student layer ``j`` in ``1..layers`` the MSE of its
+    hidden states against teacher layer ``step * j`` and, with ``attention``, of its
+    attention scores (before the softmax). Equal widths: no projection."""
+    pairs = [("embeddings", "embeddings", "tinybert_hidden_mse")]
+    for j in range(1, layers + 1):
+        pairs.append((f"hidden{j}", f"hidden{step * j}", "tinybert_hidden_mse"))
+        if attention:
+            pairs.append((f"attention_scores{j}", f"attention_scores{step * j}",
+                          "tinybert_attention_mse"))
+    return {s: {"name": name, "weight": 1.0, "student_feature": s, "teacher_feature": t,
+                **({"adapter": False} if name == "tinybert_hidden_mse" else {})}
+            for s, t, name in pairs}
+
+
 def get_config(arg=None):
     args = parse_arg(arg, student="kd", layers=3, lr=1e-4, epochs=10, teacher_lr=5e-5,
-                     teacher_epochs=5, qat_epochs=2, max_length=128, smoke=False)
+                     teacher_epochs=5, qat_epochs=2, max_length=128, tinybert_attention=True,
+                     smoke=False)
     if args["student"] not in STUDENTS:
         raise ConfigError(f"config arg student={args['student']!r} is not one of "
                           f"{', '.join(STUDENTS)}")
@@ -146,11 +169,6 @@ def get_config(arg=None):
     student = run({**shape, "num_layers": layers})
     if kind != "scratch":
         distilled(student)
-    if kind == "tinybert":
-        for j in range(1, layers + 1):
-            student.distill.losses[f"hidden{j}"] = {
-                "name": "tinybert_hidden_mse", "weight": 1.0,
-                "student_feature": f"hidden{j}", "teacher_feature": f"hidden{step * j}"}
     if kind == "minilm":
         for name in ("minilm_attention_kl", "minilm_value_relation_kl"):
             feature = "attention_probs" if name == "minilm_attention_kl" else "value"
@@ -161,7 +179,15 @@ def get_config(arg=None):
         student.init.method = "layer_select"
         student.init.teacher_workdir = "stage:teacher"
         student.init.keep_layers = keep
-    config = chain_config({"teacher": teacher, "student": student})
+    stages = {"teacher": teacher, "student": student}
+    if kind == "tinybert":
+        intermediate = run({**shape, "num_layers": layers})
+        intermediate.distill.teacher.workdir = "stage:teacher"
+        intermediate.distill.losses = tinybert_layer_losses(
+            layers, step, attention=args["tinybert_attention"])
+        student.init.method, student.init.teacher_workdir = "copy", "stage:intermediate"
+        stages = {"teacher": teacher, "intermediate": intermediate, "student": student}
+    config = chain_config(stages)
     if args["smoke"]:
         smoke(config)
     return config

@@ -3,6 +3,7 @@
 import ast
 import glob
 import importlib.util
+import json
 import os
 import re
 
@@ -97,3 +98,31 @@ def test_bbc_bert_compression_pipeline_runs(tmp_path, mock_tfds):
     assert rows["student"]["method"].startswith("qat-w8a8e8")
     assert rows["pruned"]["num_params"] < rows["init"]["num_params"] < rows["teacher"][
         "num_params"]
+
+
+def test_bbc_bert_tinybert_learns_the_layers_first(tmp_path, mock_tfds):
+    """TinyBERT's two-step task distillation: a stage of layer losses alone (embedding and
+    hidden MSE, attention-score MSE; no labels, no logits), teacher layer 2j for student layer
+    j, then KD continuing that student. The layer losses fall in the first stage."""
+    config = load(os.path.join(ROOT, "configs", "bbc_news_bert.py"), "smoke,student=tinybert")
+    assert list(config.stage_order) == ["teacher", "intermediate", "student"]
+    intermediate = config.stages["intermediate"]
+    terms = intermediate.distill.losses
+    assert {k: (v.name, v.teacher_feature) for k, v in terms.items()} == {
+        "embeddings": ("tinybert_hidden_mse", "embeddings"),
+        "hidden1": ("tinybert_hidden_mse", "hidden2"),
+        "attention_scores1": ("tinybert_attention_mse", "attention_scores2")}
+    student = config.stages["student"]
+    assert (student.init.method, student.init.teacher_workdir) == ("copy", "stage:intermediate")
+    assert set(student.distill.losses) == {"kd", "ce"}
+    # Long enough to see it learn: 30 steps, no warm-up, a seed of its own (the smoke
+    # teacher is random too: the same seed would give the same embedding table).
+    intermediate.num_steps, intermediate.log_every_steps, intermediate.seed = 30, 5, 1
+    intermediate.schedule.warmup_steps, intermediate.optimizer.learning_rate = 0, 3e-3
+    with mock_tfds(num_examples=16):
+        run_config(config, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "intermediate" / "metrics.jsonl") as f:
+        logged = [row for row in map(json.loads, f) if "train/loss" in row]
+    assert not any("train/loss_ce" in row or "train/loss_kd" in row for row in logged)
+    for term in terms:
+        assert logged[-1][f"train/loss_{term}"] < 0.5 * logged[0][f"train/loss_{term}"], term
