@@ -14,17 +14,23 @@ channels-first inside; maps return to NHWC before a flatten (jaxkd's flatten ord
 
 Artifact construct (:mod:`jaxkd.export.integer`) -> ONNX:
 
-- a quantized layer's input -> ``QuantizeLinear`` (divides, rounds half to even) to uint8
-  for a non-negative grid (the unsigned 8-bit grid, int8 with zero point -128 in the
-  artifact, is the same integers + 128) or int8, then ``Clip`` to a narrower grid
-  (``[-127, 127]``, 4/2-bit grids); ONNX zero point 0, so convolutions pad with the integer
-  of 0, as the artifact does. No stored scale: ``max|x| / q_max`` of the batch in-graph.
-- quantized Dense -> ``MatMulInteger`` (int32, per-column weight zero points); quantized
-  Conv -> ``ConvInteger``, a per-channel weight zero point (ONNX Runtime's takes only a
-  scalar) as the term ``- z_w[c] * ConvInteger(q_x, ones)``; then ``Cast``, ``Mul`` by
-  ``s_x * s_w``, ``Add`` bias: the artifact's operations in its order.
-- int4 / int2 weights -> int8 initializers holding the values (exact: the artifact's GEMM
-  multiplies the same int8 values; ONNX has no 4-bit integer matmul).
+- a quantized layer's input -> ``QuantizeLinear`` (divides, rounds half to even) to
+  uint8: zero point 0 for a non-negative grid (the unsigned 8-bit grid, int8 with zero
+  point -128 in the artifact, is the same integers + 128), 128 for a signed one (the int8
+  value + 128), then ``Clip`` to a narrower grid (``[-127, 127]``, 4/2-bit grids).
+  Convolutions pad with the zero point, the integer of 0, as the artifact does. No stored
+  scale: ``max|x| / q_max`` of the batch in-graph.
+- quantized Dense -> ``MatMulInteger`` of the uint8 input and the int8 kernel + 128 (zero
+  points + 128, per column), int32: ``sum (q_x - z_x)(q_w - z_w)``, the artifact's sum.
+  u8 x u8 because ONNX Runtime computes it exactly on every x86 (16-bit products summed
+  in int32), where its u8 x s8 kernels without AVX512-VNNI use VPMADDUBSW, whose int16
+  pair sums saturate (its quantization guide warns; seen here on an AVX2 CPU: 4 % of a
+  test MLP's examples 6 % of the logit scale off). Quantized Conv -> ``ConvInteger`` the
+  same way, a per-channel weight zero point (ONNX Runtime's takes only a scalar) as the
+  term ``- z_w[c] * ConvInteger(q_x, ones)``; then ``Cast``, ``Mul`` by ``s_x * s_w``,
+  ``Add`` bias: the artifact's operations in its order.
+- int4 / int2 weights -> uint8 initializers holding the values + 128 (exact: the
+  artifact's GEMM multiplies the same int8 values; ONNX has no 4-bit integer matmul).
 - weight-only layer -> ``Cast``, ``Sub`` z_w, ``Mul`` s_w of the int8 values (folded into a
   float initializer by ONNX Runtime), float ``MatMul`` / ``Conv``. Not ``DequantizeLinear``:
   ONNX Runtime 1.32 fuses ``DequantizeLinear`` (int8 or INT4) + ``MatMul`` into
@@ -52,9 +58,8 @@ scale in the tests, on 0-2 of 500 examples). The ulps come from XLA:CPU's vector
 float32 division, which is not always correctly rounded (``x / s`` = 33.499996 where IEEE
 and ONNX Runtime give 33.5), and from BatchNorm's ``1 / sqrt`` and pooling sums. The tests
 ask for argmax agreement on >= 99.9 % of the examples, >= 99 % of them within ``1e-5`` of
-the logit scale and none beyond 2 %; float and weight-only models within ``1e-5``. (They
-ran on AVX512-VNNI; on x86 without VNNI, ONNX Runtime's u8 x s8 kernels use VPMADDUBSW,
-whose int16 pair sums can saturate, as its quantization guide warns.)
+the logit scale and none beyond 2 %; float and weight-only models within ``1e-5``; on
+AVX512-VNNI and on AVX2 CPUs alike (the u8 x u8 form above).
 
 **jax2onnx** 0.17.1 (jax 0.10.2, onnx 1.23.2, onnxruntime 1.32.0) on the artifact's jitted
 integer predict function (mlp, cnn1d w8a8): the ``int8 x int8 -> int32`` ``dot_general``
@@ -352,14 +357,18 @@ class _Builder:
         s_w = self.g.const(f"{path}/scale", per_output(entry["scale"]))
         return self.g.op("Mul", [w, s_w], f"{path}/kernel")
 
-    def _quantize_input(self, path: str, x: str, act: Mapping[str, Any]) -> tuple[str, str]:
-        """``(q_x, s_x)``: ``x`` on the layer's activation grid (ONNX zero point 0)."""
+    def _quantize_input(self, path: str, x: str, act: Mapping[str, Any]
+                        ) -> tuple[str, str, str]:
+        """``(q_x, s_x, z_x)``: ``x`` on the layer's activation grid as uint8 with ONNX zero
+        point ``z_x``: 0 for a non-negative grid (the artifact's int8 with zero point -128
+        is the same integers + 128), 128 for a signed one (``q + 128``)."""
         offset = -int(act.get("zero_point", 0))
         if offset not in (0, 128):
             raise ConfigError(f"{self.where}: layer {path!r} has activation zero point "
                               f"{-offset}, which the ONNX graph cannot express (0 or -128)")
         lo, hi = int(act["q_min"]) + offset, int(act["q_max"]) + offset
-        dtype = np.uint8 if lo >= 0 else np.int8
+        shift = 0 if lo >= 0 else 128  # a signed grid, stored as uint8 around 128
+        lo, hi = lo + shift, hi + shift
         if act["scale"] is None:  # per batch: max|x| / q_max, 1 for an all-zero batch
             absmax = self.g.op("ReduceMax", [self.g.op("Abs", [x], f"{path}/abs")],
                                f"{path}/absmax", keepdims=0)
@@ -372,38 +381,36 @@ class _Builder:
                               f"{path}/input_scale")
         else:
             scale = self.g.const(f"{path}/input_scale", act["scale"], np.float32)
-        zero = self.g.const(f"zero_{np.dtype(dtype).name}", 0, dtype)
+        zero = self.g.const(f"uint8_{shift}", shift, np.uint8)
         q = self.g.op("QuantizeLinear", [x, scale, zero], f"{path}/quantize")
-        info = np.iinfo(dtype)
-        if (lo, hi) != (info.min, info.max):
-            q = self.g.op("Clip", [q, self.g.const(f"{np.dtype(dtype).name}_{lo}", lo, dtype),
-                                   self.g.const(f"{np.dtype(dtype).name}_{hi}", hi, dtype)],
-                          f"{path}/grid")
-        return q, scale
+        if (lo, hi) != (0, 255):
+            q = self.g.op("Clip", [q, self.g.const(f"uint8_{lo}", lo, np.uint8),
+                                   self.g.const(f"uint8_{hi}", hi, np.uint8)], f"{path}/grid")
+        return q, scale, zero
 
     def _integer(self, path: str, x: str, entry: Mapping[str, Any]) -> str:
-        """``Cast(q_x * q_w -> int32) * (s_x * s_w)``: the artifact's integer layer."""
-        q_x, s_x = self._quantize_input(path, x, entry["activation"])
-        q_w = self.g.const(f"{path}/kernel_q", self._kernel(path, entry["values"]), np.int8)
+        """``Cast((q_x - z_x) * (q_w - z_w) -> int32) * (s_x * s_w)``: the artifact's integer
+        layer, both operands uint8 (``int8 + 128``, the zero points + 128)."""
+        q_x, s_x, z_x = self._quantize_input(path, x, entry["activation"])
+        q_w = self.g.const(f"{path}/kernel_u8",
+                           (self._kernel(path, entry["values"]).astype(np.int16) + 128), np.uint8)
         z_w = entry["zero_point"]
         conv = self.calls[path].conv
         if conv is None:
-            inputs = [q_x, q_w]
-            if z_w is not None:
-                inputs += ["", self.g.const(f"{path}/kernel_zero_point", z_w, np.int8)]
+            z = 128 + (0 if z_w is None else np.asarray(z_w, np.int16))
+            inputs = [q_x, q_w, z_x, self.g.const(f"{path}/kernel_zero_point", z, np.uint8)]
             acc = self.g.op("MatMulInteger", inputs, f"{path}/matmul_integer")
         else:
             _, pads, strides, dilations = conv
             geometry = {"pads": pads, "strides": strides, "dilations": dilations}
             scalar_zp = z_w is not None and np.ndim(z_w) == 0
-            inputs = [q_x, q_w]
-            if scalar_zp:
-                inputs += ["", self.g.const(f"{path}/kernel_zero_point", z_w, np.int8)]
+            z = 128 + (int(z_w) if scalar_zp else 0)  # ONNX Runtime's is a scalar
+            inputs = [q_x, q_w, z_x, self.g.const(f"{path}/kernel_zero_point", z, np.uint8)]
             acc = self.g.op("ConvInteger", inputs, f"{path}/conv_integer", **geometry)
             if z_w is not None and not scalar_zp:  # - z_w[c] * sum of q_x over the window
                 *window, c_in, _ = entry["values"].shape
-                ones = np.ones((1, c_in, *window), np.int8)
-                sums = self.g.op("ConvInteger", [q_x, self.g.const(f"{path}/ones", ones)],
+                ones = np.ones((1, c_in, *window), np.uint8)
+                sums = self.g.op("ConvInteger", [q_x, self.g.const(f"{path}/ones", ones), z_x],
                                  f"{path}/window_sum", **geometry)
                 z = self.g.const(f"{path}/kernel_zero_point_i32",
                                  self._per_channel(path, z_w), np.int32)
