@@ -43,6 +43,7 @@ name (:func:`jaxkd.models.get_model`) and returns ``(predict_fn, manifest)``:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -462,7 +463,8 @@ def integer_kernels(directory: str) -> dict[str, dict[str, Any]]:
 
 def load(directory: str, *, check: bool = True
          ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
-    """``(predict_fn, manifest)``: ``predict_fn(x) -> logits [B, num_classes]`` (jitted).
+    """``(predict_fn, manifest)``: ``predict_fn(x) -> logits [B, num_classes]`` (a jitted
+    function of the weights, on the default device, and the inputs).
 
     Files are checked against the manifest first (``verify``) unless ``check=False``.
     Quantized layers run the integer path (:mod:`jaxkd.export.integer`); the rest runs in
@@ -475,12 +477,13 @@ def load(directory: str, *, check: bool = True
     flat = {(t["collection"], *t["path"].split("/")): read_tensor(contents, t)
             for t in manifest["float_tensors"]}
     variables = traverse_util.unflatten_dict(flat)
-    layers: dict[str, dict[str, Any]] = {}
+    arrays: dict[str, np.ndarray] = {}  # the integer kernels: arguments of the jit
+    kinds: dict[str, dict[str, Any]] = {}  # the rest, per channel at most: constants
     for entry in manifest["layers"]:
         path = entry["path"]
         zero_point = read_tensor(contents, entry["zero_point"]) if entry["zero_point"] else None
-        layers[path] = {
-            "values": jnp.asarray(read_tensor(contents, entry["kernel"]), jnp.int8),
+        arrays[path] = np.asarray(read_tensor(contents, entry["kernel"]), np.int8)
+        kinds[path] = {
             "scale": jnp.asarray(read_tensor(contents, entry["scale"]), jnp.float32),
             "zero_point": None if zero_point is None else jnp.asarray(zero_point, jnp.int8),
             "kind": entry["kind"],
@@ -488,4 +491,11 @@ def load(directory: str, *, check: bool = True
             "activation": entry["activation"],
         }
 
-    return jax.jit(integer.integer_apply(model, variables, layers)), manifest
+    def apply(variables, arrays, *inputs):
+        layers = {path: {"values": arrays[path], **kinds[path]} for path in arrays}
+        return integer.integer_apply(model, variables, layers)(*inputs)
+
+    # The weights are arguments, not constants of the trace: XLA would constant-fold
+    # them (an embedding gather over the whole table takes minutes to compile).
+    weights = jax.device_put((variables, arrays))
+    return functools.partial(jax.jit(apply), *weights), manifest

@@ -132,7 +132,7 @@ def export_stablehlo(artifact_dir: str, out_path: str, *,
         shape = jax.export.symbolic_shape(
             "b, l", constraints=(f"l <= {limit}",) if limit else ())
     dtype = models.input_dtype(model)
-    exported = jax.export.export(predict, platforms=platforms)(
+    exported = jax.export.export(jax.jit(predict), platforms=platforms)(  # weights inlined
         *[jax.ShapeDtypeStruct(shape, dtype)] * len(names))
     ops = contractions(exported.mlir_module())
     size = files.write_bytes(out_path, bytes(exported.serialize()))
