@@ -6,8 +6,12 @@
 
 Every row is a run of ``configs/bbc_news_bert.py`` (its ``student`` arg), evaluated once
 on the 444 test articles through its exported artifact; runs live in ``--root`` (default
-``runs/bbc_table``) and finished ones are reused, so the table can be built over several
-sessions (``--seeds=0`` first). Chosen on the validation split (seed 0; 10 % of the 1,558
+``runs/bbc_table``) and finished ones are reused. What the table reads of each run (and
+the speed ratios) is kept in ``bench/records/bbc_table.json`` (committed; ``common.Ledger``)
+under the sha256 of the run's config, so the table can be built over several sessions on
+machines that do not keep ``runs/`` (``--seeds=0`` first, then ``--seeds=0,1,2``; a
+recorded run is not trained again while its config is unchanged; ``--fresh`` ignores the
+records). Chosen on the validation split (seed 0; 10 % of the 1,558
 training articles held out): the teacher's learning rate among ``TEACHER_LRS``, then the
 students' among ``STUDENT_LRS`` on the KD student of ``max(--layers)`` layers.
 
@@ -32,9 +36,10 @@ import jax
 import numpy as np
 from common import (
     ROOT,
+    Ledger,
     accuracy,
     add_output_args,
-    choose,
+    fingerprint,
     mean_std,
     publish,
     run,
@@ -121,6 +126,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds")
     parser.add_argument("--smoke", action="store_true",
                         help="two tiny steps per stage: checks the plumbing, not the numbers")
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore bench/records/bbc_table.json: run everything again")
     add_output_args(parser, "bbc_table")
     args = parser.parse_args()
     global SMOKE
@@ -130,23 +137,40 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     depths = [int(n) for n in args.layers.split(",")]
     val = os.path.join(args.root, "validation")
+    ledger = Ledger("bbc_table", fresh=args.fresh, **({"directory": args.root} if SMOKE else {}))
 
-    def teacher(lr):
-        c = config("kd", depths[-1], STUDENT_LRS[0], lr, args.epochs)
-        return c.stages["teacher"]
+    def teacher(lr, seed=0):
+        t = config("kd", max(depths), STUDENT_LRS[0], lr, args.epochs).stages["teacher"]
+        t.seed = seed
+        return t
 
-    t_lr, t_scores = choose({lr: teacher(lr) for lr in TEACHER_LRS},
-                            os.path.join(val, "teacher"))
+    def validated(key, c, train):
+        return accuracy(ledger.run(f"validation/{key}", validation(c), train))
+
+    t_scores = {lr: validated(f"teacher/{lr}", teacher(lr), lambda lr=lr: run(
+        validation(teacher(lr)), os.path.join(val, "teacher", str(lr))))
+        for lr in TEACHER_LRS}
+    t_lr = max(t_scores, key=lambda k: t_scores[k])
     val_teacher = os.path.join(val, "teacher", str(t_lr))
-    s_scores = {lr: accuracy(run_after_teacher(config("kd", max(depths), lr, t_lr, args.epochs),
-                                               val_teacher, os.path.join(val, "kd", str(lr)),
-                                               validate=True))
+
+    def after_val_teacher(c, directory):
+        run(validation(teacher(t_lr)), val_teacher)  # again, where only its record was kept
+        return run_after_teacher(c, val_teacher, directory, validate=True)
+
+    s_scores = {lr: validated(f"kd/{lr}", config("kd", max(depths), lr, t_lr, args.epochs),
+                              lambda lr=lr: after_val_teacher(
+                                  config("kd", max(depths), lr, t_lr, args.epochs),
+                                  os.path.join(val, "kd", str(lr))))
                 for lr in STUDENT_LRS}
     s_lr = max(s_scores, key=lambda k: s_scores[k])
-    tb_scores = {att: accuracy(run_after_teacher(
-        config("tinybert", max(depths), s_lr, t_lr, args.epochs, att), val_teacher,
-        os.path.join(val, "tinybert", f"attention_{att}".lower()), validate=True))
-        for att in TINYBERT_ATTENTION}
+
+    def tinybert(att):
+        return config("tinybert", max(depths), s_lr, t_lr, args.epochs, att)
+
+    tb_scores = {att: validated(f"tinybert/attention_{att}".lower(), tinybert(att),
+                                lambda att=att: after_val_teacher(tinybert(att), os.path.join(
+                                    val, "tinybert", f"attention_{att}".lower())))
+                 for att in TINYBERT_ATTENTION}
     tb_att = max(tb_scores, key=lambda k: tb_scores[k])
     print(f"validation: teacher lr {t_scores} -> {t_lr:g}; student lr {s_scores} -> {s_lr:g}; "
           f"TinyBERT attention term {tb_scores} -> {tb_att}", flush=True)
@@ -154,24 +178,47 @@ def main() -> None:
     rows = [("teacher", 0)] + [(s, n) for n in depths for s in STUDENTS] + [
         ("pruned", 0), ("qat", 0), ("pipeline", max(depths))]
     results: dict[tuple[str, int], list[dict]] = {r: [] for r in rows}
-    seed0: dict[str, str] = {}
+    seed0: dict[str, str] = {}  # seed 0's artifacts, trained again if only recorded
+    prints: dict[str, str] = {}  # and the fingerprints of their configs
     for seed in seeds:
         d = os.path.join(args.root, f"seed{seed}")
         t_dir = os.path.join(d, "teacher")
-        t = config("kd", max(depths), s_lr, t_lr, args.epochs).stages["teacher"]
-        t.seed = seed
-        results[("teacher", 0)].append(run(t, t_dir))
+        t = teacher(t_lr, seed)
+        results[("teacher", 0)].append(ledger.run(f"seed{seed}/teacher", t,
+                                                  lambda t=t, t_dir=t_dir: run(t, t_dir)))
         if seed == seeds[0]:
-            seed0["teacher"] = t_dir
+            seed0["teacher"] = (lambda t=t, t_dir=t_dir: run(t, t_dir), t_dir)
+            prints["teacher"] = fingerprint(t)
         for student, n in rows[1:]:
             c = config(student, n or max(depths), s_lr, t_lr, args.epochs, tb_att)
             for name in c.stage_order:
                 c.stages[name].seed = seed
-            directory = os.path.join(d, f"{student}{n or ''}")
-            results[(student, n)].append(run_after_teacher(c, t_dir, directory))
+            key = f"{student}{n or ''}"
+            directory = os.path.join(d, key)
+
+            def train(c=c, t=t, t_dir=t_dir, directory=directory):
+                run(t, t_dir)  # the teacher again, where only its record was kept
+                return run_after_teacher(c, t_dir, directory)
+
             if seed == seeds[0]:
-                seed0[f"{student}{n or ''}"] = os.path.join(directory, c.stage_order[-1])
-    speed = tokens_per_second(seed0, args.rounds)
+                seed0[key] = (train, os.path.join(directory, c.stage_order[-1]))
+                prints[key] = fingerprint(c)
+            results[(student, n)].append(ledger.run(f"seed{seed}/{key}", c, train))
+
+    def measure_speed():
+        for train, _ in seed0.values():
+            train()
+        ratios = tokens_per_second({k: v[1] for k, v in seed0.items()}, args.rounds)
+        return {k: r.values.tolist() for k, r in ratios.items()}
+
+    speed_config = {"artifacts": prints, "rounds": args.rounds, "seed": seeds[0]}
+    speed_key = f"speed/seed{seeds[0]}"
+    ratios = ledger.get(speed_key, speed_config) or ledger.put(speed_key, speed_config,
+                                                               measure_speed())
+    speed = {k: Ratio(np.asarray(v)) for k, v in ratios.items()}
+    if ledger.reused:
+        print(f"{len(ledger.reused)} measurements from {os.path.relpath(ledger.path, ROOT)} "
+              f"(their runs not trained again): {', '.join(ledger.reused)}", flush=True)
 
     lines = ["| model | test accuracy (%) | per seed | parameters | artifact bytes | "
              "tokens/s vs teacher | train wall time |", "|---|---:|---|---:|---:|---:|---:|"]

@@ -4,16 +4,23 @@ mean ± sample std, and tables published into ``docs/tables/`` (then README, by
 
 Every table bench writes its runs under ``--root`` (default ``runs/<bench>``; never into
 the source tree) and prints its table; with ``--docs`` it also writes
-``docs/tables/<name>.md`` with the command that made it and the machine.
+``docs/tables/<name>.md`` with the command that made it and the machine. A bench longer
+than one machine's session keeps its measurements in a :class:`Ledger`
+(``bench/records/<bench>.json``, committed), so its table can be built over several.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
+import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +28,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES = os.path.join(ROOT, "docs", "tables")
+RECORDS = os.path.join(ROOT, "bench", "records")
+KEPT = ("accuracy", "num_params", "artifact_bytes", "num_steps", "train_steps_per_sec")
 
 
 def add_output_args(parser: argparse.ArgumentParser, bench: str) -> None:
@@ -44,6 +53,76 @@ def run(c: Any, workdir: str) -> dict[str, Any]:
         else:
             summary = train.train_and_evaluate(c, workdir)
     return summary
+
+
+def fingerprint(config: Any) -> str:
+    """The sha256 of a config as JSON (keys sorted; the home directory written ``~``, so
+    the same config on another machine hashes the same)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else config
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.replace(os.path.expanduser("~"), "~").encode()).hexdigest()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Ledger:
+    """The measurements of a bench that outlive its runs: ``bench/records/<bench>.json``.
+
+    Each entry is keyed by the run (``seed1/kd2``) and holds the :func:`fingerprint` of
+    its config, the numbers the table reads (:data:`KEPT` of its summary, or what the
+    bench measured), the jaxkd commit it ran at, the machine and the date. An entry stands
+    for its run only while the config fingerprints the same: a changed config (or budget)
+    runs again. ``fresh`` ignores every entry (and overwrites them). Entries are written
+    as soon as a run ends, atomically, so a session cut off keeps what it finished.
+    """
+
+    def __init__(self, bench: str, *, fresh: bool = False, directory: str = RECORDS):
+        self.path = os.path.join(directory, f"{bench}.json")
+        self.fresh = fresh
+        self.entries: dict[str, dict[str, Any]] = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.entries = json.load(f)
+        self.reused: list[str] = []
+
+    def get(self, key: str, config: Any) -> dict[str, Any] | None:
+        """The numbers recorded for ``key`` under this ``config``, else None."""
+        entry = self.entries.get(key)
+        if self.fresh or entry is None or entry["config_sha256"] != fingerprint(config):
+            return None
+        self.reused.append(key)
+        return entry["numbers"]
+
+    def put(self, key: str, config: Any, numbers: dict[str, Any]) -> dict[str, Any]:
+        """Records ``numbers`` for ``key`` under ``config`` (or its fingerprint) and
+        returns them."""
+        sha = config if isinstance(config, str) else fingerprint(config)
+        self.entries[key] = {"config_sha256": sha, "numbers": numbers, "commit": _commit(),
+                             "machine": machine(), "date": datetime.date.today().isoformat()}
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(self.path),
+                                         delete=False) as f:
+            json.dump(self.entries, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(f.name, self.path)
+        return numbers
+
+    def run(self, key: str, config: Any, train: Callable[[], dict[str, Any]]
+            ) -> dict[str, Any]:
+        """The recorded numbers of ``key`` under ``config``, else those of ``train()``'s
+        run summary (:data:`KEPT`), recorded under the config as it was before training."""
+        sha = fingerprint(config)
+        numbers = self.get(key, config)
+        if numbers is None:
+            summary = train()
+            numbers = self.put(key, sha, {k: summary[k] for k in KEPT if k in summary})
+        return numbers
 
 
 def accuracy(summary: Mapping[str, Any]) -> float:
