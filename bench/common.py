@@ -168,7 +168,13 @@ def machine() -> str:
 
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):  # int8 speed depends on the vector extensions
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((ln for ln in f if ln.startswith("flags")), "").split())
+        cpu += " " + ("avx512_vnni" if "avx512_vnni" in flags else "avx_vnni" if "avx_vnni"
+                      in flags else "avx2" if "avx2" in flags else "no avx2")
+    return (f"{cpu}, {os.cpu_count()} cores, "
             f"{device.platform} ({kind}) x{jax.device_count()}, jax {jax.__version__}")
 
 

@@ -737,9 +737,9 @@ def export_artifact(s: Setup, state: TrainState, workdir: str, extra_metrics: di
                       input_shape=s.info.input_shape, overwrite=True,
                       entropy_coding=s.run.export.entropy_coding, lineage=lineage(s))
         predict, manifest = export.load(directory)
-        task = s.task
-        artifact_eval = evaluation.evaluate(
-            jax.jit(lambda b: task.eval_metrics(predict(*task.model_inputs(b)), b)),
+        task, metrics_of = s.task, jax.jit(s.task.eval_metrics)
+        artifact_eval = evaluation.evaluate(  # predict outside a jit: its weights stay arguments
+            lambda b: metrics_of(predict(*task.model_inputs(b)), b),
             pipeline.eval_batches(s.run.data, split=s.run.data.eval_split,
                                   batch_size=s.run.eval_batch_size))
         formats = export_formats(s, directory, os.path.join(workdir, FORMATS_DIR))
