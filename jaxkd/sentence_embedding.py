@@ -36,22 +36,26 @@ L2 = 1e-3
 ITERATIONS = 200
 
 
-def embed(apply: Callable[..., Any], variables: Any, batches: Iterable[dict[str, Any]]
-          ) -> tuple[np.ndarray, np.ndarray]:
-    """``(embeddings [N, H] float32, labels [N] int32)`` of the real rows of ``batches``
-    (text batches of :mod:`jaxkd.data.text`), ``apply`` a BERT's ``model.apply``."""
+def embed(apply: Callable[..., Any], variables: Any, *splits: Iterable[dict[str, Any]]
+          ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each of ``splits`` (text batches of :mod:`jaxkd.data.text`), ``(embeddings [N, H]
+    float32, labels [N] int32)`` of its real rows; ``apply`` a BERT's ``model.apply``,
+    compiled once for all the splits (once per batch shape)."""
 
     @jax.jit
     def one(v, ids, mask):
         _, features = apply(v, ids, mask, train=False, return_features=True)
         return features["embedding"].astype(jnp.float32)
 
-    out, labels = [], []
-    for b in batches:
-        keep = np.asarray(b["mask"]) > 0 if "mask" in b else slice(None)
-        out.append(np.asarray(one(variables, b["input_ids"], b["attention_mask"]))[keep])
-        labels.append(np.asarray(b["label"])[keep])
-    return np.concatenate(out), np.concatenate(labels).astype(np.int32)
+    results = []
+    for batches in splits:
+        out, labels = [], []
+        for b in batches:
+            keep = np.asarray(b["mask"]) > 0 if "mask" in b else slice(None)
+            out.append(np.asarray(one(variables, b["input_ids"], b["attention_mask"]))[keep])
+            labels.append(np.asarray(b["label"])[keep])
+        results.append((np.concatenate(out), np.concatenate(labels).astype(np.int32)))
+    return results
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -116,12 +120,10 @@ def report(student: tuple[Callable[..., Any], Any], teacher: tuple[Callable[...,
     """The student's ``linear_probe_accuracy`` (fitted on ``train_batches``, measured on
     ``eval_batches``) and, with a teacher (its ``(apply, variables)``), its
     ``cosine_to_teacher`` on the eval texts and the teacher's own probe accuracy."""
-    train_x, train_y = embed(*student, train_batches())
-    test_x, test_y = embed(*student, eval_batches())
+    (train_x, train_y), (test_x, test_y) = embed(*student, train_batches(), eval_batches())
     out = {"linear_probe_accuracy": linear_probe(train_x, train_y, test_x, test_y)}
     if teacher is not None:
-        t_train, _ = embed(*teacher, train_batches())
-        t_test, _ = embed(*teacher, eval_batches())
+        (t_train, _), (t_test, _) = embed(*teacher, train_batches(), eval_batches())
         if t_test.shape == test_x.shape:
             out["cosine_to_teacher"] = mean_cosine(test_x, t_test)
         out["teacher_linear_probe_accuracy"] = linear_probe(t_train, train_y, t_test, test_y)
