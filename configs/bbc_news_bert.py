@@ -36,8 +36,8 @@ A chain of two stages in ``runs/bbc_news_bert_<args>/<stage>``:
      AdamW ``lr`` (1e-4), 10 % warm-up, cosine, ``epochs`` (10) epochs, batch 32.
 
 Measured: README (``python bench/bbc_table.py``: the learning rates chosen on the
-validation split, 64 tokens, 3 epochs, the TinyBERT attention term left out there; seed 0
-so far, of the table's 3).
+validation split, 64 tokens, 3 epochs, the TinyBERT attention term left out there; 3
+seeds).
 
 Args (after the colon): ``student=kd`` (scratch, kd, tinybert, minilm, init, pruned, qat,
 pipeline); ``layers=3``; ``lr=1e-4`` and ``epochs=10`` (the students'), ``teacher_lr=5e-5``,
